@@ -1,0 +1,128 @@
+"""Building blocks of the Llama 3 decoder: RMSNorm, SwiGLU MLP, grouped-query self-attention.
+
+Shapes: b batch, s new tokens, k keys (past + new), d model width, h query heads, kvh key/value
+heads, hd head dim.
+
+Module and parameter names (``self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm``, …) are
+those of Hugging Face Llama checkpoints, so a backbone's state-dict keys stay those of the file it
+was read from (``model.`` prefix aside).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm.text_backbone.kv_cache import KVCache
+from mm.text_backbone.rope import apply_rope
+
+__all__ = ["AttentionContext", "DecoderLayer", "RMSNorm", "SelfAttention", "SwiGLU"]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 and cast back (as Llama does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class AttentionContext:
+    """What every self-attention layer of one forward pass shares.
+
+    Attributes:
+        cos, sin: rotary tables ``[b, s, hd]``.
+        mask: boolean ``[b, 1, s, k]`` (True = may attend), or ``None`` when ``is_causal`` or
+            "attend to everything" expresses it, so SDPA can pick its fast kernels.
+        is_causal: pass ``is_causal=True`` to SDPA (no past keys, no padding).
+        cache: the KV cache, or ``None`` for a plain forward.
+        start: first cache slot of the new tokens.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    is_causal: bool
+    cache: KVCache | None = None
+    start: int = 0
+
+
+class SelfAttention(nn.Module):
+    """Causal grouped-query self-attention with RoPE, through ``scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [b, h, s, hd]
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kvh, s, hd]
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kvh, s, hd]
+        q = apply_rope(q, ctx.cos, ctx.sin)
+        k = apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.write(self.layer_idx, ctx.start, k, v)  # [b, kvh, k, hd]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+        )  # [b, h, s, hd]
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Llama block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        intermediate_dim: int,
+        norm_eps: float,
+        layer_idx: int,
+    ) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(dim, num_heads, num_kv_heads, head_dim, layer_idx)
+        self.mlp = SwiGLU(dim, intermediate_dim)
+        self.input_layernorm = RMSNorm(dim, norm_eps)
+        self.post_attention_layernorm = RMSNorm(dim, norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,244 @@
+"""The Llama 3 / 3.1 / 3.2 dense decoder that mm keeps frozen.
+
+Shapes: b batch, s new tokens, k keys (past + new), d model width, V vocabulary.
+
+The forward pass is split into three public steps so that a multimodal model can own the loop over
+``layers`` and call adapters between them while taking *exactly* the backbone's own path for text:
+
+    h, ctx = backbone.prepare(input_ids=ids)     # embed, positions, masks, cache slots
+    for layer in backbone.layers:
+        h = layer(h, ctx)
+    logits = backbone.head(h)                     # final norm + output projection
+
+``backbone(ids)`` runs exactly those steps.
+"""
+
+from __future__ import annotations
+
+import os
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm.text_backbone.config import TextConfig
+from mm.text_backbone.digest import state_digest
+from mm.text_backbone.generation import stream_tokens
+from mm.text_backbone.kv_cache import KVCache
+from mm.text_backbone.layers import AttentionContext, DecoderLayer, RMSNorm
+from mm.text_backbone.rope import rope_cos_sin, rope_frequencies
+
+__all__ = ["TextBackbone"]
+
+
+class TextBackbone(nn.Module):
+    """Llama 3 decoder: token embedding, ``num_layers`` decoder layers, final RMSNorm, output head.
+
+    Args:
+        config: sizes (see :class:`~mm.text_backbone.TextConfig`).
+
+    With ``config.tie_embeddings`` there is no ``lm_head`` module: the output projection reuses
+    ``embed_tokens.weight``, and the state dict holds that tensor once (as Hugging Face saves it).
+    """
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.layers = nn.ModuleList(
+            DecoderLayer(
+                dim=config.embed_dim,
+                num_heads=config.num_heads,
+                num_kv_heads=config.num_kv_heads,
+                head_dim=config.head_dim,
+                intermediate_dim=config.intermediate_dim,
+                norm_eps=config.norm_eps,
+                layer_idx=i,
+            )
+            for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.embed_dim, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.embed_dim, config.vocab_size, bias=False)
+        # Not a buffer: `.to(bfloat16)` must never round the frequencies (they are always float32).
+        self._inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    # ------------------------------------------------------------------ construction and I/O
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> TextBackbone:
+        """Read a Hugging Face Llama folder or Meta's original layout (see ``mm.text_backbone.checkpoint``).
+
+        The model is built on the meta device and the tensors are assigned, so loading needs the
+        memory of one copy of the weights. ``dtype=None`` keeps the checkpoint's dtype.
+        """
+        from mm.text_backbone.checkpoint import load_backbone
+
+        return load_backbone(cls, path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | os.PathLike, *, layout: str = "hf", max_shard_bytes: int = 5 << 30) -> None:
+        """Write the Hugging Face layout (``layout="hf"``) or Meta's (``layout="meta"``) to ``path``."""
+        from mm.text_backbone.checkpoint import save_backbone
+
+        save_backbone(self, path, layout=layout, max_shard_bytes=max_shard_bytes)
+
+    def freeze(self) -> TextBackbone:
+        """Turn off gradients for every weight (the backbone never learns in mm)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def digest(self) -> str:
+        """A stable hash of every weight (names, dtypes, shapes and bytes); equal iff the weights are."""
+        return state_digest(self.state_dict())
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A preallocated KV cache for ``batch_size`` rows of at most ``capacity`` tokens."""
+        c = self.config
+        return KVCache(
+            num_layers=c.num_layers,
+            batch_size=batch_size,
+            num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            capacity=capacity,
+            dtype=dtype or self.dtype,
+            device=self.device,
+        )
+
+    # ------------------------------------------------------------------ forward, in three steps
+    def prepare(
+        self,
+        *,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, AttentionContext]:
+        """Embed the new tokens and compute what all layers share.
+
+        Args:
+            input_ids: ``[b, s]`` token ids; or
+            inputs_embeds: ``[b, s, d]`` embeddings (speech adapters feed these).
+            position_ids: ``[b, s]``; by default counted over non-padding tokens, so a left-padded row
+                gets the positions it would have alone.
+            attention_mask: ``[b, past + s]``, 1 for real tokens and 0 for (left) padding.
+            cache: a :class:`KVCache`; the new tokens take its next ``s`` slots.
+
+        Returns:
+            ``h [b, s, d]`` and the :class:`AttentionContext` for the layers.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [b, s, d]
+        b, s = h.shape[:2]
+        start = cache.length if cache is not None else 0
+        end = start + s
+        if attention_mask is not None and attention_mask.shape != (b, end):
+            raise ValueError(
+                f"attention_mask must cover past and new tokens: expected shape {(b, end)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if cache is not None:
+            cache.reserve(s, None if attention_mask is None else attention_mask[:, start:end])
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]
+            else:
+                position_ids = torch.arange(start, end, device=h.device).expand(b, s)
+        cos, sin = rope_cos_sin(self._inv_freq, position_ids, h.dtype)
+
+        padded = (cache is not None and cache.has_padding) or (
+            cache is None and attention_mask is not None and not bool(attention_mask.all())
+        )
+        mask, is_causal = None, False
+        if not padded and start == 0:
+            is_causal = s > 1
+        elif padded or s > 1:
+            # Left padding or a chunk after cached tokens: an explicit [b, 1, s, k] boolean mask.
+            key_valid = cache.valid[:, :end] if cache is not None else attention_mask.bool()  # [b, k]
+            q_pos = torch.arange(start, end, device=h.device)[:, None]
+            k_pos = torch.arange(end, device=h.device)[None, :]
+            allowed = (k_pos <= q_pos)[None] & key_valid[:, None, :]  # [b, s, k]
+            # A padding query may always see itself, so no softmax row is empty (no NaN anywhere).
+            allowed = allowed | (k_pos == q_pos)[None]
+            mask = allowed[:, None]  # [b, 1, s, k]
+        return h, AttentionContext(cos=cos, sin=sin, mask=mask, is_causal=is_causal, cache=cache, start=start)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and output projection: ``[..., d]`` hidden states to ``[..., V]`` logits."""
+        return F.linear(self.norm(h), self.output_weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits ``[b, s, V]`` (``[b, 1, V]`` with ``last_only``) for ``input_ids [b, s]`` or ``inputs_embeds``."""
+        h, ctx = self.prepare(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+        )
+        for layer in self.layers:
+            h = layer(h, ctx)
+        if last_only:
+            h = h[:, -1:]
+        return self.head(h)
+
+    # ------------------------------------------------------------------ generation
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: tuple[int, ...] | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token ``[b]`` of each left-padded prompt row as it is decoded.
+
+        ``stop_token_ids=None`` stops at the checkpoint's end-of-turn ids; ``()`` never stops early.
+        """
+        cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+
+        def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]
+
+        with torch.inference_mode():
+            yield from stream_tokens(
+                step,
+                input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop_token_ids=self.config.eos_token_ids if stop_token_ids is None else stop_token_ids,
+                pad_token_id=self.config.pad_token_id or 0,
+            )
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """New token ids ``[b, n]`` (``n <= max_new_tokens``); arguments as :meth:`stream`."""
+        tokens = list(self.stream(input_ids, **kwargs))
+        return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)
