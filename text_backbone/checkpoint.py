@@ -157,9 +157,13 @@ def assign_strict(
             raise CheckpointError(f"tensor {name!r} appears twice (again in {file})")
         want = tuple(expected[name].shape)
         if tuple(t.shape) != want:
-            raise CheckpointError(f"tensor {name!r} in {file} has shape {tuple(t.shape)}; the config needs {want}")
+            raise CheckpointError(
+                f"tensor {name!r} in {file} has shape {tuple(t.shape)}; the config needs {want}"
+            )
         if not t.is_floating_point():
-            raise CheckpointError(f"tensor {name!r} in {file} has dtype {t.dtype}; weights must be floating point")
+            raise CheckpointError(
+                f"tensor {name!r} in {file} has dtype {t.dtype}; weights must be floating point"
+            )
         loaded[name] = t.to(device=device, dtype=dtype or t.dtype)
     missing = sorted(set(expected) - set(loaded))
     if missing:
@@ -175,7 +179,11 @@ def load_backbone(cls, path: str | os.PathLike, *, dtype: torch.dtype | None, de
         hf = read_json(path / "config.json")
         model_type = hf.get("model_type")
         if model_type != "llama":
-            hint = " (use mm.MultimodalModel.from_pretrained for Llama 3.2 Vision)" if model_type == "mllama" else ""
+            hint = (
+                " (use mm.MultimodalModel.from_pretrained for Llama 3.2 Vision)"
+                if model_type == "mllama"
+                else ""
+            )
             raise CheckpointError(f"{path}/config.json has model_type {model_type!r}, not 'llama'{hint}")
         try:
             config = TextConfig.from_hf(hf)
@@ -231,7 +239,9 @@ def save_backbone(model, path: str | os.PathLike, *, layout: str, max_shard_byte
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(path) as tmp:
         if layout == "hf":
-            (tmp / "config.json").write_text(json.dumps(config.to_hf(_dtype_name(model.dtype)), indent=2) + "\n")
+            (tmp / "config.json").write_text(
+                json.dumps(config.to_hf(_dtype_name(model.dtype)), indent=2) + "\n"
+            )
             shards: list[dict[str, torch.Tensor]] = [{}]
             size = 0
             for name, t in state.items():

@@ -71,7 +71,9 @@ class TextConfig:
                 raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
             object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
         if isinstance(self.rope_scaling, Mapping):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))

@@ -19,7 +19,11 @@ Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def sample_next(
-    logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Pick one token per row of ``logits [b, V]``: argmax at temperature 0, else nucleus sampling."""
     if temperature < 0 or not 0 < top_p <= 1:

@@ -98,7 +98,12 @@ class SelfAttention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.write(self.layer_idx, ctx.start, k, v)  # [b, kvh, k, hd]
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+            q,
+            k,
+            v,
+            attn_mask=ctx.mask,
+            is_causal=ctx.is_causal,
+            enable_gqa=self.num_kv_heads != self.num_heads,
         )  # [b, h, s, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 

@@ -16,6 +16,8 @@ The forward pass is split into three public steps so that a multimodal model can
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,7 +59,9 @@ class TextBackbone(nn.Module):
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.embed_dim, config.norm_eps)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.embed_dim, config.vocab_size, bias=False)
+        self.lm_head = (
+            None if config.tie_embeddings else nn.Linear(config.embed_dim, config.vocab_size, bias=False)
+        )
         # Not a buffer: `.to(bfloat16)` must never round the frequencies (they are always float32).
         self._inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
 
@@ -75,7 +79,9 @@ class TextBackbone(nn.Module):
 
         return load_backbone(cls, path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path: str | os.PathLike, *, layout: str = "hf", max_shard_bytes: int = 5 << 30) -> None:
+    def save_pretrained(
+        self, path: str | os.PathLike, *, layout: str = "hf", max_shard_bytes: int = 5 << 30
+    ) -> None:
         """Write the Hugging Face layout (``layout="hf"``) or Meta's (``layout="meta"``) to ``path``."""
         from mm.text_backbone.checkpoint import save_backbone
 

@@ -52,8 +52,12 @@ TEXT_PRESETS: dict[str, TextConfig] = {
         rope_scaling=_ROPE_32,
         tie_embeddings=True,
     ),
-    "llama3.1-8b": _llama3(embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_dim=14336),
-    "llama3.1-70b": _llama3(embed_dim=8192, num_layers=80, num_heads=64, num_kv_heads=8, intermediate_dim=28672),
+    "llama3.1-8b": _llama3(
+        embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_dim=14336
+    ),
+    "llama3.1-70b": _llama3(
+        embed_dim=8192, num_layers=80, num_heads=64, num_kv_heads=8, intermediate_dim=28672
+    ),
     "llama3.1-405b": _llama3(
         embed_dim=16384, num_layers=126, num_heads=128, num_kv_heads=8, intermediate_dim=53248
     ),

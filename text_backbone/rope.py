@@ -20,7 +20,9 @@ __all__ = ["apply_rope", "rope_frequencies", "rope_cos_sin"]
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
     """Inverse frequencies ``[hd / 2]`` in float32, scaled as Llama 3.1 does when ``scaling`` is set."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim)
+    )
     if scaling is None:
         return inv_freq
     low_freq_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
