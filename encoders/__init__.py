@@ -1,1 +1,21 @@
-"""mm.encoders"""
+"""Encoders: the Llama 3 image encoder (and open_clip / timm backends) and the speech encoder.
+
+Shape legend: b batch, n images, t tiles, p tokens per tile, f frames, d width.
+"""
+
+from mm.encoders.image_encoder import ImageEncoder, ImageEncoderConfig
+from mm.encoders.vision_backends import (
+    OpenClipVisionBackend,
+    TimmVisionBackend,
+    VisionBackend,
+    build_image_encoder,
+)
+
+__all__ = [
+    "ImageEncoder",
+    "ImageEncoderConfig",
+    "OpenClipVisionBackend",
+    "TimmVisionBackend",
+    "VisionBackend",
+    "build_image_encoder",
+]

@@ -11,7 +11,11 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "MultimodalModel": "mm.model",
+    "MultimodalOutput": "mm.model",
+    "ModelConfig": "mm.config",
+}
 
 __all__ = ["__version__", *_LAZY]
 

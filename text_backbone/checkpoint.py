@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ __all__ = [
     "read_json",
     "save_backbone",
     "assign_strict",
+    "collect_strict",
 ]
 
 
@@ -132,21 +133,20 @@ def _iter_meta(path: Path, config: TextConfig) -> Iterator[tuple[str, torch.Tens
         yield mm_name, t, files[0]
 
 
-def assign_strict(
-    model: torch.nn.Module,
-    tensors: Iterator[tuple[str, torch.Tensor | None, Path]],
+def collect_strict(
+    expected: Mapping[str, torch.Tensor],
+    tensors: Iterable[tuple[str, torch.Tensor, Path]],
     *,
     dtype: torch.dtype | None,
     device: torch.device | str,
     source: Path,
     allowed_extra: Callable[[str], bool] = lambda name: False,
-) -> None:
-    """Assign ``(name, tensor, file)`` items into ``model`` (built on the meta device), strictly.
+) -> dict[str, torch.Tensor]:
+    """Gather ``(name, tensor, file)`` items for the names of ``expected``, strictly.
 
-    Every parameter and persistent buffer must be given exactly once with its exact shape; any other
-    name is an error unless ``allowed_extra(name)``.
+    Every expected name must come exactly once with the expected shape; any other name is an
+    error unless ``allowed_extra(name)``. Errors name the tensor and the file.
     """
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     loaded: dict[str, torch.Tensor] = {}
     for name, t, file in tensors:
         if name not in expected:
@@ -169,6 +169,14 @@ def assign_strict(
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{source} is missing tensors {missing[:5]}{more}")
+    return loaded
+
+
+def assign_strict(
+    model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor, Path]], **kwargs
+) -> None:
+    """Assign tensors into ``model`` (built on the meta device): all of its weights, strictly."""
+    loaded = collect_strict(model.state_dict(keep_vars=True), tensors, **kwargs)
     model.load_state_dict(loaded, strict=True, assign=True)
 
 
@@ -215,6 +223,7 @@ def load_backbone(cls, path: str | os.PathLike, *, dtype: torch.dtype | None, de
     with torch.device("meta"):
         model = cls(config)
     assign_strict(model, tensors(), dtype=dtype, device=device, source=path, allowed_extra=allowed)
+    model.source = {"path": str(path.resolve()), "format": layout}
     return model
 
 

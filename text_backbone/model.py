@@ -64,6 +64,9 @@ class TextBackbone(nn.Module):
         )
         # Not a buffer: `.to(bfloat16)` must never round the frequencies (they are always float32).
         self._inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        # Where the weights were read from ({"path", "format"}), so a multimodal model can refer to
+        # its backbone instead of copying it; None for a backbone that was never read from disk.
+        self.source: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ construction and I/O
     @classmethod

@@ -1,0 +1,84 @@
+"""Components of a multimodal model, and the one place where freezing is decided.
+
+A component is a named group of parameters that learns or stays frozen as a unit:
+
+=================  ============================================================
+``backbone``       the text model (always frozen in mm)
+``image_encoder``  the image encoder (ViT)
+``image_adapter``  projector, image cross-attention blocks, placeholder embeddings
+``video_adapter``  temporal aggregator and video cross-attention blocks
+``speech_encoder`` the Conformer speech encoder
+``speech_adapter`` the speech adapter
+=================  ============================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+__all__ = ["COMPONENTS", "component_of", "set_trainable", "trainable_components"]
+
+COMPONENTS = (
+    "backbone",
+    "image_encoder",
+    "image_adapter",
+    "video_adapter",
+    "speech_encoder",
+    "speech_adapter",
+)
+
+# First dotted name of a parameter -> its component.
+_PREFIX = {
+    "backbone": "backbone",
+    "image_encoder": "image_encoder",
+    "projector": "image_adapter",
+    "image_blocks": "image_adapter",
+    "extra_embeddings": "image_adapter",
+    "video_aggregator": "video_adapter",
+    "video_projector": "video_adapter",
+    "video_blocks": "video_adapter",
+    "speech_encoder": "speech_encoder",
+    "speech_adapter": "speech_adapter",
+}
+
+
+def component_of(param_name: str) -> str:
+    """The component a parameter name belongs to (``"image_blocks.0.attn_gate"`` -> ``image_adapter``)."""
+    head = param_name.split(".", 1)[0]
+    if head not in _PREFIX:
+        raise KeyError(f"parameter {param_name!r} belongs to no component")
+    return _PREFIX[head]
+
+
+def set_trainable(model: nn.Module, components: Iterable[str]) -> list[str]:
+    """Make exactly the parameters of ``components`` trainable and freeze every other one.
+
+    Sets ``requires_grad`` on *every* parameter, so calling it twice gives the same result. The
+    backbone can never be made trainable: that would break mm's promise.
+
+    Returns:
+        Names of the trainable parameters.
+    """
+    wanted = set(components)
+    unknown = wanted - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown components {sorted(unknown)}; known: {list(COMPONENTS)}")
+    if "backbone" in wanted:
+        raise ValueError(
+            "the backbone is never trained in mm: remove 'backbone' from the trainable components"
+        )
+    trainable = []
+    for name, p in model.named_parameters():
+        learn = component_of(name) in wanted
+        p.requires_grad_(learn)
+        if learn:
+            trainable.append(name)
+    return trainable
+
+
+def trainable_components(model: nn.Module) -> list[str]:
+    """Components that currently have at least one trainable parameter, in canonical order."""
+    found = {component_of(n) for n, p in model.named_parameters() if p.requires_grad}
+    return [c for c in COMPONENTS if c in found]

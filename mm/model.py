@@ -1,0 +1,400 @@
+"""The multimodal model: a frozen text backbone with encoders and adapters attached around it.
+
+Llama 3 paper, sections 7 and 8. Shapes: b batch, r rows that carry images, s text tokens,
+n images per sample, t tiles per image, p tokens per tile, m vision tokens (n t p), d model width,
+V text vocabulary.
+
+The backbone is never wrapped or edited. This module owns the loop over ``backbone.layers`` and
+calls an image cross-attention block in front of the layers listed in
+``config.cross_attention_layers``. Text-only input takes exactly the backbone's own path, so its
+logits are the backbone's bit for bit; rows of a batch that see no image skip every block.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from mm.adapters.cross_attention import GatedCrossAttentionBlock, VisionKV
+from mm.components import COMPONENTS, component_of
+from mm.config import ModelConfig
+from mm.encoders import ImageEncoder, ImageEncoderConfig, build_image_encoder
+from mm.text_backbone import KVCache, TextBackbone, stream_tokens
+
+__all__ = ["MultimodalModel", "MultimodalOutput", "VisionState"]
+
+
+@dataclass
+class MultimodalOutput:
+    """What a forward pass returns: ``logits [b, s, V]`` (``None`` when not asked for) and ``loss``."""
+
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    num_label_tokens: int = 0
+
+
+@dataclass
+class VisionState:
+    """Vision tokens of one request, turned into every image block's keys/values once.
+
+    Attributes:
+        rows: batch rows that carry at least one visible image ``[r]``.
+        kv: one ``(keys, values)`` pair ``[r, kvh, m, hd]`` per image block.
+        tokens_per_image: ``t * p``, to expand a ``[.., n, t]`` mask to ``[.., m]``.
+        all_rows: every row of the batch is in ``rows``.
+    """
+
+    rows: torch.Tensor
+    kv: list[VisionKV]
+    tokens_per_tile: int
+    all_rows: bool
+
+
+@dataclass
+class GenerationState:
+    """Per-request state reused across decoding steps: the KV cache and the vision keys/values."""
+
+    cache: KVCache
+    vision: VisionState | None
+    last_mask_row: torch.Tensor | None  # [b, 1, n, t]: the cross-attention mask of decoded tokens
+    extra: dict = field(default_factory=dict)
+
+
+class MultimodalModel(nn.Module):
+    """A frozen Llama 3 backbone with an image encoder and gated cross-attention adapters.
+
+    Args:
+        config: what is attached and at which sizes.
+        backbone: the text model; a randomly initialised one of ``config.text`` when omitted.
+    """
+
+    def __init__(self, config: ModelConfig, backbone: TextBackbone | None = None) -> None:
+        super().__init__()
+        self.config = config
+        text = config.text
+        self.backbone = backbone if backbone is not None else TextBackbone(text)
+        if self.backbone.config != text:
+            raise ValueError("the backbone's configuration differs from config.text")
+        self.backbone.freeze()
+        # Rows for <|image|> and the other placeholders; only models that take media need them.
+        self.extra_embeddings = (
+            nn.Embedding(config.num_extra_tokens, text.embed_dim)
+            if config.image_encoder is not None
+            else None
+        )
+        self.image_encoder = None
+        self.projector = None
+        self.image_blocks = nn.ModuleList()
+        if config.image_encoder is not None:
+            enc = config.image_encoder
+            self.image_encoder = (
+                ImageEncoder(enc) if isinstance(enc, ImageEncoderConfig) else build_image_encoder(enc)
+            )
+            self.projector = nn.Linear(self.image_encoder.output_dim, text.embed_dim, bias=True)
+            self.image_blocks.extend(
+                GatedCrossAttentionBlock(
+                    dim=text.embed_dim,
+                    num_heads=text.num_heads,
+                    num_kv_heads=text.num_kv_heads,
+                    head_dim=text.head_dim,
+                    intermediate_dim=config.cross_attention_intermediate_dim,
+                    norm_eps=text.norm_eps,
+                )
+                for _ in config.cross_attention_layers
+            )
+        self._image_block_at = {layer: j for j, layer in enumerate(config.cross_attention_layers)}
+
+    # ------------------------------------------------------------------ construction and I/O
+    @classmethod
+    def from_backbone(
+        cls, text_checkpoint: str | os.PathLike | TextBackbone, preset_or_config: str | ModelConfig
+    ) -> MultimodalModel:
+        """Fresh (zero-gated) adapters and encoders of a preset's sizes around a text checkpoint.
+
+        The preset's text sizes are replaced by the checkpoint's own, so any Llama 3 checkpoint works.
+        """
+        backbone = (
+            text_checkpoint
+            if isinstance(text_checkpoint, TextBackbone)
+            else TextBackbone.from_pretrained(text_checkpoint)
+        )
+        config = (
+            ModelConfig.preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
+        )
+        layers = config.cross_attention_layers
+        if config.text != backbone.config:
+            # Keep the preset's adapter placement rule, on the checkpoint's depth.
+            from mm.config import default_cross_attention_layers
+
+            layers = default_cross_attention_layers(backbone.config.num_layers) if layers else ()
+            config = config.replace(
+                text=backbone.config, cross_attention_layers=layers, cross_attention_intermediate_dim=None
+            )
+        model = cls(config, backbone=backbone)
+        model.to(backbone.dtype)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> MultimodalModel:
+        """Read mm's own saved folder or a Hugging Face Llama 3.2 Vision (``mllama``) folder."""
+        from mm.checkpoint import load_multimodal
+
+        return load_multimodal(cls, path, dtype=dtype)
+
+    def save_pretrained(self, path: str | os.PathLike, *, copy_backbone: bool = False, **extra) -> None:
+        """Write mm's folder: ``config.json``, non-backbone weights, and a reference to the backbone.
+
+        The backbone is referenced by path and digest; with ``copy_backbone`` it is written inside
+        the folder too. ``extra`` entries (e.g. ``processor=...``) are stored in ``config.json``.
+        """
+        from mm.checkpoint import save_multimodal
+
+        save_multimodal(self, path, copy_backbone=copy_backbone, **extra)
+
+    def export_hf(self, path: str | os.PathLike) -> None:
+        """Write a folder that ``transformers.MllamaForConditionalGeneration.from_pretrained`` loads."""
+        from mm.mllama import export_mllama
+
+        export_mllama(self, path)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight that is not the backbone's."""
+        return {k: v for k, v in self.state_dict().items() if component_of(k) != "backbone"}
+
+    def component_parameters(self) -> dict[str, int]:
+        """Parameter count of every component present (shared tensors counted once)."""
+        counts = dict.fromkeys(COMPONENTS, 0)
+        seen: set[int] = set()
+        for name, p in self.named_parameters(remove_duplicate=True):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            counts[component_of(name)] += p.numel()
+        return {c: n for c, n in counts.items() if n or c == "backbone"}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    # ------------------------------------------------------------------ pieces of the forward pass
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Embeddings ``[b, s, d]`` when ``input_ids`` hold placeholder ids, else ``None`` (backbone path)."""
+        vocab = self.config.text.vocab_size
+        extra = input_ids >= vocab
+        if not bool(extra.any()):
+            return None
+        limit = vocab + (self.config.num_extra_tokens if self.extra_embeddings is not None else 0)
+        if bool((input_ids >= limit).any()) or bool((input_ids < 0).any()):
+            raise ValueError(f"token ids must lie in [0, {limit}) for this model")
+        h = self.backbone.embed_tokens(input_ids.clamp(max=vocab - 1))
+        placeholders = self.extra_embeddings((input_ids - vocab).clamp(min=0)).to(h.dtype)
+        return torch.where(extra[..., None], placeholders, h)
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Vision tokens ``[b, n, t, p, d]`` at the backbone's width for ``pixel_values [b, n, t, 3, H, W]``."""
+        if self.image_encoder is None:
+            raise ValueError("this model has no image encoder")
+        features = self.image_encoder(
+            pixel_values.to(self.projector.weight.dtype), aspect_ratio_ids, aspect_ratio_mask
+        )  # [b, n, t, p, D]
+        return self.projector(features)
+
+    def vision_state(
+        self,
+        pixel_values: torch.Tensor | None,
+        aspect_ratio_ids: torch.Tensor | None,
+        aspect_ratio_mask: torch.Tensor | None,
+        cross_attention_mask: torch.Tensor | None,
+    ) -> VisionState | None:
+        """Encode the images of the rows that can see one and project every block's keys/values."""
+        if pixel_values is None:
+            return None
+        if cross_attention_mask is None or aspect_ratio_ids is None:
+            raise ValueError("pixel_values need aspect_ratio_ids and cross_attention_mask")
+        b, n, t = pixel_values.shape[:3]
+        if cross_attention_mask.shape[0] != b or cross_attention_mask.shape[2:] != (n, t):
+            raise ValueError(
+                f"cross_attention_mask has shape {tuple(cross_attention_mask.shape)}; "
+                f"expected [b={b}, s, n={n}, t={t}]"
+            )
+        if aspect_ratio_mask is None:
+            aspect_ratio_mask = torch.ones(b, n, t, dtype=torch.long, device=pixel_values.device)
+        rows = cross_attention_mask.flatten(1).bool().any(dim=1).nonzero().squeeze(1)  # [r]
+        if rows.numel() == 0:
+            return None
+        all_rows = rows.numel() == b
+        if not all_rows:
+            pixel_values, aspect_ratio_ids, aspect_ratio_mask = (
+                pixel_values[rows],
+                aspect_ratio_ids[rows],
+                aspect_ratio_mask[rows],
+            )
+        tokens = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)  # [r, n, t, p, d]
+        tokens_per_tile = tokens.shape[3]
+        tokens = rearrange(tokens, "r n t p d -> r (n t p) d").to(self.dtype)  # [r, m, d]
+        kv = [block.project_kv(tokens) for block in self.image_blocks]
+        return VisionState(rows=rows, kv=kv, tokens_per_tile=tokens_per_tile, all_rows=all_rows)
+
+    @staticmethod
+    def _token_mask(cross_attention_mask: torch.Tensor, vision: VisionState) -> torch.Tensor:
+        """``[b, s, n, t]`` 0/1 mask to the boolean ``[r, s, m]`` mask of the rows with images."""
+        mask = cross_attention_mask if vision.all_rows else cross_attention_mask[vision.rows]
+        r, s, n, t = mask.shape
+        mask = mask.bool()[..., None].expand(r, s, n, t, vision.tokens_per_tile)
+        return mask.reshape(r, s, n * t * vision.tokens_per_tile)  # [r, s, m]
+
+    def _cross(self, block: GatedCrossAttentionBlock, h: torch.Tensor, kv: VisionKV, rows, all_rows, mask):
+        if all_rows:
+            return block(h, kv, mask)
+        return h.index_copy(0, rows, block(h[rows], kv, mask))
+
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        ctx,
+        *,
+        vision: VisionState | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The backbone's layers with the adapters in front of theirs; ``h [b, s, d]`` in and out."""
+        xmask = None if vision is None else self._token_mask(cross_attention_mask, vision)
+        for i, layer in enumerate(self.backbone.layers):
+            j = self._image_block_at.get(i)
+            if j is not None and vision is not None:
+                h = self._cross(self.image_blocks[j], h, vision.kv[j], vision.rows, vision.all_rows, xmask)
+            h = layer(h, ctx)
+        return h
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_logits: bool = True,
+    ) -> MultimodalOutput:
+        """Logits (and loss) for a batch in the layout of Hugging Face's Mllama processor.
+
+        Args:
+            input_ids: ``[b, s]``; ids ``>= V`` are placeholders (``<|image|>`` = ``V``).
+            pixel_values: ``[b, n, t, 3, H, W]``; aspect_ratio_ids ``[b, n]``; aspect_ratio_mask ``[b, n, t]``.
+            cross_attention_mask: ``[b, s, n, t]``, 1 where a text token may attend to a tile.
+            attention_mask: ``[b, s]``, 0 on left padding.
+            labels: ``[b, s]`` next-token targets in Hugging Face's convention (shifted inside,
+                -100 ignored); the loss is the mean over labelled tokens, and only those positions
+                are projected to the vocabulary for it.
+            return_logits: compute the full ``[b, s, V]`` logits (training can skip them).
+        """
+        if inputs_embeds is None and input_ids is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        vision = self.vision_state(pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
+        h, ctx = self.backbone.prepare(
+            input_ids=input_ids if inputs_embeds is None else None,
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+        )
+        h = self.run_layers(h, ctx, vision=vision, cross_attention_mask=cross_attention_mask)
+        loss, count = None, 0
+        if labels is not None:
+            loss, count = self.label_loss(h, labels)
+        logits = self.backbone.head(h) if return_logits else None
+        return MultimodalOutput(logits=logits, loss=loss, num_label_tokens=count)
+
+    def label_loss(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy over labelled positions, projecting only those to the vocabulary."""
+        targets = labels[:, 1:]  # [b, s-1]
+        keep = targets != -100
+        count = int(keep.sum())
+        if count == 0:
+            return h.sum() * 0.0, 0
+        logits = self.backbone.head(h[:, :-1][keep]).float()  # [count, V]
+        return F.cross_entropy(logits, targets[keep]), count
+
+    # ------------------------------------------------------------------ generation
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: tuple[int, ...] | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token ``[b]`` of each (left-padded) row as it is decoded.
+
+        Vision tokens and every block's cross-attention keys/values are computed once, at prefill,
+        and reused for each decoded token; decoded tokens see what the prompt's last token saw.
+        """
+        b, s = input_ids.shape
+        with torch.inference_mode():
+            vision = self.vision_state(
+                pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask
+            )
+            state = GenerationState(
+                cache=self.backbone.new_cache(b, s + max_new_tokens),
+                vision=vision,
+                last_mask_row=None if vision is None else cross_attention_mask[:, -1:],
+            )
+            prefill = [True]
+
+            def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                xmask = cross_attention_mask if prefill[0] else state.last_mask_row
+                prefill[0] = False
+                embeds = self.embed(ids)
+                h, ctx = self.backbone.prepare(
+                    input_ids=ids if embeds is None else None,
+                    inputs_embeds=embeds,
+                    attention_mask=mask,
+                    cache=state.cache,
+                )
+                h = self.run_layers(h[:, :], ctx, vision=state.vision, cross_attention_mask=xmask)
+                return self.backbone.head(h[:, -1])
+
+            stops = self.config.text.eos_token_ids if stop_token_ids is None else stop_token_ids
+            yield from stream_tokens(
+                step,
+                input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop_token_ids=stops,
+                pad_token_id=self.config.text.pad_token_id or 0,
+            )
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """New token ids ``[b, n]`` with ``n <= max_new_tokens``; arguments as :meth:`stream`.
+
+        ``stop_token_ids=()`` never stops early; ``None`` uses the model's own stop tokens.
+        """
+        tokens = list(self.stream(input_ids, **kwargs))
+        return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)

@@ -1,0 +1,102 @@
+"""Test helpers shared by several test files (importable because pytest's `pythonpath` holds tests/)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_hf_llama(path, *, dtype=torch.float32, max_shard_size=None, seed=0, **overrides):
+    """Write a random tiny ``LlamaForCausalLM`` with transformers and return the HF model (eval, fp32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # norms start at 1: make every weight matter
+            p.add_(torch.randn_like(p) * 0.02)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.to(dtype).save_pretrained(path, **kwargs)
+    return model.float()
+
+
+def make_hf_mllama(
+    path=None,
+    *,
+    seed=0,
+    vocab_size=300,
+    cross_attention_layers=(3, 8),
+    num_hidden_layers=10,
+    **text_overrides,
+):
+    """Write (when ``path``) a random tiny ``MllamaForConditionalGeneration`` and return it (eval, fp32).
+
+    Every parameter is perturbed, the tanh gates included, so that no branch is trivially zero.
+    Tiles are 28 px (2x2 patches of 14 px + class token).
+    """
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        cross_attention_layers=list(cross_attention_layers),
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        max_position_embeddings=512,
+    )
+    text.update(text_overrides)
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_global_layers=2,
+        attention_heads=4,
+        intermediate_size=64,
+        vision_output_dim=96,
+        image_size=28,
+        patch_size=14,
+        max_num_tiles=4,
+        intermediate_layers_indices=[1, 2],
+    )
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(
+        MllamaConfig(vision_config=vision, text_config=text, image_token_index=vocab_size)
+    ).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name:
+                p.copy_(torch.empty_like(p).uniform_(-1.0, 1.0))
+            else:
+                p.add_(torch.randn_like(p) * 0.02)
+    if path is not None:
+        model.save_pretrained(path)
+    return model
+
+
+def random_images(sizes, seed=0):
+    """PIL RGB images of the given (width, height) sizes with random pixels."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]

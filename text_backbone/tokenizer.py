@@ -1,0 +1,539 @@
+"""Tokenizers for the Llama 3 text backbone, with mm's media placeholders.
+
+Three kinds share one interface, :class:`Tokenizer`:
+
+* :class:`TiktokenTokenizer` reads Meta's ``tokenizer.model`` (a tiktoken BPE ranks file) and
+  adds the 256 Llama 3 special tokens right after the ranks (128000..128255 for the real file).
+* :class:`HFTokenizer` reads a Hugging Face ``tokenizer.json`` with the ``tokenizers`` library.
+* :class:`ByteTokenizer` needs no file: 256 UTF-8 bytes plus 16 special tokens, for tiny models,
+  tests and the demo.
+
+Every kind has the same three media placeholders *after* its base vocabulary: ``<|image|>`` =
+``vocab_size``, ``<|video|>`` = ``vocab_size + 1``, ``<|audio|>`` = ``vocab_size + 2``. They are not
+rows of the backbone's embedding: the multimodal model consumes them (Llama 3.2 Vision likewise
+puts ``<|image|>`` at 128256, one past the text vocabulary). Special-token strings in text become
+special ids only when the caller asks for it (``allow_special=True``), so user text can never
+inject ``<|eot_id|>`` or a placeholder.
+
+Reference: "The Llama 3 Herd of Models" (2024), section 3.2 (128K-token vocabulary built on
+tiktoken) and section 4.1.1 (special header and turn tokens of the chat format).
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import codecs
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+from mm._io import atomic_write_bytes, atomic_write_json
+
+__all__ = [
+    "BYTE_SPECIAL_TOKENS",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "LLAMA3_PATTERN",
+    "LLAMA3_SPECIAL_TOKENS",
+    "PLACEHOLDERS",
+    "StreamDecoder",
+    "TiktokenTokenizer",
+    "Tokenizer",
+    "load_tokenizer",
+]
+
+PLACEHOLDERS: tuple[str, ...] = ("<|image|>", "<|video|>", "<|audio|>")
+"""Media placeholders; the ``k``-th has id ``vocab_size + k`` in every tokenizer."""
+
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+"""Pre-tokenizer regex of Llama 3 (that of tiktoken's cl100k_base)."""
+
+_LLAMA3_NAMED = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+)
+LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = _LLAMA3_NAMED + tuple(
+    f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(_LLAMA3_NAMED))
+)
+"""The 256 Llama 3.1 special tokens in id order (Meta's ``tokenizer.model``: from 128000)."""
+
+BYTE_SPECIAL_TOKENS: tuple[str, ...] = _LLAMA3_NAMED + tuple(
+    f"<|reserved_special_token_{i}|>" for i in range(2, 7)
+)
+"""The 16 special tokens of :class:`ByteTokenizer`, ids 256..271."""
+
+# Meta splits very long inputs before tiktoken (openai/tiktoken#195: BPE over one huge piece is
+# quadratic, and inputs past ~400K characters could panic). Splits happen only at these lengths.
+_MAX_ENCODE_CHARS = 400_000
+_MAX_RUN_CHARS = 25_000
+_RUNS = re.compile(r"\s+|\S+")
+
+
+class Tokenizer(abc.ABC):
+    """Common interface of mm's tokenizers.
+
+    Subclasses provide the base vocabulary (``_encode_text``, ``_decode_run``, :meth:`token_bytes`)
+    and their special tokens; this class adds the media placeholders, bos/eos handling, special
+    token parsing and decoding.
+
+    Args:
+        vocab_size: size of the base vocabulary, the backbone's embedding rows; placeholders excluded.
+        special_tokens: special token string -> id, all below ``vocab_size``.
+    """
+
+    def __init__(self, *, vocab_size: int, special_tokens: Mapping[str, int]) -> None:
+        self.vocab_size = int(vocab_size)
+        for name, idx in special_tokens.items():
+            if name in PLACEHOLDERS:
+                raise ValueError(f"{name} is a placeholder, not a special token of the base vocabulary")
+            if not 0 <= idx < self.vocab_size:
+                raise ValueError(f"special token {name} has id {idx}, outside [0, {self.vocab_size})")
+        self._special: dict[str, int] = dict(special_tokens)
+        self._special.update({name: self.vocab_size + k for k, name in enumerate(PLACEHOLDERS)})
+        self._special_names: dict[int, str] = {idx: name for name, idx in self._special.items()}
+        self._placeholder_split = re.compile("(" + "|".join(map(re.escape, PLACEHOLDERS)) + ")")
+
+    # ------------------------------------------------------------------ subclass hooks
+    @abc.abstractmethod
+    def _encode_text(self, text: str, allow_special: bool) -> list[int]:
+        """Encode text holding no placeholders (when ``allow_special``); no bos/eos."""
+
+    @abc.abstractmethod
+    def _decode_run(self, ids: list[int]) -> str:
+        """Decode ordinary (non-special) ids of the base vocabulary."""
+
+    @abc.abstractmethod
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes an ordinary token stands for (possibly part of a character)."""
+
+    @abc.abstractmethod
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the files :func:`load_tokenizer` reads back into ``directory``; return the file."""
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(
+        self, text: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False
+    ) -> list[int]:
+        """Token ids of ``text``.
+
+        Args:
+            text: the string to encode.
+            bos: prepend ``<|begin_of_text|>``.
+            eos: append ``<|end_of_text|>``.
+            allow_special: map special-token strings (``<|eot_id|>``, ``<|image|>``, ...) to their
+                ids. Off by default: the strings are then encoded as ordinary text.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        text = _replace_lone_surrogates(text)
+        ids = [self.bos_id] if bos else []
+        if allow_special:
+            for k, piece in enumerate(self._placeholder_split.split(text)):
+                if k % 2:  # odd pieces are the captured placeholders
+                    ids.append(self._special[piece])
+                elif piece:
+                    ids.extend(self._encode_text(piece, True))
+        elif text:
+            ids.extend(self._encode_text(text, False))
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+        """The text of ``ids``; special tokens and placeholders appear as their strings unless skipped."""
+        out: list[str] = []
+        run: list[int] = []
+        for token_id in ids:
+            token_id = self._check_id(token_id)
+            name = self._special_names.get(token_id)
+            if name is None:
+                run.append(token_id)
+                continue
+            if run:
+                out.append(self._decode_run(run))
+                run = []
+            if not skip_special:
+                out.append(name)
+        if run:
+            out.append(self._decode_run(run))
+        return "".join(out)
+
+    def _check_id(self, token_id: int) -> int:
+        token_id = int(token_id)
+        if not 0 <= token_id < self.vocab_size + len(PLACEHOLDERS):
+            raise ValueError(
+                f"token id {token_id} is outside [0, {self.vocab_size + len(PLACEHOLDERS)}) of "
+                f"{type(self).__name__}"
+            )
+        return token_id
+
+    # ------------------------------------------------------------------ special tokens
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Every special token and placeholder, string -> id (a copy)."""
+        return dict(self._special)
+
+    def special_id(self, name: str) -> int:
+        """The id of the special token or placeholder ``name`` (e.g. ``"<|eot_id|>"``)."""
+        try:
+            return self._special[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a special token of this {type(self).__name__}") from None
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a special token or a placeholder."""
+        return int(token_id) in self._special_names
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_id("<|begin_of_text|>")
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_id("<|end_of_text|>")
+
+    @property
+    def eot_id(self) -> int:
+        return self.special_id("<|eot_id|>")
+
+    @property
+    def eom_id(self) -> int:
+        return self.special_id("<|eom_id|>")
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_id("<|finetune_right_pad_id|>")
+
+    @property
+    def start_header_id(self) -> int:
+        return self.special_id("<|start_header_id|>")
+
+    @property
+    def end_header_id(self) -> int:
+        return self.special_id("<|end_header_id|>")
+
+    @property
+    def image_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def video_id(self) -> int:
+        return self.vocab_size + 1
+
+    @property
+    def audio_id(self) -> int:
+        return self.vocab_size + 2
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Generation stops at ``<|end_of_text|>``, ``<|eom_id|>``, ``<|eot_id|>`` (those this vocabulary has)."""
+        names = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
+        return tuple(self._special[n] for n in names if n in self._special)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+# ---------------------------------------------------------------------------------------- bytes
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as tokens: ids 0..255 are bytes, 256..271 the special tokens of
+    :data:`BYTE_SPECIAL_TOKENS` (same order as Llama 3's first eleven), ``vocab_size`` 272.
+
+    Needs no files; the ``tiny`` text preset is sized for it.
+    """
+
+    def __init__(self) -> None:
+        specials = {name: 256 + k for k, name in enumerate(BYTE_SPECIAL_TOKENS)}
+        super().__init__(vocab_size=256 + len(BYTE_SPECIAL_TOKENS), special_tokens=specials)
+        names = sorted(BYTE_SPECIAL_TOKENS, key=len, reverse=True)
+        self._special_split = re.compile("(" + "|".join(map(re.escape, names)) + ")")
+
+    def _encode_text(self, text: str, allow_special: bool) -> list[int]:
+        if not allow_special:
+            return list(text.encode("utf-8"))
+        ids: list[int] = []
+        for k, piece in enumerate(self._special_split.split(text)):
+            ids.extend([self._special[piece]] if k % 2 else piece.encode("utf-8"))
+        return ids
+
+    def _decode_run(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        token_id = int(token_id)
+        if not 0 <= token_id < 256:
+            raise ValueError(f"token id {token_id} is not a byte token")
+        return bytes([token_id])
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / "mm_tokenizer.json"
+        atomic_write_json(path, {"type": "byte"})
+        return path
+
+
+# ---------------------------------------------------------------------------------------- tiktoken
+class TiktokenTokenizer(Tokenizer):
+    """Meta's Llama 3 ``tokenizer.model``: tiktoken BPE ranks (lines ``base64(token) rank``).
+
+    The ranks are the ids of the base vocabulary; the 256 :data:`LLAMA3_SPECIAL_TOKENS` follow
+    them, and ``vocab_size`` is ``len(ranks) + 256`` (128256 for Llama 3).
+
+    Args:
+        path: the ranks file, or a folder holding ``tokenizer.model``.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        if not path.is_file():
+            raise FileNotFoundError(f"tiktoken ranks file not found: {path}")
+        # tiktoken caches files by path; the content hash makes a changed file at the same path
+        # replace the cached copy instead of being shadowed by it.
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        ranks = load_tiktoken_bpe(str(path), expected_hash=digest)
+        if sorted(ranks.values()) != list(range(len(ranks))):
+            raise ValueError(f"{path}: ranks are not the ids 0..{len(ranks) - 1} each used once")
+        num_base = len(ranks)
+        specials = {name: num_base + k for k, name in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        super().__init__(vocab_size=num_base + len(specials), special_tokens=specials)
+        self._ranks = ranks
+        self._encoding = tiktoken.Encoding(
+            name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+        )
+
+    def _encode_text(self, text: str, allow_special: bool) -> list[int]:
+        allowed = "all" if allow_special else set()
+        ids: list[int] = []
+        for piece in _split_long(text):
+            ids.extend(self._encoding.encode(piece, allowed_special=allowed, disallowed_special=()))
+        return ids
+
+    def _decode_run(self, ids: list[int]) -> str:
+        return self._encoding.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._encoding.decode_single_token_bytes(int(token_id))
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / "tokenizer.model"
+        ordered = sorted(self._ranks.items(), key=lambda item: item[1])
+        atomic_write_bytes(path, b"".join(b"%s %d\n" % (base64.b64encode(t), r) for t, r in ordered))
+        return path
+
+
+def _split_long(text: str) -> Iterator[str]:
+    """Cut ``text`` into pieces of at most ``_MAX_ENCODE_CHARS`` characters, none holding a run of
+    more than ``_MAX_RUN_CHARS`` whitespace or non-whitespace characters.
+
+    Text within both limits is yielded whole, so its tokens are exactly tiktoken's. Longer text is
+    cut between runs (and inside over-long runs), which may change the tokens at a cut.
+    """
+    if len(text) <= _MAX_RUN_CHARS:  # cannot hold a long run: the common case, no scan
+        yield text
+        return
+    start = 0  # start of the piece being gathered
+    for match in _RUNS.finditer(text):
+        run_start, run_end = match.span()
+        if run_end - start > _MAX_ENCODE_CHARS and run_start > start:
+            yield text[start:run_start]
+            start = run_start
+        while run_end - run_start > _MAX_RUN_CHARS:
+            cut = run_start + _MAX_RUN_CHARS
+            yield text[start:cut]
+            start = run_start = cut
+    if start < len(text):
+        yield text[start:]
+
+
+# ---------------------------------------------------------------------------------------- Hugging Face
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json``, read with the ``tokenizers`` library.
+
+    ``vocab_size`` is one past the largest id that is not a placeholder. Special ids are found by
+    content among the file's special added tokens. A file that defines a placeholder itself (Llama
+    3.2 Vision has ``<|image|>`` = 128256) must give it mm's id, ``vocab_size + k``.
+
+    Args:
+        path: the ``tokenizer.json`` file, or a folder holding it.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer.json not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        # Two instances instead of toggling a flag per call: encode stays safe across threads.
+        self._with_specials = RustTokenizer.from_str(text)
+        self._plain = RustTokenizer.from_str(text)
+        self._plain.encode_special_tokens = True  # special-token strings encode as ordinary text
+
+        vocab = self._plain.get_vocab(with_added_tokens=True)
+        added = self._plain.get_added_tokens_decoder()
+        base_ids = [idx for content, idx in vocab.items() if content not in PLACEHOLDERS]
+        if not base_ids:
+            raise ValueError(f"{path}: the vocabulary is empty")
+        vocab_size = max(base_ids) + 1
+        for k, name in enumerate(PLACEHOLDERS):
+            if name not in vocab:
+                continue
+            if vocab[name] != vocab_size + k:
+                raise ValueError(
+                    f"{path} defines {name} as id {vocab[name]}, but mm places it at vocab_size + {k} "
+                    f"= {vocab_size + k}"
+                )
+            token = added.get(vocab[name])
+            if token is None or not token.special:
+                raise ValueError(f"{path} defines {name} as an ordinary token; it must be special")
+        specials = {
+            tok.content: idx for idx, tok in added.items() if tok.special and tok.content not in PLACEHOLDERS
+        }
+        super().__init__(vocab_size=vocab_size, special_tokens=specials)
+        self._byte_level = _uses_byte_level(json.loads(text).get("decoder"))
+        self._added_content = {idx: tok.content for idx, tok in added.items()}
+
+    def _encode_text(self, text: str, allow_special: bool) -> list[int]:
+        backend = self._with_specials if allow_special else self._plain
+        return backend.encode(text, add_special_tokens=False).ids
+
+    def _decode_run(self, ids: list[int]) -> str:
+        return self._with_specials.decode(ids, skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """Exact bytes for byte-level vocabularies (all Llama 3 ones); otherwise the token's text."""
+        token_id = int(token_id)
+        if token_id in self._added_content:
+            return self._added_content[token_id].encode("utf-8")
+        piece = self._with_specials.id_to_token(token_id)
+        if piece is None:
+            raise ValueError(f"token id {token_id} is not in the vocabulary")
+        if self._byte_level:
+            table = _unicode_to_byte()
+            try:
+                return bytes(table[ch] for ch in piece)
+            except KeyError:
+                pass
+        return self._with_specials.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / "tokenizer.json"
+        atomic_write_bytes(path, self._with_specials.to_str(pretty=True).encode("utf-8"))
+        return path
+
+
+def _uses_byte_level(decoder: Mapping | None) -> bool:
+    if not decoder:
+        return False
+    if decoder.get("type") == "ByteLevel":
+        return True
+    return any(_uses_byte_level(d) for d in decoder.get("decoders") or ())
+
+
+_BYTE_TABLE: dict[str, int] = {}
+
+
+def _unicode_to_byte() -> dict[str, int]:
+    """Inverse of the GPT-2 byte-level alphabet: printable Latin-1 bytes stand for themselves, the
+    other 68 bytes are shifted, in byte order, to U+0100 onwards."""
+    if not _BYTE_TABLE:
+        printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+        shifted = [b for b in range(256) if b not in set(printable)]
+        _BYTE_TABLE.update({chr(b): b for b in printable})
+        _BYTE_TABLE.update({chr(256 + k): b for k, b in enumerate(shifted)})
+    return _BYTE_TABLE
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Open the tokenizer stored at ``path``.
+
+    In a folder, the first of these decides: ``tokenizer.json`` (:class:`HFTokenizer`),
+    ``tokenizer.model`` or ``original/tokenizer.model`` (:class:`TiktokenTokenizer`),
+    ``mm_tokenizer.json`` (``{"type": "byte"}``: :class:`ByteTokenizer`). A path to one of these
+    files works too (a ``.json`` file is told apart by its content).
+    """
+    path = Path(path)
+    if path.is_dir():
+        candidates = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model", "mm_tokenizer.json")
+        for name in candidates:
+            if (path / name).is_file():
+                return load_tokenizer(path / name)
+        raise FileNotFoundError(f"no tokenizer in {path}: looked for {', '.join(candidates)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer path does not exist: {path}")
+    if path.suffix != ".json":
+        return TiktokenTokenizer(path)
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if isinstance(data, dict) and "model" in data:
+        return HFTokenizer(path)
+    if isinstance(data, dict) and data == {"type": "byte"}:
+        return ByteTokenizer()
+    raise ValueError(f"{path} is neither a Hugging Face tokenizer.json nor mm's {{'type': 'byte'}}")
+
+
+def _replace_lone_surrogates(text: str) -> str:
+    """Lone surrogates (invalid in UTF-8) become U+FFFD, as tiktoken does."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+# ---------------------------------------------------------------------------------------- streaming
+class StreamDecoder:
+    """Turn generated token ids into text one id at a time.
+
+    A character split across tokens is held back until its last byte arrives, so no replacement
+    character is ever emitted for an incomplete sequence; :meth:`flush` emits what is left (bytes
+    that never completed become U+FFFD). For byte-level vocabularies (every tokenizer here, and
+    every Llama 3 ``tokenizer.json``) the concatenated output equals
+    ``tokenizer.decode(all_ids, skip_special=skip_special)``.
+
+    Args:
+        tokenizer: the tokenizer that produced the ids.
+        skip_special: drop special tokens and placeholders instead of emitting their strings.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (possibly empty)."""
+        token_id = self.tokenizer._check_id(token_id)
+        if self.tokenizer.is_special(token_id):
+            text = self.flush()  # a special token ends any pending character
+            return text if self.skip_special else text + self.tokenizer._special_names[token_id]
+        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        """Emit held-back bytes and start afresh."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
