@@ -1,65 +1,65 @@
 """Data for mm: image tiling, the cross-attention mask, video and audio decoding, webdataset shards.
 
 Shape legend: b batch, s text tokens, n images, t tiles, f frames.
+
+Names are imported on first use: decoding images, video and audio pulls in torchvision,
+torchaudio and PyAV, which code that only needs a model should not pay for.
 """
 
-from mm.datasets.cross_attention_mask import (
-    MASK_MODES,
-    batch_cross_attention_mask,
-    cross_attention_mask,
-    visible_spans,
-)
-from mm.datasets.image_processing import (
-    CLIP_MEAN,
-    CLIP_STD,
-    ImageProcessor,
-    ProcessedImages,
-    supported_aspect_ratios,
-)
-from mm.datasets.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ImageLike, load_image
-from mm.datasets.shards import (
-    DEFAULT_CAPTION_PROMPTS,
-    MEDIA_KINDS,
-    PackError,
-    PackResult,
-    SampleError,
-    pack,
-    parse_size,
-)
-from mm.datasets.webdata import (
-    DataCounters,
-    DataError,
-    ShardStream,
-    expand_shards,
-    normalize_sample,
-    stream_samples,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_CAPTION_PROMPTS",
-    "MEDIA_KINDS",
-    "DataCounters",
-    "DataError",
-    "PackError",
-    "PackResult",
-    "SampleError",
-    "ShardStream",
-    "expand_shards",
-    "normalize_sample",
-    "pack",
-    "parse_size",
-    "stream_samples",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "DEFAULT_MAX_IMAGE_PIXELS",
-    "ImageError",
-    "ImageLike",
-    "ImageProcessor",
-    "MASK_MODES",
-    "ProcessedImages",
-    "batch_cross_attention_mask",
-    "cross_attention_mask",
-    "load_image",
-    "supported_aspect_ratios",
-    "visible_spans",
-]
+import importlib
+
+_EXPORTS = {
+    "AudioConfig": "mm.datasets.audio",
+    "AudioError": "mm.datasets.audio",
+    "CLIP_MEAN": "mm.datasets.image_processing",
+    "CLIP_STD": "mm.datasets.image_processing",
+    "DEFAULT_CAPTION_PROMPTS": "mm.datasets.shards",
+    "DEFAULT_MAX_IMAGE_PIXELS": "mm.datasets.images",
+    "DataCounters": "mm.datasets.webdata",
+    "DataError": "mm.datasets.webdata",
+    "ImageError": "mm.datasets.images",
+    "ImageLike": "mm.datasets.images",
+    "ImageProcessor": "mm.datasets.image_processing",
+    "MASK_MODES": "mm.datasets.cross_attention_mask",
+    "MEDIA_KINDS": "mm.datasets.shards",
+    "PackError": "mm.datasets.shards",
+    "PackResult": "mm.datasets.shards",
+    "ProcessedImages": "mm.datasets.image_processing",
+    "SampleError": "mm.datasets.shards",
+    "ShardStream": "mm.datasets.webdata",
+    "VideoClip": "mm.datasets.video",
+    "VideoConfig": "mm.datasets.video",
+    "VideoError": "mm.datasets.video",
+    "batch_cross_attention_mask": "mm.datasets.cross_attention_mask",
+    "cross_attention_mask": "mm.datasets.cross_attention_mask",
+    "expand_shards": "mm.datasets.webdata",
+    "frames_to_tensor": "mm.datasets.video",
+    "load_audio": "mm.datasets.audio",
+    "load_image": "mm.datasets.images",
+    "load_video": "mm.datasets.video",
+    "log_mel": "mm.datasets.audio",
+    "normalize_sample": "mm.datasets.webdata",
+    "num_frames": "mm.datasets.audio",
+    "pack": "mm.datasets.shards",
+    "pad_features": "mm.datasets.audio",
+    "parse_size": "mm.datasets.shards",
+    "stream_samples": "mm.datasets.webdata",
+    "supported_aspect_ratios": "mm.datasets.image_processing",
+    "visible_spans": "mm.datasets.cross_attention_mask",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mm.datasets' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -3,6 +3,8 @@
 Shape legend: b batch, n images, t tiles, p tokens per tile, f frames, d width.
 """
 
+from mm.encoders.best_rq import BestRqHead, BestRqQuantizer, best_rq_loss, mask_features, span_mask
+from mm.encoders.conformer import ConformerConfig, ConformerEncoder
 from mm.encoders.image_encoder import ImageEncoder, ImageEncoderConfig
 from mm.encoders.vision_backends import (
     OpenClipVisionBackend,
@@ -12,6 +14,13 @@ from mm.encoders.vision_backends import (
 )
 
 __all__ = [
+    "BestRqHead",
+    "BestRqQuantizer",
+    "ConformerConfig",
+    "ConformerEncoder",
+    "best_rq_loss",
+    "mask_features",
+    "span_mask",
     "ImageEncoder",
     "ImageEncoderConfig",
     "OpenClipVisionBackend",

@@ -251,7 +251,7 @@ class GatedPositionalEmbedding(nn.Module):
         super().__init__()
         self.max_num_tiles = max_num_tiles
         self.num_patches = num_patches
-        self.position = nn.Parameter(width**-0.5 * torch.randn(num_patches, width))
+        self.position = nn.Parameter(nn.init.normal_(torch.empty(num_patches, width), std=width**-0.5))
         self.tile_position = nn.Embedding(num_ids, max_num_tiles * num_patches * width)
         self.gate = nn.Parameter(torch.zeros(1))
 
@@ -358,7 +358,7 @@ class ImageEncoder(nn.Module):
         self.patch_embed = nn.Conv2d(
             config.num_channels, d, kernel_size=config.patch_size, stride=config.patch_size, bias=False
         )
-        self.class_embedding = nn.Parameter(d**-0.5 * torch.randn(d))
+        self.class_embedding = nn.Parameter(nn.init.normal_(torch.empty(d), std=d**-0.5))
         self.pre_tile_aspect_embedding = AspectRatioEmbedding(num_ids, config.max_num_tiles, d)
         self.positional_embedding = GatedPositionalEmbedding(
             num_ids, config.max_num_tiles, config.num_patches, d
