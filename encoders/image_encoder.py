@@ -20,6 +20,10 @@ Numerics follow the released model exactly, quirks included:
 * intermediate features are stacked along a last axis and flattened feature-major, so the output
   is ``[final (d) | intermediates (d k)]`` with the ``k`` layers of one feature side by side.
 
+A built encoder can change its tile size in place (:meth:`ImageEncoder.resize_tiles`): the paper
+pre-trains at 336 px tiles and anneals at a higher resolution (section 7.4), and only the patch-grid
+rows of the two position tables depend on the tile size.
+
 The module and parameter names are mm's own; the Hugging Face ``MllamaVisionModel`` names appear
 only in :mod:`mm.encoders.image_encoder_keys`.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +43,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ImageEncoder", "ImageEncoderConfig"]
+__all__ = ["ImageEncoder", "ImageEncoderConfig", "resize_image_encoder", "resize_patch_grid"]
 
 # Tile grids (tiles across, tiles down) of Llama 3.2 Vision for at most 4 tiles. Aspect-ratio id
 # ``i + 1`` names entry ``i``; id 0 means "no image".
@@ -435,6 +440,66 @@ class ImageEncoder(nn.Module):
         x = rearrange(x, "(b n) (t l) f -> b n t l f", b=b, t=t)
         return x[:, :, :, :p]
 
+    # ------------------------------------------------------------------ tile size
+    def resize_tiles(self, image_size: int) -> None:
+        """Change the tile side in place, resampling the patch-position tables (paper section 7.4).
+
+        The paper trains the image adapter on 336 px tiles, then anneals at a higher resolution
+        (Llama 3.2 Vision ships 560 px tiles). The patch convolution and every other weight do not
+        depend on the tile size; only the patch-grid rows of ``positional_embedding.position``
+        ``[p, d]`` and of each aspect-ratio id's and tile's block of
+        ``positional_embedding.tile_position`` (rows of ``[t, p, d]``) do. Those grids are resampled
+        bicubically (see :func:`resize_patch_grid`); class-token rows are kept as they are. ``config``, ``image_size`` and
+        ``num_patches`` follow; padded lengths and attention masks are derived from the config at
+        every call.
+
+        The two resampled tables become *new* ``nn.Parameter`` objects (same names, dtype, device
+        and ``requires_grad``; no ``.grad``), so an optimizer, a DDP/FSDP wrapper or a compiled
+        module built before the call still points at the old ones: resize first, then build
+        them. A :class:`~mm.MultimodalModel` holding this encoder must also take the new
+        ``config`` (``model.config.replace(image_encoder=encoder.config)``). Resizing to the
+        current size changes nothing at all (the very same tensors stay).
+
+        Args:
+            image_size: new tile side in pixels, a positive multiple of ``patch_size``.
+
+        Raises:
+            ValueError: ``image_size`` is not a positive integer multiple of ``patch_size``.
+        """
+        cfg = self.config
+        if isinstance(image_size, bool):
+            raise ValueError(f"image_size must be an integer number of pixels, got {image_size!r}")
+        try:
+            image_size = operator.index(image_size)
+        except TypeError:
+            raise ValueError(f"image_size must be an integer number of pixels, got {image_size!r}") from None
+        if image_size <= 0 or image_size % cfg.patch_size:
+            raise ValueError(
+                f"cannot resize tiles to {image_size} px: the tile side must be a positive multiple "
+                f"of patch_size {cfg.patch_size}"
+            )
+        if image_size == cfg.image_size:
+            return
+        new_cfg = cfg.replace(image_size=image_size)
+        grid = image_size // cfg.patch_size
+        pos = self.positional_embedding
+        with torch.no_grad():
+            position = resize_patch_grid(pos.position.detach(), grid)  # [p', d]
+            tile = rearrange(
+                pos.tile_position.weight.detach(),
+                "i (t p d) -> i t p d",
+                t=cfg.max_num_tiles,
+                p=cfg.num_patches,
+            )
+            tile = rearrange(resize_patch_grid(tile, grid), "i t p d -> i (t p d)")
+        pos.position = _parameter_like(pos.position, position)
+        pos.tile_position.weight = _parameter_like(pos.tile_position.weight, tile)
+        pos.tile_position.embedding_dim = tile.shape[1]
+        pos.num_patches = new_cfg.num_patches
+        self.config = new_cfg
+        self.image_size = new_cfg.image_size
+        self.num_patches = new_cfg.num_patches
+
     # ------------------------------------------------------------------ helpers
     def _run(self, layer: VisionEncoderLayer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.activation_checkpointing and torch.is_grad_enabled():
@@ -481,3 +546,72 @@ class ImageEncoder(nn.Module):
         if aspect_ratio_ids.is_floating_point():
             raise ValueError("aspect_ratio_ids must be an integer tensor")
         return b, n, t
+
+
+# ---------------------------------------------------------------------------- tile-size changes
+def resize_image_encoder(encoder: nn.Module, image_size: int) -> None:
+    """Change the tile side of a Llama 3 image encoder in place (see :meth:`ImageEncoder.resize_tiles`).
+
+    Build the optimizer after this call: the resized tables are new parameters.
+
+    Args:
+        encoder: the encoder to resize.
+        image_size: new tile side in pixels, a positive multiple of the encoder's ``patch_size``.
+
+    Raises:
+        TypeError: ``encoder`` is not an :class:`ImageEncoder` (the open_clip / timm backends are
+            built for one tile size; build them again with ``image_size`` instead).
+        ValueError: ``image_size`` is not a positive multiple of ``patch_size``.
+    """
+    if not isinstance(encoder, ImageEncoder):
+        raise TypeError(
+            f"only mm's Llama 3 ImageEncoder can change its tile size in place, not {type(encoder).__name__}"
+        )
+    encoder.resize_tiles(image_size)
+
+
+def resize_patch_grid(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """Resample the patch-grid rows of a position table to a ``grid × grid`` patch grid.
+
+    Bicubic interpolation with ``align_corners=False`` (patch centres keep their place in the
+    tile), computed in at least float32 and returned in the table's dtype; the class-token row is
+    copied unchanged. PyTorch's *antialiased* bicubic is used in both directions: shrinking, it
+    widens the kernel so every old patch contributes; growing, it is the Keys cubic with
+    ``a = -0.5`` (PIL's bicubic), which reproduces linear and quadratic fields exactly away from
+    the border, whereas the plain ``a = -0.75`` kernel adds a ripple of about 5 % of one patch
+    step to a linear field.
+
+    Args:
+        table: ``[..., p, d]`` with ``p = 1 + g * g``: the class token's row first, then the patch
+            grid row by row (row ``r``, column ``c`` at ``1 + r * g + c``, the order the patch
+            convolution's output is flattened in).
+        grid: patches per side of the new grid.
+
+    Returns:
+        ``[..., 1 + grid * grid, d]``; ``table`` itself when the grid does not change.
+    """
+    if table.ndim < 2:
+        raise ValueError(f"position table must be [..., p, d], got shape {tuple(table.shape)}")
+    *lead, p, d = table.shape
+    g = math.isqrt(max(p - 1, 0))
+    if p < 2 or g * g != p - 1:
+        raise ValueError(f"position table has {p} rows, not one class token plus a square patch grid")
+    if grid < 1:
+        raise ValueError(f"grid must be at least 1 patch per side, got {grid}")
+    if grid == g:
+        return table
+    compute = torch.promote_types(table.dtype, torch.float32)
+    cls, patches = table[..., :1, :], table[..., 1:, :]  # [..., 1, d], [..., g*g, d]
+    img = rearrange(patches.reshape(-1, g * g, d), "m (gh gw) d -> m d gh gw", gh=g)  # [m, d, g, g]
+    img = F.interpolate(
+        img.to(compute), size=(grid, grid), mode="bicubic", align_corners=False, antialias=True
+    )  # [m, d, grid, grid]
+    patches = rearrange(img, "m d gh gw -> m (gh gw) d").to(table.dtype).reshape(*lead, grid * grid, d)
+    return torch.cat([cls, patches], dim=-2)  # [..., 1 + grid*grid, d]
+
+
+def _parameter_like(old: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
+    """A new parameter holding ``value`` with ``old``'s dtype, device and ``requires_grad``."""
+    return nn.Parameter(
+        value.detach().to(device=old.device, dtype=old.dtype).contiguous(), requires_grad=old.requires_grad
+    )

@@ -36,7 +36,10 @@ ADAPTERS_FILE = "adapters.safetensors"
 def save_multimodal(model, path: str | os.PathLike, *, copy_backbone: bool = False, **extra: Any) -> None:
     path = Path(path)
     digest = model.backbone.digest()
+    preprocessor = getattr(model, "preprocessor", None)
     with atomic_dir(path) as tmp:
+        if preprocessor is not None:
+            extra = {"preprocessing": preprocessor.save(tmp), **extra}
         if copy_backbone:
             model.backbone.save_pretrained(tmp / "backbone")
             ref = {"path": "backbone", "format": "hf", "digest": digest}
@@ -118,5 +121,9 @@ def load_multimodal(cls, path: str | os.PathLike, *, dtype: torch.dtype | None =
         expected, iter_safetensors([path / ADAPTERS_FILE]), dtype=dtype, device=backbone.device, source=path
     )
     model.load_state_dict(loaded, strict=False, assign=True)
+    if meta.get("preprocessing") is not None:
+        from mm.preprocessing import Preprocessor
+
+        model.preprocessor = Preprocessor.load(path, meta["preprocessing"])
     model.saved_meta = meta
     return model

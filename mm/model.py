@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mm.adapters.cross_attention import GatedCrossAttentionBlock, VisionKV
 from mm.components import COMPONENTS, component_of
@@ -109,6 +110,12 @@ class MultimodalModel(nn.Module):
                 for _ in config.cross_attention_layers
             )
         self._image_block_at = {layer: j for j, layer in enumerate(config.cross_attention_layers)}
+        # Tokenizer, image settings and mask policy saved with the model (see mm.preprocessing);
+        # set by from_pretrained when the folder has them, or by the user / trainer.
+        self.preprocessor = None
+        # Recompute backbone layers in the backward pass instead of storing their activations
+        # (gradients still flow through the frozen layers to reach earlier adapters).
+        self.activation_checkpointing = False
 
     # ------------------------------------------------------------------ construction and I/O
     @classmethod
@@ -151,7 +158,8 @@ class MultimodalModel(nn.Module):
         """Write mm's folder: ``config.json``, non-backbone weights, and a reference to the backbone.
 
         The backbone is referenced by path and digest; with ``copy_backbone`` it is written inside
-        the folder too. ``extra`` entries (e.g. ``processor=...``) are stored in ``config.json``.
+        the folder too. The model's :attr:`preprocessor` (tokenizer files and settings) is saved
+        with it; ``extra`` entries are stored in ``config.json``.
         """
         from mm.checkpoint import save_multimodal
 
@@ -162,6 +170,29 @@ class MultimodalModel(nn.Module):
         from mm.mllama import export_mllama
 
         export_mllama(self, path)
+
+    def swap_backbone(self, backbone: TextBackbone) -> None:
+        """Put another text model of the same architecture under the adapters (the paper's hot-swap
+        of the instruct model for supervised fine-tuning)."""
+        old, new = self.config.text, backbone.config
+        sizes = (
+            "vocab_size",
+            "embed_dim",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_dim",
+        )
+        diff = [
+            f"{k}: {getattr(old, k)} -> {getattr(new, k)}"
+            for k in sizes
+            if getattr(old, k) != getattr(new, k)
+        ]
+        if diff:
+            raise ValueError(f"cannot hot-swap a backbone of another architecture ({'; '.join(diff)})")
+        self.backbone = backbone.freeze().to(device=self.device)
+        self.config = self.config.replace(text=new)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight that is not the backbone's."""
@@ -270,11 +301,15 @@ class MultimodalModel(nn.Module):
     ) -> torch.Tensor:
         """The backbone's layers with the adapters in front of theirs; ``h [b, s, d]`` in and out."""
         xmask = None if vision is None else self._token_mask(cross_attention_mask, vision)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.backbone.layers):
             j = self._image_block_at.get(i)
             if j is not None and vision is not None:
                 h = self._cross(self.image_blocks[j], h, vision.kv[j], vision.rows, vision.all_rows, xmask)
-            h = layer(h, ctx)
+            if recompute and h.requires_grad:
+                h = checkpoint(layer, h, ctx, use_reentrant=False)
+            else:
+                h = layer(h, ctx)
         return h
 
     # ------------------------------------------------------------------ forward

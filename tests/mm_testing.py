@@ -100,3 +100,50 @@ def random_images(sizes, seed=0):
 
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 230), "yellow": (240, 220, 20)}
+
+
+def colour_conversations(n, seed=0, size=28):
+    """In-memory conversations: a plain coloured image and the question what colour it is."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    out = []
+    for _ in range(n):
+        name = names[int(rng.integers(len(names)))]
+        image = Image.new("RGB", (size + int(rng.integers(0, 20)), size), COLOURS[name])
+        out.append(
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}],
+                },
+                {"role": "assistant", "content": name},
+            ]
+        )
+    return out
+
+
+def write_colour_folder(folder, n, seed=0, size=28, corrupt=()):
+    """The same task as files for `mm data pack`: KEY.png + KEY.json; keys in ``corrupt`` get broken PNG bytes."""
+    import io
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, conv in enumerate(colour_conversations(n, seed, size)):
+        key = f"s{i:05d}"
+        buf = io.BytesIO()
+        conv[0]["content"][0]["image"].save(buf, format="PNG")
+        data = buf.getvalue()
+        if i in corrupt:
+            data = data[: len(data) // 3]
+        (folder / f"{key}.png").write_bytes(data)
+        conv[0]["content"][0]["image"] = f"{key}.png"
+        (folder / f"{key}.json").write_text(json.dumps({"messages": conv}))
+    return folder

@@ -19,6 +19,8 @@ def state_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach()
+        if hasattr(t, "full_tensor"):  # a sharded (FSDP2 / DTensor) weight: hash the whole of it
+            t = t.full_tensor()
         h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
         flat = t.reshape(-1).contiguous().cpu()
         if flat.numel():

@@ -1,0 +1,451 @@
+"""Question answering over Llama 3 chat messages: ``model.chat``, its streaming form, batches, ``mm ask``.
+
+Messages are Llama 3 chat messages whose content is a string or a list of parts: ``{"type":
+"text", "text": ...}``, mm's ``{"type": "image", "image": PIL | path | bytes}`` or OpenAI's
+``{"type": "image_url", "image_url": {"url": "data:..."}}`` (see :mod:`mm.media`, the one place
+parts are normalised). Every prompt is built by the preprocessor saved with the model
+(``model.preprocessor``), so training and serving never disagree on tiles, masks or templates.
+
+Decoding (Llama 3 paper, section 7: vision keys/values are computed once per request, at prefill,
+by :meth:`mm.MultimodalModel.stream`):
+
+* Token ids become text with :class:`~mm.text_backbone.tokenizer.StreamDecoder`, which never splits
+  a UTF-8 character; special tokens are not part of the answer.
+* Stop strings end the answer before the stop string. While streaming, text that could be the
+  start of a stop string is held back until it is known not to be one, so a stream never shows a
+  stop string or anything after it, and the streamed pieces always join to the non-streamed answer.
+* A batch holds conversations of any lengths and image counts (left-padded by the preprocessor);
+  each row has its own token limit and stop strings and leaves the batch's output when done.
+  Temperature, top-p and seed are shared by the batch (:meth:`GenerationOptions.batch_key`).
+
+Heavy modules (torch, the tokenizer) are imported on first use, so ``mm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mm.media import MediaPolicy
+    from mm.model import MultimodalModel
+    from mm.preprocessing import EncodedSample
+
+__all__ = [
+    "Completion",
+    "Delta",
+    "GenerationOptions",
+    "add_ask_parser",
+    "chat",
+    "chat_batch",
+    "chat_stream",
+    "complete",
+    "complete_batch",
+    "encode_conversation",
+    "generate_deltas",
+]
+
+Messages = Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationOptions:
+    """How one answer is generated.
+
+    Args:
+        max_new_tokens: at most this many tokens (fewer when the model's context ends first).
+        temperature: 0 is greedy decoding; above 0 samples.
+        top_p: nucleus sampling mass, in ``(0, 1]``.
+        seed: makes sampling repeatable (for the same batch); ignored when greedy.
+        stop: strings that end the answer; the answer stops before the first one.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys may share a batch without changing each other's answers.
+
+        Greedy requests all share one key. Unseeded sampling shares a key per temperature and
+        top-p. A seeded sampled request gets a key of its own, so its answer never depends on
+        what it was batched with.
+        """
+        if self.temperature == 0:
+            return ("greedy",)
+        if self.seed is None:
+            return ("sample", float(self.temperature), float(self.top_p))
+        return ("seeded", id(self))
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one decoding step added to one answer.
+
+    Attributes:
+        text: new text (may be empty, e.g. while a character or a possible stop string is pending).
+        finish_reason: ``None`` while generating; ``"stop"`` (a stop token or stop string) or
+            ``"length"`` (the token limit or the model's context) on the answer's last delta.
+        completion_tokens: tokens generated for this answer so far.
+    """
+
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole answer: its text, why it ended, and the token counts (OpenAI's ``usage``)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class _StopFilter:
+    """Hold back text that might begin a stop string; cut the text at the first stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """``(text safe to emit, whether a stop string was found)``."""
+        buf = self.held + text
+        if not self.stops:
+            self.held = ""
+            return buf, False
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for s in self.stops:  # the longest tail of buf that is a proper prefix of a stop string
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+class _Row:
+    """One answer being decoded: detokenizer, stop strings, token count and limit."""
+
+    def __init__(self, tokenizer, options: GenerationOptions, limit: int, stop_ids: frozenset[int]) -> None:
+        from mm.text_backbone.tokenizer import StreamDecoder
+
+        self.decoder = StreamDecoder(tokenizer, skip_special=True)
+        self.filter = _StopFilter(options.stop)
+        self.limit = limit
+        self.stop_ids = stop_ids
+        self.count = 0
+        self.done = False
+
+    def push(self, token_id: int) -> Delta:
+        self.count += 1
+        if token_id in self.stop_ids:
+            return self._finish("stop")
+        text, stopped = self.filter.push(self.decoder.push(token_id))
+        if stopped:
+            self.done = True
+            return Delta(text, "stop", self.count)
+        if self.count >= self.limit:
+            return self._finish("length", text)
+        return Delta(text, None, self.count)
+
+    def _finish(self, reason: str, text: str = "") -> Delta:
+        tail, stopped = self.filter.push(self.decoder.flush())  # bytes of an unfinished character
+        if stopped:
+            reason = "stop"
+        else:
+            tail += self.filter.flush()  # what was held back is no stop string after all
+        self.done = True
+        return Delta(text + tail, reason, self.count)
+
+
+def _stop_ids(model) -> frozenset[int]:
+    ids = model.config.text.eos_token_ids or model.preprocessor.tokenizer.stop_ids
+    return frozenset(int(i) for i in ids)
+
+
+def _preprocessor(model):
+    pre = getattr(model, "preprocessor", None)
+    if pre is None:
+        raise ValueError(
+            "this model has no preprocessor (tokenizer and image settings); set model.preprocessor "
+            "or load a folder saved with one"
+        )
+    return pre
+
+
+def encode_conversation(
+    model: MultimodalModel, messages: Messages, *, media_policy: MediaPolicy | None = None
+) -> EncodedSample:
+    """Normalise ``messages`` (see :mod:`mm.media`) and tokenise them with ``model.preprocessor``,
+    ending with the assistant's generation prompt.
+
+    Raises:
+        ValueError: malformed messages, a refused or undecodable medium, or a prompt too long.
+    """
+    from mm.media import MediaPolicy, normalize_messages
+
+    pre = _preprocessor(model)
+    if media_policy is None:
+        media_policy = MediaPolicy()
+    sample = pre.encode(normalize_messages(messages, media_policy), add_generation_prompt=True)
+    context = model.config.text.max_seq_len
+    if len(sample.ids) >= context:
+        raise ValueError(
+            f"the prompt has {len(sample.ids)} tokens and fills the model's context of {context}"
+        )
+    return sample
+
+
+def generate_deltas(
+    model: MultimodalModel,
+    samples: Sequence[EncodedSample],
+    options: Sequence[GenerationOptions],
+    *,
+    is_cancelled: Callable[[int], bool] | None = None,
+) -> Iterator[list[tuple[int, Delta]]]:
+    """Decode a batch of encoded conversations together, one step at a time.
+
+    Args:
+        model: the model; its preprocessor pads the batch (left) and builds the image tensors.
+        samples: prompts from :func:`encode_conversation`.
+        options: one per sample; all must have the same :meth:`GenerationOptions.batch_key`.
+        is_cancelled: ``row -> bool``, checked every step; a cancelled row gets no more deltas.
+
+    Yields:
+        Per decoding step, ``(row, delta)`` for each row still generating. Every row's last delta
+        has a ``finish_reason``. Decoding ends as soon as every row is finished or cancelled.
+    """
+    if len(samples) != len(options) or not samples:
+        raise ValueError(f"need one options per sample, got {len(samples)} samples and {len(options)}")
+    if len({o.batch_key() for o in options}) != 1:
+        raise ValueError("options of one batch must share temperature, top_p and seed")
+    pre = _preprocessor(model)
+    context = model.config.text.max_seq_len
+    stop_ids = _stop_ids(model)
+    rows = [
+        _Row(pre.tokenizer, o, min(o.max_new_tokens, context - len(s.ids)), stop_ids)
+        for s, o in zip(samples, options)
+    ]
+    if any(r.limit < 1 for r in rows):
+        raise ValueError(f"a prompt fills the model's context of {context} tokens")
+    batch = pre.collate(list(samples), padding_side="left")
+    batch.pop("labels")
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    first = options[0]
+    steps = model.stream(
+        batch.pop("input_ids"),
+        **batch,
+        max_new_tokens=max(r.limit for r in rows),
+        temperature=first.temperature,
+        top_p=first.top_p,
+        seed=first.seed,
+        stop_token_ids=tuple(sorted(stop_ids)),
+    )
+    try:
+        for tokens in steps:
+            out = []
+            for i, token in enumerate(tokens.tolist()):
+                row = rows[i]
+                if row.done:
+                    continue
+                if is_cancelled is not None and is_cancelled(i):
+                    row.done = True
+                    continue
+                out.append((i, row.push(token)))
+            if out:
+                yield out
+            if all(r.done for r in rows):
+                break
+    finally:
+        steps.close()
+
+
+def _options(options: GenerationOptions | None, kwargs: dict[str, Any]) -> GenerationOptions:
+    if options is not None:
+        if kwargs:
+            raise TypeError("pass either options= or keyword options, not both")
+        return options
+    return GenerationOptions(**kwargs)
+
+
+def complete_batch(
+    model: MultimodalModel,
+    conversations: Sequence[Messages],
+    *,
+    media_policy: MediaPolicy | None = None,
+    options: GenerationOptions | None = None,
+    **kwargs: Any,
+) -> list[Completion]:
+    """Answer several conversations in one batch; each answer with its finish reason and token counts.
+
+    Keyword options are those of :class:`GenerationOptions` (``max_new_tokens``, ``temperature``,
+    ``top_p``, ``seed``, ``stop``). With greedy decoding every answer equals the one the
+    conversation gets alone.
+    """
+    opts = _options(options, kwargs)
+    samples = [encode_conversation(model, c, media_policy=media_policy) for c in conversations]
+    if not samples:
+        return []
+    texts = [[] for _ in samples]
+    ends: list[Delta | None] = [None] * len(samples)
+    for step in generate_deltas(model, samples, [opts] * len(samples)):
+        for row, delta in step:
+            texts[row].append(delta.text)
+            if delta.finish_reason is not None:
+                ends[row] = delta
+    return [
+        Completion("".join(t), end.finish_reason, len(s.ids), end.completion_tokens)
+        for t, end, s in zip(texts, ends, samples)
+    ]
+
+
+def complete(model: MultimodalModel, messages: Messages, **kwargs: Any) -> Completion:
+    """:func:`complete_batch` for one conversation."""
+    return complete_batch(model, [messages], **kwargs)[0]
+
+
+def chat(model: MultimodalModel, messages: Messages, **kwargs: Any) -> str:
+    """The model's answer to a conversation that ends with a user turn.
+
+    Args:
+        model: a :class:`~mm.MultimodalModel` with a ``preprocessor``.
+        messages: Llama 3 chat messages (see the module docstring for the parts).
+        **kwargs: ``max_new_tokens=256``, ``temperature=0.0``, ``top_p=1.0``, ``seed=None``,
+            ``stop=None`` (a string or a list of strings), ``media_policy`` (:class:`mm.media.MediaPolicy`,
+            for fetching ``http(s)`` image URLs), or ``options=`` a :class:`GenerationOptions`.
+
+    Example:
+        >>> model.chat([{"role": "user", "content": [{"type": "image", "image": "cat.png"},
+        ...                                          {"type": "text", "text": "What is this?"}]}])
+    """
+    return complete(model, messages, **kwargs).text
+
+
+def chat_batch(model: MultimodalModel, conversations: Sequence[Messages], **kwargs: Any) -> list[str]:
+    """Answers to several conversations, decoded together (options as :func:`chat`)."""
+    return [c.text for c in complete_batch(model, conversations, **kwargs)]
+
+
+def chat_stream(
+    model: MultimodalModel,
+    messages: Messages,
+    *,
+    media_policy: MediaPolicy | None = None,
+    options: GenerationOptions | None = None,
+    **kwargs: Any,
+) -> Iterator[str]:
+    """Yield the answer's text in pieces as it is decoded (options as :func:`chat`).
+
+    The pieces join to exactly what :func:`chat` returns. Inputs are checked before the first
+    piece: a bad message raises when the generator is first advanced.
+    """
+    opts = _options(options, kwargs)
+    sample = encode_conversation(model, messages, media_policy=media_policy)
+    for step in generate_deltas(model, [sample], [opts]):
+        for _, delta in step:
+            if delta.text:
+                yield delta.text
+
+
+# ---------------------------------------------------------------------------------------- mm ask
+def add_ask_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``mm ask`` on an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "ask",
+        help="answer a question about images with a saved model",
+        description="Ask a saved mm model a question, optionally about images; the answer streams to stdout.",
+    )
+    p.add_argument(
+        "--model", required=True, help="folder written by save_pretrained (e.g. mm demo's OUT/model)"
+    )
+    p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image (repeatable)")
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("question", help="the question")
+    p.set_defaults(func=_cmd_ask)
+    return p
+
+
+def ask_messages(
+    question: str, images: Sequence[Any] = (), system: str | None = None
+) -> list[dict[str, Any]]:
+    """The conversation ``mm ask`` sends: an optional system message, then the images and the question."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    parts = [{"type": "image", "image": im} for im in images]
+    messages.append({"role": "user", "content": [*parts, {"type": "text", "text": question}]})
+    return messages
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from mm.model import MultimodalModel
+
+    try:
+        options = GenerationOptions(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=tuple(args.stop),
+        )
+        model = MultimodalModel.from_pretrained(args.model).eval()
+        messages = ask_messages(args.question, args.image, args.system)
+        start = time.perf_counter()
+        if args.json:
+            c = complete(model, messages, options=options)
+            out = {
+                "answer": c.text,
+                "finish_reason": c.finish_reason,
+                "prompt_tokens": c.prompt_tokens,
+                "tokens": c.completion_tokens,
+                "seconds": round(time.perf_counter() - start, 4),
+            }
+            print(json.dumps(out, ensure_ascii=False))
+            return 0
+        for piece in chat_stream(model, messages, options=options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except (ValueError, OSError) as e:  # bad options, model folder, images, or a prompt too long
+        print(f"mm ask: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,248 @@
+"""The stream of micro-batches one rank trains on, and its exact position for resuming.
+
+Two kinds of data:
+
+* **Shards** (the normal case): each :class:`~mm.recipe.DataSource` is a
+  :class:`~mm.datasets.ShardStream` split over ranks and DataLoader workers; sources are mixed by
+  weight with a seeded generator; samples are decoded and tokenised by the stage's
+  :class:`~mm.preprocessing.Preprocessor` inside the workers (a corrupt sample is skipped and counted
+  there; a too-long one is dropped and counted).
+* **In memory** (a list of conversations, for the Python API and tests): every rank walks the same
+  seeded permutation and takes its slice of each global batch, so ``N`` ranks see exactly the global
+  batches one rank would.
+
+:meth:`StageData.state_dict` records what was *consumed* (not what workers prefetched): per source
+the epoch and, per worker, one past the last sample position used; plus the mixing generator. A
+resumed run therefore continues with exactly the samples an uninterrupted one would have used.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mm.datasets.webdata import DataCounters, ShardStream
+from mm.preprocessing import EncodedSample, Preprocessor
+from mm.recipe import DataSource
+
+__all__ = ["StageData"]
+
+logger = logging.getLogger(__name__)
+
+
+def _resolve_media(sample: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Messages of a shard sample with media field names replaced by the members' bytes."""
+    media = sample["media"]
+    out = []
+    for message in sample["messages"]:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type")
+                if kind in ("image", "video", "audio") and isinstance(part.get(kind), str):
+                    part = {**part, kind: media[part[kind].lower()]}
+                parts.append(part)
+            message = {**message, "content": parts}
+        out.append(message)
+    return out
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+class _Decode:
+    """Picklable decode callable for DataLoader workers: shard sample -> (EncodedSample, worker, position)."""
+
+    def __init__(self, preprocessor: Preprocessor) -> None:
+        self.preprocessor = preprocessor
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[EncodedSample, int, int] | None:
+        encoded = self.preprocessor.encode_or_skip(_resolve_media(sample))
+        if encoded is None:
+            return None
+        return encoded, sample["__worker__"], sample["__position__"]
+
+
+class _ShardSource:
+    def __init__(
+        self,
+        source: DataSource,
+        preprocessor: Preprocessor,
+        *,
+        rank: int,
+        world: int,
+        seed: int,
+        num_workers: int,
+        state: Mapping[str, Any] | None,
+    ) -> None:
+        self.source, self.preprocessor = source, preprocessor
+        self.rank, self.world, self.seed, self.num_workers = rank, world, seed, num_workers
+        self.counters = DataCounters()
+        self.epoch = int(state["epoch"]) if state else 0
+        self.next_position = {int(k): int(v) for k, v in (state["next_position"] if state else {}).items()}
+        self._iter: Iterator | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "next_position": {str(k): v for k, v in self.next_position.items()}}
+
+    def _open(self) -> Iterator:
+        workers = max(1, self.num_workers)
+        stream = ShardStream(
+            self.source.shards,
+            rank=self.rank,
+            world_size=self.world,
+            seed=self.seed,
+            epoch=self.epoch,
+            shuffle_buffer=self.source.shuffle_buffer,
+            max_bad_fraction=self.source.max_bad_fraction,
+            decode=_Decode(self.preprocessor),
+            counters=self.counters,
+            start_sample=[self.next_position.get(w, 0) for w in range(workers)],
+        )
+        loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers, collate_fn=_identity
+        )
+        return iter(loader)
+
+    def next(self) -> EncodedSample:
+        for _ in range(2):
+            if self._iter is None:
+                self._iter = self._open()
+            try:
+                encoded, worker, position = next(self._iter)
+            except StopIteration:
+                # One pass over this rank's shards is done: the next epoch reshuffles.
+                self.epoch += 1
+                self.next_position = {}
+                self._iter = None
+                continue
+            self.next_position[worker] = position + 1
+            return encoded
+        raise RuntimeError(f"data source {self.source.shards!r} yielded no usable sample in a whole epoch")
+
+
+class _MemorySource:
+    def __init__(
+        self,
+        conversations: Sequence[Sequence[Mapping[str, Any]]],
+        preprocessor: Preprocessor,
+        *,
+        rank: int,
+        world: int,
+        seed: int,
+        batch_size: int,
+        state: Mapping[str, Any] | None,
+    ) -> None:
+        if not conversations:
+            raise ValueError("the in-memory dataset is empty")
+        self.items, self.preprocessor = conversations, preprocessor
+        self.rank, self.world, self.seed, self.batch_size = rank, world, seed, batch_size
+        self.cursor = int(state["cursor"]) if state else 0  # global sample index, same on every rank
+        self.counters = DataCounters()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": self.cursor}
+
+    def _item(self, index: int) -> Mapping:
+        epoch, offset = divmod(index, len(self.items))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+        return self.items[int(order[offset])]
+
+    def next_batch(self) -> list[EncodedSample]:
+        out = []
+        while len(out) < self.batch_size:
+            # Global batch = world * batch_size consecutive indices; this rank takes its slice.
+            start = self.cursor + self.rank * self.batch_size
+            for i in range(start, start + self.batch_size - len(out)):
+                self.counters.seen += 1
+                encoded = self.preprocessor.encode_or_skip(self._item(i))
+                if encoded is not None:
+                    out.append(encoded)
+            self.cursor += self.world * self.batch_size
+        return out
+
+
+class StageData:
+    """Micro-batches (collated tensors) for one rank.
+
+    Args:
+        data: the stage's data sources, or an in-memory list of conversations.
+        preprocessor: the stage's preprocessor (tokenizer, resolution, length limit).
+        batch_size: samples per micro-batch on this rank.
+        rank, world_size: data-parallel position.
+        seed: the stage's seed.
+        num_workers: DataLoader workers per shard source.
+        state: a :meth:`state_dict` to resume from.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[DataSource] | Sequence[Sequence[Mapping[str, Any]]],
+        preprocessor: Preprocessor,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        state: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.preprocessor = preprocessor
+        self.batch_size = batch_size
+        state = state or {}
+        self.memory: _MemorySource | None = None
+        self.shards: list[_ShardSource] = []
+        if data and isinstance(data[0], DataSource):
+            for i, src in enumerate(data):
+                self.shards.append(
+                    _ShardSource(
+                        src,
+                        preprocessor,
+                        rank=rank,
+                        world=world_size,
+                        seed=seed + 1000 * i,
+                        num_workers=num_workers,
+                        state=(state.get("sources") or {}).get(str(i)),
+                    )
+                )
+            weights = np.array([s.weight for s in data], dtype=float)
+            self.weights = weights / weights.sum()
+            self.mix = np.random.default_rng([seed, rank, 7])
+            if "mix" in state:
+                self.mix.bit_generator.state = state["mix"]
+        else:
+            self.memory = _MemorySource(
+                data,
+                preprocessor,
+                rank=rank,
+                world=world_size,
+                seed=seed,
+                batch_size=batch_size,
+                state=state.get("memory"),
+            )
+
+    @property
+    def counters(self) -> list[DataCounters]:
+        return [self.memory.counters] if self.memory is not None else [s.counters for s in self.shards]
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.memory is not None:
+            return {"memory": self.memory.state_dict()}
+        return {
+            "sources": {str(i): s.state_dict() for i, s in enumerate(self.shards)},
+            "mix": self.mix.bit_generator.state,
+        }
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.memory is not None:
+            samples = self.memory.next_batch()
+        else:
+            picks = self.mix.choice(len(self.shards), size=self.batch_size, p=self.weights)
+            samples = [self.shards[int(k)].next() for k in picks]
+        return self.preprocessor.collate(samples)
