@@ -41,6 +41,7 @@ __all__ = [
     "Delta",
     "GenerationOptions",
     "add_ask_parser",
+    "ask_messages",
     "chat",
     "chat_batch",
     "chat_stream",

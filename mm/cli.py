@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from mm.chat import add_ask_parser
+    from mm.demo import add_demo_parser
+    from mm.server import add_serve_parser
+
+    add_demo_parser(sub)
+    add_ask_parser(sub)
+    add_serve_parser(sub)
+
     p = sub.add_parser("info", help="components of a preset with parameter counts and memory")
     p.add_argument("--preset", required=True, help="e.g. llama3.1-8b, llama3.2-11b-vision, llama3-405b, tiny")
     p.add_argument("--json", action="store_true", help="print one JSON object")

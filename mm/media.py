@@ -22,6 +22,8 @@ several ways, and this module normalises all of them, applying one :class:`Media
 
 Images are decoded here with :func:`mm.datasets.images.load_image` (pixel limit checked from the
 header before decoding), so a bad image fails its own request with a message naming the part.
+Bytes from a request (data URIs, downloads) must be one of :data:`REQUEST_IMAGE_FORMATS`, so PIL
+never hands them to a plugin that runs an external program (EPS and Ghostscript).
 
 Other media plug in through :data:`PART_TYPES`: a handler per part type (video and audio parts
 join it with their issues), each returning parts in mm's form.
@@ -32,11 +34,13 @@ from __future__ import annotations
 import base64
 import binascii
 import http.client
+import io
 import ipaddress
 import re
 import socket
 import ssl
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +52,7 @@ from mm.datasets.images import ImageError, load_image
 
 __all__ = [
     "PART_TYPES",
+    "REQUEST_IMAGE_FORMATS",
     "MediaError",
     "MediaPolicy",
     "blocked_address_reason",
@@ -59,6 +64,9 @@ __all__ = [
 
 DEFAULT_MAX_MEDIA_BYTES = 10 * 1024 * 1024
 """Largest encoded media file (a download, or a data URI's decoded bytes): 10 MiB."""
+
+REQUEST_IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+"""Image formats accepted from data URIs and URLs (PIL format names)."""
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 3
@@ -379,6 +387,26 @@ def _decode_image(source: Any, policy: MediaPolicy, where: str) -> Image.Image:
         raise MediaError(f"{where}: {e}", param=where, code="invalid_part") from None
 
 
+def _check_format(data: bytes, where: str) -> None:
+    """Refuse bytes from a request that are not one of :data:`REQUEST_IMAGE_FORMATS` (header only).
+
+    PIL would otherwise try every plugin it has, including ones that hand data to external
+    programs (EPS to Ghostscript); other failures are left to ``load_image`` to describe.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.open(io.BytesIO(data), formats=REQUEST_IMAGE_FORMATS).close()
+    except Image.UnidentifiedImageError:
+        raise MediaError(
+            f"{where}: not an image, or not in an accepted format ({', '.join(REQUEST_IMAGE_FORMATS)})",
+            param=where,
+            code="invalid_image",
+        ) from None
+    except Exception:
+        pass
+
+
 def _image_part(part: Part, policy: MediaPolicy, where: str) -> dict[str, Any]:
     source = part.get("image")
     if source is None:
@@ -392,7 +420,8 @@ def _image_part(part: Part, policy: MediaPolicy, where: str) -> dict[str, Any]:
                 code="invalid_part",
             )
         if isinstance(source, str) and source.startswith(("data:", "http:", "https:", "file:")):
-            return {"type": "image", "image": _decode_image(_url_bytes(source, policy, where), policy, where)}
+            source = _url_bytes(source, policy, where)
+            _check_format(source, where)
     return {"type": "image", "image": _decode_image(source, policy, where)}
 
 
@@ -414,7 +443,9 @@ def _image_url_part(part: Part, policy: MediaPolicy, where: str) -> dict[str, An
             param=where,
             code="invalid_part",
         )
-    return {"type": "image", "image": _decode_image(_url_bytes(url.strip(), policy, where), policy, where)}
+    data = _url_bytes(url.strip(), policy, where)
+    _check_format(data, where)
+    return {"type": "image", "image": _decode_image(data, policy, where)}
 
 
 PART_TYPES: dict[str, PartHandler] = {

@@ -426,6 +426,24 @@ class MultimodalModel(nn.Module):
                 pad_token_id=self.config.text.pad_token_id or 0,
             )
 
+    def chat(self, messages, **options) -> str:
+        """The answer to a chat conversation; see :func:`mm.chat.chat`."""
+        from mm.chat import chat
+
+        return chat(self, messages, **options)
+
+    def chat_stream(self, messages, **options) -> Iterator[str]:
+        """Yield the answer's text as it is decoded; see :func:`mm.chat.chat_stream`."""
+        from mm.chat import chat_stream
+
+        return chat_stream(self, messages, **options)
+
+    def chat_batch(self, conversations, **options) -> list[str]:
+        """Answers to several conversations decoded together; see :func:`mm.chat.chat_batch`."""
+        from mm.chat import chat_batch
+
+        return chat_batch(self, conversations, **options)
+
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """New token ids ``[b, n]`` with ``n <= max_new_tokens``; arguments as :meth:`stream`.
 

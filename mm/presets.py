@@ -7,7 +7,8 @@
 * The Llama 3 paper's compositional models (sections 7-8): ``llama3-8b``, ``llama3-70b``,
   ``llama3-405b`` — the text model plus the image encoder (ViT-H/14 with 8 gated global layers,
   about 850M) and image cross-attention blocks before every 4th layer (about 100B at 405B).
-* ``tiny``: a few hundred thousand parameters over the byte-level tokenizer.
+* ``tiny`` (tests) and ``tiny-demo`` (``mm demo``): about a million parameters over the byte-level
+  tokenizer.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mm.encoders.image_encoder import ImageEncoderConfig
 from mm.text_backbone.config import TextConfig
 from mm.text_backbone.presets import TEXT_PRESETS
 
-__all__ = ["MODEL_PRESETS", "TINY_IMAGE_ENCODER"]
+__all__ = ["DEMO_IMAGE_ENCODER", "DEMO_TEXT", "MODEL_PRESETS", "TINY_IMAGE_ENCODER"]
 
 #: A Llama 3 image encoder small enough for tests: 28 px tiles of 2x2 patches.
 TINY_IMAGE_ENCODER = ImageEncoderConfig(
@@ -33,6 +34,24 @@ TINY_IMAGE_ENCODER = ImageEncoderConfig(
     max_num_tiles=4,
     intermediate_layers=(1, 2),
 )
+
+
+#: The demo's image encoder: one 56 px tile of 7x7 patches of 8 px.
+DEMO_IMAGE_ENCODER = ImageEncoderConfig(
+    image_size=56,
+    patch_size=8,
+    width=64,
+    num_layers=4,
+    num_global_layers=2,
+    num_heads=4,
+    mlp_dim=128,
+    max_num_tiles=1,
+    supported_aspect_ratios=((1, 1),),
+    intermediate_layers=(1, 2),
+)
+
+#: The demo's text backbone: 8 layers over the byte-level tokenizer (image blocks before 3 and 7).
+DEMO_TEXT = TEXT_PRESETS["tiny"].replace(num_layers=8)
 
 
 def _text_only(name: str) -> Callable[[], ModelConfig]:
@@ -57,4 +76,5 @@ MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "llama3-70b": _with_vision("llama3.1-70b"),
     "llama3-405b": _with_vision("llama3.1-405b"),
     "tiny": lambda: ModelConfig(text=TEXT_PRESETS["tiny"], image_encoder=TINY_IMAGE_ENCODER),
+    "tiny-demo": lambda: ModelConfig(text=DEMO_TEXT, image_encoder=DEMO_IMAGE_ENCODER),
 }

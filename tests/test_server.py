@@ -319,11 +319,17 @@ BIG = png(picture(9, (200, 150)))  # 30000 pixels > max_image_pixels 20000
 BAD = [
     (b'{"model": "tiny-test", "messages": [', 400, "not valid JSON"),
     (b"[1, 2]", 400, "must be a JSON object"),
+    (b"[" * 100_000, 400, "nested too deeply"),
     ({"model": MODEL_ID, "messages": "hi"}, 400, "'messages' must be a non-empty list"),
     ({"model": MODEL_ID, "messages": [{"role": "robot", "content": "x"}]}, 400, "unknown role"),
     (user_parts({"type": "input_audio", "input_audio": {}}), 400, "unknown part type 'input_audio'"),
     (user_parts({"type": "image", "image": "/etc/passwd"}), 400, "name files are not accepted"),
     (user_parts(image_url(data_uri(b"not an image at all"))), 400, "not an image"),
+    (
+        user_parts(image_url(data_uri(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"))),
+        400,
+        "accepted format",
+    ),
     (user_parts(image_url(data_uri(png(picture(1))[:60]))), 400, "truncated"),
     (user_parts(image_url("https://example.com/cat.png")), 400, "--allow-media-domain"),
     (user_parts(image_url("file:///etc/passwd")), 400, "scheme file: is not allowed"),

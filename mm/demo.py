@@ -1,0 +1,407 @@
+"""``mm demo``: the whole compositional recipe in miniature, offline, on a CPU.
+
+1. Natively train a tiny Llama-3-architecture text backbone on a generated corpus (byte-level
+   tokenizer) and save it like any text checkpoint.
+2. Freeze it; record its digest and its perplexity on held-out text.
+3. Run the image stages of the ``tiny-demo`` recipe on generated pictures of shapes (captions, then
+   questions about colour, shape, count and position), through the real data path: PNG files ->
+   ``mm data pack`` shards -> streaming -> the staged trainer.
+4. Evaluate on held-out combinations (a red triangle never seen in training, ...), check that the
+   text model is untouched (same digest, same perplexity), and write ``OUT/report.json``,
+   ``OUT/report.md``, the loss plots, and the trained model in ``OUT/model`` for ``mm ask`` /
+   ``mm serve``.
+
+``--quick`` is the same job with fewer steps and samples (CI runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["DemoSettings", "add_demo_parser", "run_demo"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoSettings:
+    """How much work each phase does (``full`` and ``quick``)."""
+
+    text_docs: int
+    text_steps: int
+    text_batch: int
+    text_seq_len: int
+    caption_samples: int
+    qa_samples: int
+    eval_samples: int
+    pretrain_steps: int
+    sft_steps: int
+
+
+FULL = DemoSettings(
+    text_docs=4000,
+    text_steps=600,
+    text_batch=16,
+    text_seq_len=192,
+    caption_samples=3000,
+    qa_samples=6000,
+    eval_samples=400,
+    pretrain_steps=300,
+    sft_steps=500,
+)
+QUICK = DemoSettings(
+    text_docs=1500,
+    text_steps=200,
+    text_batch=16,
+    text_seq_len=160,
+    caption_samples=1200,
+    qa_samples=2400,
+    eval_samples=200,
+    pretrain_steps=100,
+    sft_steps=220,
+)
+
+
+# ---------------------------------------------------------------------- 1. the text backbone
+def _token_stream(docs: list[str], tokenizer) -> torch.Tensor:
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer.encode(doc, bos=True, eos=True))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def train_text_backbone(
+    config, docs: list[str], *, steps: int, batch: int, seq_len: int, seed: int, progress: bool
+):
+    """Natively pre-train a :class:`~mm.text_backbone.TextBackbone` on ``docs`` (next-token LM)."""
+    from mm.text_backbone import ByteTokenizer, TextBackbone
+
+    torch.manual_seed(seed)
+    tokenizer = ByteTokenizer()
+    stream = _token_stream(docs, tokenizer)
+    model = TextBackbone(config)
+    for name, p in model.named_parameters():  # small init: a stable start for a tiny model
+        if p.ndim >= 2:
+            torch.nn.init.normal_(
+                p,
+                std=0.02
+                if "o_proj" not in name and "down_proj" not in name
+                else 0.02 / math.sqrt(2 * config.num_layers),
+            )
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+        ),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in tqdm(range(steps), desc="text backbone", disable=not progress, unit="step"):
+        starts = torch.randint(0, len(stream) - seq_len - 1, (batch,), generator=gen)
+        chunk = torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()])
+        logits = model(chunk[:, :-1])
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1)
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    model.eval()
+    return model.freeze(), tokenizer, losses
+
+
+@torch.no_grad()
+def perplexity(forward, docs: list[str], tokenizer, seq_len: int = 256) -> float:
+    """Token-level perplexity of ``docs`` under ``forward(ids) -> logits`` (documents cut at ``seq_len``)."""
+    total, count = 0.0, 0
+    for doc in docs:
+        ids = torch.tensor([tokenizer.encode(doc, bos=True, eos=True)[: seq_len + 1]])
+        logits = forward(ids[:, :-1]).float()
+        total += float(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    return math.exp(total / count)
+
+
+# ---------------------------------------------------------------------- 3. data
+def caption(scene) -> str:
+    """A plain-English description of a generated scene."""
+    from mm.datasets.synthetic import quadrant
+
+    shapes = scene.shapes
+    if len(shapes) == 1:
+        s = shapes[0]
+        return f"A {s.colour} {s.shape} in the {quadrant(s.x, s.y)}."
+    words = {1: "One", 2: "Two", 3: "Three", 4: "Four"}
+    parts = ", ".join(f"a {s.colour} {s.shape} in the {quadrant(s.x, s.y)}" for s in shapes)
+    return f"{words[len(shapes)]} shapes: {parts}."
+
+
+def write_data(out: Path, settings: DemoSettings, seed: int) -> dict[str, Any]:
+    """Generate training images, write them as files and pack them into shards."""
+    from mm.datasets.shards import pack
+    from mm.datasets.synthetic import make_image_qa, write_image_qa_folder
+
+    raw, shards = out / "raw", out / "data"
+    for folder in (raw, shards):
+        shutil.rmtree(folder, ignore_errors=True)
+    caps = make_image_qa(settings.caption_samples, split="train", seed=seed + 1)
+    (raw / "captions").mkdir(parents=True)
+    for i, sample in enumerate(caps):
+        key = f"{i:06d}"
+        sample.image.save(raw / "captions" / f"{key}.png")
+        (raw / "captions" / f"{key}.txt").write_text(caption(sample.scene))
+    qa = make_image_qa(settings.qa_samples, split="train", seed=seed + 2)
+    write_image_qa_folder(qa, raw / "qa")
+    info = {}
+    for name in ("captions", "qa"):
+        result = pack(raw / name, shards / name, shard_bytes="4MB")
+        info[name] = {"samples": result.samples, "shards": len(result.shards)}
+    return info
+
+
+# ---------------------------------------------------------------------- 4. evaluation
+@torch.no_grad()
+def image_qa_accuracy(model, samples, *, batch: int = 32) -> dict[str, Any]:
+    """Exact-match accuracy of greedy answers, overall and per question kind."""
+    from mm.datasets.synthetic import qa_messages
+
+    pre = model.preprocessor
+    right: Counter[str] = Counter()
+    seen: Counter[str] = Counter()
+    examples = []
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        convs = [qa_messages(s)[:1] for s in chunk]
+        inputs = pre.prompts(convs)
+        new = model.generate(**inputs, max_new_tokens=12)
+        for s, ids in zip(chunk, new.tolist()):
+            stop = [k for k, t in enumerate(ids) if t in pre.tokenizer.stop_ids]
+            answer = pre.tokenizer.decode(ids[: stop[0]] if stop else ids, skip_special=True).strip()
+            seen[s.kind] += 1
+            right[s.kind] += answer == s.answer
+            if len(examples) < 8:
+                examples.append({"question": s.question, "answer": s.answer, "model": answer})
+    per_kind = {k: right[k] / seen[k] for k in sorted(seen)}
+    return {
+        "accuracy": sum(right.values()) / max(1, sum(seen.values())),
+        "per_kind": per_kind,
+        "examples": examples,
+    }
+
+
+# ---------------------------------------------------------------------- the job
+def run_demo(
+    out: str | Path = "mm-demo", *, quick: bool = False, seed: int = 0, progress: bool = True
+) -> dict[str, Any]:
+    """Run the demo into ``out`` and return the report (also written to ``out/report.json``)."""
+    from mm.datasets.synthetic import heldout_text, make_image_qa, make_text_corpus
+    from mm.metrics import plot_loss_curves, read_metrics
+    from mm.model import MultimodalModel
+    from mm.presets import MODEL_PRESETS
+    from mm.recipe import load_recipe
+    from mm.text_backbone import TextBackbone
+    from mm.trainer import Trainer, summary_table
+
+    settings = QUICK if quick else FULL
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    say = print if progress else (lambda *a, **k: None)
+
+    # 1. natively train the text backbone, save it like any text checkpoint
+    t0 = time.perf_counter()
+    text_config = MODEL_PRESETS["tiny-demo"]().text
+    docs = make_text_corpus(settings.text_docs, seed=seed)
+    backbone, tokenizer, text_losses = train_text_backbone(
+        text_config,
+        docs,
+        steps=settings.text_steps,
+        batch=settings.text_batch,
+        seq_len=settings.text_seq_len,
+        seed=seed,
+        progress=progress,
+    )
+    backbone_dir = out / "backbone"
+    shutil.rmtree(backbone_dir, ignore_errors=True)
+    backbone.save_pretrained(backbone_dir)
+    tokenizer.save(backbone_dir)
+    text_seconds = time.perf_counter() - t0
+    plot_loss_curves(
+        {"text backbone": [{"step": i + 1, "loss": v} for i, v in enumerate(text_losses)]},
+        out / "plots" / "text-backbone.png",
+    )
+
+    # 2. freeze: digest and held-out perplexity of the saved backbone
+    backbone = TextBackbone.from_pretrained(backbone_dir).freeze()
+    held = heldout_text(200 if quick else 400, seed=seed + 100)
+    digest_before = backbone.digest()
+    ppl_before = perplexity(backbone, held, tokenizer)
+    say(
+        f"text backbone: {sum(p.numel() for p in backbone.parameters()):,} parameters, "
+        f"held-out perplexity {ppl_before:.3f}, digest {digest_before[:16]}…"
+    )
+
+    # 3. image stages on generated shapes
+    data_info = write_data(out, settings, seed)
+    recipe = load_recipe("tiny-demo").with_paths(
+        BACKBONE=str(backbone_dir.resolve()), DATA=str((out / "data").resolve())
+    )
+    steps = {"image-pretrain": settings.pretrain_steps, "image-sft": settings.sft_steps}
+    recipe = recipe.__class__(
+        **{
+            **recipe.__dict__,
+            "stages": tuple(
+                s.__class__(**{**s.__dict__, "steps": steps.get(s.name, s.steps)}) for s in recipe.stages
+            ),
+        }
+    )
+    trainer = Trainer(recipe, output_dir=out / "runs", progress=progress)
+    results = trainer.run()
+    final_dir = Path(results[-1].model_dir)
+
+    # 4. evaluate and report
+    model = MultimodalModel.from_pretrained(final_dir).eval()
+    model_dir = out / "model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    model.save_pretrained(model_dir, copy_backbone=True)
+    model = MultimodalModel.from_pretrained(model_dir).eval()
+    eval_samples = make_image_qa(settings.eval_samples, split="eval", seed=seed + 3)
+    qa = image_qa_accuracy(model, eval_samples)
+    digest_after = model.backbone.digest()
+    ppl_after = perplexity(lambda ids: model(ids).logits, held, tokenizer)
+    curves = {r.name: read_metrics(out / "runs" / r.name / "metrics.jsonl") for r in results}
+    plot_loss_curves(curves, out / "plots" / "image-stages.png")
+    report = {
+        "mode": "quick" if quick else "full",
+        "seed": seed,
+        "text_ppl_before": ppl_before,
+        "text_ppl_after": ppl_after,
+        "backbone_digest_before": digest_before,
+        "backbone_digest_after": digest_after,
+        "backbone_unchanged": digest_before == digest_after,
+        "image_qa_accuracy": qa["accuracy"],
+        "image_qa_chance": 0.25,
+        "image_qa_per_kind": qa["per_kind"],
+        "image_qa_eval_samples": len(eval_samples),
+        "image_qa_examples": qa["examples"],
+        "stages": [
+            {
+                "name": "text-backbone",
+                "steps": settings.text_steps,
+                "seconds": round(text_seconds, 2),
+                "final_loss": text_losses[-1],
+            },
+            *[
+                {"name": r.name, "steps": r.steps, "seconds": round(r.seconds, 2), "final_loss": r.final_loss}
+                for r in results
+            ],
+        ],
+        "data": data_info,
+        "parameters": model.component_parameters(),
+        "model_dir": str(model_dir),
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(_markdown(report))
+    say("")
+    say(summary_table(results))
+    say("")
+    say(_summary(report))
+    return report
+
+
+def _summary(r: dict[str, Any]) -> str:
+    rows = [
+        (
+            "image QA accuracy (held-out combinations)",
+            f"{r['image_qa_accuracy']:.3f}  (chance {r['image_qa_chance']:.2f})",
+        ),
+        *[(f"  {k}", f"{v:.3f}") for k, v in r["image_qa_per_kind"].items()],
+        ("text perplexity before / after", f"{r['text_ppl_before']:.4f} / {r['text_ppl_after']:.4f}"),
+        ("backbone digest unchanged", "yes" if r["backbone_unchanged"] else "NO"),
+        ("total time", f"{r['seconds']:.0f} s"),
+        ("model", r["model_dir"]),
+    ]
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a.ljust(width)}  {b}" for a, b in rows)
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    stages = "\n".join(
+        f"| {s['name']} | {s['steps']} | {s['seconds']:.1f} | {s['final_loss']:.4f} |" for s in r["stages"]
+    )
+    kinds = "\n".join(f"| {k} | {v:.3f} |" for k, v in r["image_qa_per_kind"].items())
+    examples = "\n".join(
+        f"| {e['question']} | {e['answer']} | {e['model']} |" for e in r["image_qa_examples"]
+    )
+    return f"""# mm demo report ({r["mode"]})
+
+A tiny Llama-3-architecture text model was trained natively, frozen, and taught to see generated
+shapes through gated cross-attention adapters. Evaluation uses colour/shape and shape/position
+combinations never seen in training.
+
+| | |
+| --- | --- |
+| image QA accuracy | **{r["image_qa_accuracy"]:.3f}** (chance {r["image_qa_chance"]:.2f}) |
+| text perplexity before / after | {r["text_ppl_before"]:.4f} / {r["text_ppl_after"]:.4f} |
+| backbone digest before | `{r["backbone_digest_before"]}` |
+| backbone digest after | `{r["backbone_digest_after"]}` |
+| total time | {r["seconds"]:.0f} s |
+
+## Accuracy per question kind
+
+| kind | accuracy |
+| --- | --- |
+{kinds}
+
+## Stages
+
+| stage | steps | seconds | final loss |
+| --- | --- | --- | --- |
+{stages}
+
+![text backbone](plots/text-backbone.png)
+![image stages](plots/image-stages.png)
+
+## Examples
+
+| question | answer | model |
+| --- | --- | --- |
+{examples}
+"""
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the whole recipe in miniature: train a text model, then teach it to see")
+    p.add_argument("--out", default="mm-demo", help="output folder (default: mm-demo)")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer steps and samples (about 3 minutes on 2 cores)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    report = run_demo(args.out, quick=args.quick, seed=args.seed)
+    ok = report["backbone_unchanged"] and report["text_ppl_before"] == report["text_ppl_after"]
+    if not ok:
+        print("mm demo: the backbone changed — this is a bug in mm", file=sys.stderr)
+        return 1
+    return 0
