@@ -24,13 +24,14 @@ one shape moves: left / right / up / down), ``first`` (which of 2-4 differently 
 appeared first: one of the four colours) and ``crossing`` (how many of three shapes, each moving
 sideways in its own horizontal lane, cross the vertical middle line: 0-3).
 
-**Train / eval split with held-out combinations.** Training scenes never contain a colour-shape
-pair of :data:`HELDOUT_COLOUR_SHAPE` (e.g. a red triangle) nor, in images, a shape-quadrant pair
-of :data:`HELDOUT_SHAPE_POSITION` (e.g. a circle in the top right); every evaluation scene
-contains at least one such pair, so evaluation measures generalisation, not memorisation. Each
-colour, shape and position still appears in training, with the other three partners. Training
-questions use the ``train`` phrasings of :data:`QUESTIONS`; evaluation also uses the ``heldout``
-ones. The split name is mixed into the seed, so train and eval never share a random stream.
+**Train / eval split with held-out combinations.** Training images never contain a colour-shape-
+quadrant triple of :data:`HELDOUT_TRIPLES` (e.g. a red circle in the top left, although red circles,
+red shapes in the top left and circles in the top left all appear); training videos never a
+colour-shape pair of :data:`HELDOUT_COLOUR_SHAPE` (e.g. a red triangle). Every evaluation scene
+contains at least one held-out combination, so evaluation measures generalisation, not
+memorisation. Questions use the ``train`` phrasings of :data:`QUESTIONS`; evaluation can also use
+the ``heldout`` ones (``heldout_phrasings=True``). The split name is mixed into the seed, so train
+and eval never share a random stream.
 
 **Balance.** Answers are drawn in shuffled blocks holding every (kind, answer) once, so any run of
 samples is balanced over kinds and answers up to one unfinished block.
@@ -64,10 +65,11 @@ __all__ = [
     "COLOURS",
     "COLOUR_RGB",
     "COUNTS",
+    "OUTLINE",
     "CROSSINGS",
     "DIRECTIONS",
     "HELDOUT_COLOUR_SHAPE",
-    "HELDOUT_SHAPE_POSITION",
+    "HELDOUT_TRIPLES",
     "IMAGE_KINDS",
     "POSITIONS",
     "QUESTIONS",
@@ -107,6 +109,8 @@ COLOUR_RGB: dict[str, tuple[int, int, int]] = {
 }
 """Saturated, far-apart colours: every pair differs by at least 150 in some channel."""
 BACKGROUND: tuple[int, int, int] = (20, 20, 20)
+OUTLINE: tuple[int, int, int] = (255, 255, 255)
+"""Every shape's outline colour (see :func:`draw_scene`)."""
 
 IMAGE_KINDS: tuple[str, ...] = ("colour", "shape", "count", "position")
 VIDEO_KINDS: tuple[str, ...] = ("direction", "first", "crossing")
@@ -121,12 +125,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 """The four possible answers of each question kind."""
 
-# Each colour, shape and position is held out exactly once, so each still has three training partners.
+# Images hold out whole (colour, shape, quadrant) triples: 8 of the 64, each colour, shape and
+# quadrant in exactly two of them, so every *pair* of attributes still appears in training and no
+# attribute predicts another (holding out pairs would: a model then answers "where" from "what" and
+# fails exactly on the held-out pairs). Videos, whose shapes move across quadrants, hold out
+# colour-shape pairs.
+HELDOUT_TRIPLES: frozenset[tuple[str, str, str]] = frozenset(
+    (COLOURS[i], SHAPES[(i + j) % 4], POSITIONS[(i + 2 * j) % 4]) for i in range(4) for j in range(2)
+)
 HELDOUT_COLOUR_SHAPE: frozenset[tuple[str, str]] = frozenset(
     {("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square")}
-)
-HELDOUT_SHAPE_POSITION: frozenset[tuple[str, str]] = frozenset(
-    {("circle", "top right"), ("square", "bottom left"), ("triangle", "bottom right"), ("cross", "top left")}
 )
 
 
@@ -244,13 +252,16 @@ def is_novel(scene: ShapeScene, *, positions: bool = True) -> bool:
 
     Args:
         scene: the scene to check.
-        positions: also count held-out shape-quadrant pairs (images); off for video frames, whose
-            shapes move between quadrants and where only colour-shape pairs are held out.
+        positions: images (True) hold out colour-shape-quadrant triples (:data:`HELDOUT_TRIPLES`);
+            video frames (False),
+            whose shapes move between quadrants, hold out colour-shape pairs
+            (:data:`HELDOUT_COLOUR_SHAPE`).
     """
     for item in scene.shapes:
-        if (item.colour, item.shape) in HELDOUT_COLOUR_SHAPE:
-            return True
-        if positions and (item.shape, quadrant(item.x, item.y)) in HELDOUT_SHAPE_POSITION:
+        if positions:
+            if (item.colour, item.shape, quadrant(item.x, item.y)) in HELDOUT_TRIPLES:
+                return True
+        elif (item.colour, item.shape) in HELDOUT_COLOUR_SHAPE:
             return True
     return False
 
@@ -268,7 +279,10 @@ def draw_scene(scene: ShapeScene, size: int = 56) -> Image.Image:
 
     A circle fills its square box, a square is the box, a triangle points up with its base on the
     bottom of the box, and a cross is a plus sign whose arms are a third of the box thick: four
-    silhouettes that stay distinct down to about 7 px.
+    silhouettes that stay distinct down to about 7 px. Every shape is filled with its colour and
+    outlined in white (:data:`OUTLINE`, from 12 px shapes up): the outline carries the silhouette in
+    the same pixels whatever the fill, which lets a small encoder tell shapes apart independently of
+    colour.
     """
     if not isinstance(size, int) or size < 8:
         raise ValueError(f"image size must be an int >= 8, got {size!r}")
@@ -278,17 +292,34 @@ def draw_scene(scene: ShapeScene, size: int = 56) -> Image.Image:
         fill = COLOUR_RGB[item.colour]
         left, top, side = _pixel_box(item, size)
         right, bottom = left + side - 1, top + side - 1
+        width = round(side / 9) if side >= 12 else 0  # below 12 px an outline would hide the fill
+
         if item.shape == "circle":
-            draw.ellipse((left, top, right, bottom), fill=fill)
+            draw.ellipse((left, top, right, bottom), fill=fill, outline=OUTLINE, width=width)
         elif item.shape == "square":
-            draw.rectangle((left, top, right, bottom), fill=fill)
+            draw.rectangle((left, top, right, bottom), fill=fill, outline=OUTLINE, width=width)
         elif item.shape == "triangle":
-            draw.polygon([(left + (side - 1) / 2, top), (left, bottom), (right, bottom)], fill=fill)
-        else:  # cross
+            points = [(left + (side - 1) / 2, top), (left, bottom), (right, bottom)]
+            draw.polygon(points, fill=fill, outline=OUTLINE, width=width)
+        else:  # cross: one twelve-sided polygon, so the outline runs round the plus sign only
             arm = max(1, round(side / 3))
-            offset = (side - arm) // 2
-            draw.rectangle((left, top + offset, right, top + offset + arm - 1), fill=fill)
-            draw.rectangle((left + offset, top, left + offset + arm - 1, bottom), fill=fill)
+            a, b = left + (side - arm) // 2, top + (side - arm) // 2
+            c, d = a + arm - 1, b + arm - 1
+            points = [
+                (a, top),
+                (c, top),
+                (c, b),
+                (right, b),
+                (right, d),
+                (c, d),
+                (c, bottom),
+                (a, bottom),
+                (a, d),
+                (left, d),
+                (left, b),
+                (a, b),
+            ]
+            draw.polygon(points, fill=fill, outline=OUTLINE, width=width)
     if scene.noise:
         rng = np.random.default_rng(scene.noise_seed)
         noise = rng.integers(-scene.noise, scene.noise + 1, (size, size, 3), dtype=np.int16)
@@ -352,9 +383,9 @@ def _plan(rng: random.Random, num_samples: int, kinds: tuple[str, ...]) -> list[
     return plan[:num_samples]
 
 
-def _question(rng: random.Random, kind: str, split: str) -> str:
+def _question(rng: random.Random, kind: str, heldout_phrasings: bool) -> str:
     phrasings = QUESTIONS[kind]
-    return rng.choice(phrasings.train if split == "train" else phrasings.train + phrasings.heldout)
+    return rng.choice(phrasings.train + phrasings.heldout if heldout_phrasings else phrasings.train)
 
 
 def _in_quadrant(rng: random.Random, shape: str, colour: str, position: str) -> PlacedShape:
@@ -396,17 +427,21 @@ def make_image_qa(
     image_size: int = 56,
     kinds: Sequence[str] = IMAGE_KINDS,
     noise: int = IMAGE_NOISE,
+    heldout_phrasings: bool = False,
 ) -> list[QASample]:
     """Questions about generated shapes images, with held-out combinations in ``"eval"``.
 
     Args:
         num_samples: how many samples.
-        split: ``"train"`` (no held-out combination, train phrasings) or ``"eval"`` (every scene
-            holds a held-out combination; all phrasings).
+        split: ``"train"`` (no held-out combination) or ``"eval"`` (every scene holds a held-out
+            combination).
         seed: the seed; the same arguments give the same samples.
         image_size: side of the square images in pixels (the demo uses 28 or 56).
         kinds: the question kinds to draw from (:data:`IMAGE_KINDS`), balanced.
         noise: background noise amplitude (0: plain images).
+        heldout_phrasings: also ask with the wordings never used in training (``eval`` only; a
+            tiny frozen language model does not generalise to new wordings, so the demo leaves
+            them out and measures visual generalisation alone).
 
     Returns:
         ``num_samples`` :class:`QASample` s, balanced over kinds and answers.
@@ -420,7 +455,7 @@ def make_image_qa(
         samples.append(
             QASample(
                 image=draw_scene(scene, image_size),
-                question=_question(rng, kind, split),
+                question=_question(rng, kind, heldout_phrasings and split == "eval"),
                 answer=answer,
                 kind=kind,
                 choices=CHOICES[kind],
@@ -599,11 +634,12 @@ def make_video_qa(
     num_frames: int = 16,
     size: int = 56,
     kinds: Sequence[str] = VIDEO_KINDS,
+    heldout_phrasings: bool = False,
 ) -> list[VideoQASample]:
     """Questions about generated moving-shapes clips, which no single frame answers.
 
     Held-out colour-shape pairs (:data:`HELDOUT_COLOUR_SHAPE`) never appear in ``"train"`` clips
-    and appear in every ``"eval"`` clip; eval also uses the held-out phrasings. In ``first``
+    and appear in every ``"eval"`` clip (held-out phrasings only with ``heldout_phrasings``). In ``first``
     clips, appearances are at least ``(num_frames - 2) // 4`` frames apart.
 
     Args:
@@ -613,6 +649,7 @@ def make_video_qa(
         num_frames: frames per clip, at least 8 (Llama 3 section 7.2 samples 16 in pre-training).
         size: frame side in pixels; even, as H.264 in yuv420p needs.
         kinds: the question kinds to draw from (:data:`VIDEO_KINDS`), balanced.
+        heldout_phrasings: also ask with the wordings never used in training (``eval`` only).
 
     Returns:
         ``num_samples`` :class:`VideoQASample` s, balanced over kinds and answers.
@@ -630,7 +667,7 @@ def make_video_qa(
         samples.append(
             VideoQASample(
                 frames=[draw_scene(scene, size) for scene in scenes],
-                question=_question(rng, kind, split),
+                question=_question(rng, kind, heldout_phrasings and split == "eval"),
                 answer=answer,
                 kind=kind,
                 choices=CHOICES[kind],

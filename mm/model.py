@@ -145,7 +145,20 @@ class MultimodalModel(nn.Module):
             )
         model = cls(config, backbone=backbone)
         model.to(backbone.dtype)
+        model.init_placeholder_embeddings()
         return model
+
+    @torch.no_grad()
+    def init_placeholder_embeddings(self) -> None:
+        """Start every placeholder row (``<|image|>`` …) at the mean of the text embeddings.
+
+        A fresh row drawn at unit scale would be an outlier among the backbone's token embeddings,
+        and every later token would read it through the frozen self-attention; the mean keeps the
+        placeholder in the backbone's own distribution until the adapters learn a better one.
+        """
+        if self.extra_embeddings is not None:
+            mean = self.backbone.embed_tokens.weight.float().mean(dim=0)
+            self.extra_embeddings.weight.copy_(mean.expand_as(self.extra_embeddings.weight))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> MultimodalModel:

@@ -50,8 +50,8 @@ DEMO_IMAGE_ENCODER = ImageEncoderConfig(
     intermediate_layers=(1, 2),
 )
 
-#: The demo's text backbone: 8 layers over the byte-level tokenizer (image blocks before 3 and 7).
-DEMO_TEXT = TEXT_PRESETS["tiny"].replace(num_layers=8)
+#: The demo's text backbone: 4 layers over the byte-level tokenizer, image blocks before layers 1 and 3.
+DEMO_TEXT = TEXT_PRESETS["tiny"]
 
 
 def _text_only(name: str) -> Callable[[], ModelConfig]:
@@ -76,5 +76,7 @@ MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "llama3-70b": _with_vision("llama3.1-70b"),
     "llama3-405b": _with_vision("llama3.1-405b"),
     "tiny": lambda: ModelConfig(text=TEXT_PRESETS["tiny"], image_encoder=TINY_IMAGE_ENCODER),
-    "tiny-demo": lambda: ModelConfig(text=DEMO_TEXT, image_encoder=DEMO_IMAGE_ENCODER),
+    "tiny-demo": lambda: ModelConfig(
+        text=DEMO_TEXT, image_encoder=DEMO_IMAGE_ENCODER, cross_attention_layers=(1, 3)
+    ),
 }

@@ -3,8 +3,8 @@
 Two kinds of data:
 
 * **Shards** (the normal case): each :class:`~mm.recipe.DataSource` is a
-  :class:`~mm.datasets.ShardStream` split over ranks and DataLoader workers; sources are mixed by
-  weight with a seeded generator; samples are decoded and tokenised by the stage's
+  :class:`~mm.datasets.ShardStream` split over ranks and DataLoader workers; each micro-batch comes
+  from one source, drawn by weight with a seeded generator (less padding than mixing within it); samples are decoded and tokenised by the stage's
   :class:`~mm.preprocessing.Preprocessor` inside the workers (a corrupt sample is skipped and counted
   there; a too-long one is dropped and counted).
 * **In memory** (a list of conversations, for the Python API and tests): every rank walks the same
@@ -243,6 +243,8 @@ class StageData:
         if self.memory is not None:
             samples = self.memory.next_batch()
         else:
-            picks = self.mix.choice(len(self.shards), size=self.batch_size, p=self.weights)
-            samples = [self.shards[int(k)].next() for k in picks]
+            # One source per micro-batch, drawn by weight: samples of a source have similar lengths,
+            # so batches carry little padding (mixing within a batch pads short samples to long ones).
+            source = self.shards[int(self.mix.choice(len(self.shards), p=self.weights))]
+            samples = [source.next() for _ in range(self.batch_size)]
         return self.preprocessor.collate(samples)

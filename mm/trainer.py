@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import logging
 import math
@@ -84,14 +85,16 @@ def lr_factor(step: int, *, steps: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+def _param_groups(model: torch.nn.Module, weight_decay: float, lr: float, lr_scale: Mapping[str, float]):
+    """AdamW groups: matrices decay, norms/biases/gates/embedding rows do not; ``lr_scale`` by glob."""
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # Matrices decay; norms, biases, gates and embedding rows do not.
-        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = weight_decay if p.ndim >= 2 and "embed" not in name else 0.0
+        scale = next((float(f) for pat, f in lr_scale.items() if fnmatch.fnmatch(name, pat)), 1.0)
+        groups.setdefault((decay, lr * scale), []).append(p)
+    return [{"params": ps, "weight_decay": d, "lr": g_lr} for (d, g_lr), ps in sorted(groups.items())]
 
 
 class Trainer:
@@ -155,6 +158,8 @@ class Trainer:
             model = MultimodalModel.from_backbone(spec.backbone, spec.preset)
         else:
             model = MultimodalModel(ModelConfig.preset(spec.preset))
+        if spec.image_encoder is not None:
+            self._load_image_encoder(model, Path(spec.image_encoder))
         tok = spec.tokenizer or spec.backbone
         if tok is None:
             raise RecipeError(
@@ -163,6 +168,16 @@ class Trainer:
         tokenizer = ByteTokenizer() if tok == "byte" else load_tokenizer(tok)
         model.preprocessor = Preprocessor(tokenizer)
         return model
+
+    @staticmethod
+    def _load_image_encoder(model: MultimodalModel, path: Path) -> None:
+        from mm.text_backbone.checkpoint import collect_strict, iter_safetensors
+
+        if model.image_encoder is None:
+            raise RecipeError("model.image_encoder weights were given, but the preset has no image encoder")
+        expected = model.image_encoder.state_dict()
+        weights = collect_strict(expected, iter_safetensors([path]), dtype=None, device="cpu", source=path)
+        model.image_encoder.load_state_dict(weights, strict=True)
 
     def _stage_dir(self, stage: Stage) -> Path:
         return self.output_dir / stage.name
@@ -273,7 +288,7 @@ class Trainer:
         wrapped = acc.prepare_model(model) if acc.num_processes > 1 or self.fsdp else model
         inner: MultimodalModel = acc.unwrap_model(wrapped)
         optimizer = torch.optim.AdamW(
-            _param_groups(inner, stage.optimizer.weight_decay),
+            _param_groups(inner, stage.optimizer.weight_decay, stage.optimizer.lr, stage.optimizer.lr_scale),
             lr=stage.optimizer.lr,
             betas=stage.optimizer.betas,
             eps=stage.optimizer.eps,
@@ -292,15 +307,16 @@ class Trainer:
             start_step = int(state["step"])
             data_state = state["data"]["ranks"][acc.process_index]
             logger.info("resuming stage %s from %s (step %d)", stage.name, resume_from, start_step)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: lr_factor(
+
+        def schedule(s: int) -> float:
+            return lr_factor(
                 s,
                 steps=stage.steps,
                 warmup=stage.schedule.warmup_steps,
                 min_ratio=stage.schedule.min_lr_ratio,
-            ),
-        )
+            )
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         for _ in range(start_step):
             scheduler.step()
         data = StageData(
@@ -365,7 +381,7 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             last = {
                 "loss": loss,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": stage.optimizer.lr * schedule(step),
                 "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
                 "label_tokens": total,
             }

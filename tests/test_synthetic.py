@@ -24,10 +24,11 @@ from mm.datasets.synthetic import (
     COLOUR_RGB,
     COLOURS,
     HELDOUT_COLOUR_SHAPE,
-    HELDOUT_SHAPE_POSITION,
+    HELDOUT_TRIPLES,
     IMAGE_KINDS,
     POSITIONS,
     QUESTIONS,
+    SHAPES,
     VIDEO_KINDS,
     PlacedShape,
     ShapeScene,
@@ -85,7 +86,8 @@ _UNIT = {name: np.array(rgb, float) / max(rgb) for name, rgb in COLOUR_RGB.items
 
 def _colour_of(pixels: np.ndarray) -> list[str]:
     """Nearest colour name of each ``[k, 3]`` pixel, by RGB divided by its largest channel (so a
-    darker shade of yellow, as at a blurred edge, is still yellow)."""
+    darker shade of yellow, as at a blurred edge, is still yellow); the white outline is left out."""
+    pixels = pixels[pixels.min(axis=-1) < 200]
     unit = pixels.astype(float) / np.maximum(pixels.max(axis=-1, keepdims=True), 1)
     names = list(_UNIT)
     dist = np.stack([np.linalg.norm(unit - _UNIT[n], axis=-1) for n in names], axis=-1)
@@ -145,36 +147,38 @@ def test_kinds_and_answers_are_balanced(split):
         assert s.choices == CHOICES[s.kind] and len(s.choices) == 4 and s.answer in s.choices
 
 
-def _pairs(scene: ShapeScene) -> tuple[set, set]:
-    colour_shape = {(p.colour, p.shape) for p in scene.shapes}
-    shape_position = {(p.shape, quadrant(p.x, p.y)) for p in scene.shapes}
-    return colour_shape, shape_position
+def _triples(scene: ShapeScene) -> set:
+    return {(p.colour, p.shape, quadrant(p.x, p.y)) for p in scene.shapes}
 
 
 def test_heldout_combinations_only_in_eval():
+    assert len(HELDOUT_TRIPLES) == 8
+    for values in (COLOURS, SHAPES, POSITIONS):  # each value is held out in exactly two triples
+        assert all(sum(v in t for t in HELDOUT_TRIPLES) == 2 for v in values)
     train = make_image_qa(800, split="train", seed=1)
     for s in train:
-        colour_shape, shape_position = _pairs(s.scene)
-        assert not colour_shape & HELDOUT_COLOUR_SHAPE, s.scene
-        assert not shape_position & HELDOUT_SHAPE_POSITION, s.scene
-    seen_train = set().union(*(_pairs(s.scene)[0] | _pairs(s.scene)[1] for s in train))
-    # every colour, shape and position still appears in training, with all non-held-out partners
-    assert len({p for p in seen_train if p[0] in COLOURS}) == 16 - 4
-    assert len({p for p in seen_train if p[1] in POSITIONS}) == 16 - 4
+        assert not _triples(s.scene) & HELDOUT_TRIPLES, s.scene
+    seen_train = set().union(*(_triples(s.scene) for s in train))
+    # every pair of attributes still appears in training: no attribute predicts another
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert len({(t[i], t[j]) for t in seen_train}) == 16
+    assert len(seen_train) == 64 - 8
 
     evals = make_image_qa(400, split="eval", seed=1)
     seen_eval = set()
     for s in evals:
-        colour_shape, shape_position = _pairs(s.scene)
-        assert (colour_shape & HELDOUT_COLOUR_SHAPE) or (shape_position & HELDOUT_SHAPE_POSITION), s.scene
+        assert _triples(s.scene) & HELDOUT_TRIPLES, s.scene
         assert is_novel(s.scene)
-        seen_eval |= colour_shape | shape_position
-    assert seen_eval >= HELDOUT_COLOUR_SHAPE and seen_eval >= HELDOUT_SHAPE_POSITION
+        seen_eval |= _triples(s.scene)
+    assert seen_eval >= HELDOUT_TRIPLES
 
 
 def test_heldout_phrasings_only_in_eval():
     train = {s.question for s in make_image_qa(400, split="train", seed=2)}
-    evals = {s.question for s in make_image_qa(400, split="eval", seed=2)}
+    evals = {s.question for s in make_image_qa(400, split="eval", seed=2, heldout_phrasings=True)}
+    assert not {s.question for s in make_image_qa(400, split="eval", seed=2)} & {
+        q for kind in IMAGE_KINDS for q in QUESTIONS[kind].heldout
+    }
     heldout = {q for kind in IMAGE_KINDS for q in QUESTIONS[kind].heldout}
     assert train and not train & heldout
     assert evals & heldout == heldout

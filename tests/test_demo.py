@@ -1,0 +1,92 @@
+"""`mm demo` end to end at a few steps per phase: the pipeline, the report, and the saved model.
+
+The accuracy the demo reaches is checked by CI's `mm demo --quick --require-accuracy` run (see
+`.ci/run`), which trains for real; here only the mechanics and the promises are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from mm.demo import DemoSettings, run_demo
+
+MICRO = DemoSettings(
+    text_docs=60,
+    text_steps=4,
+    text_batch=4,
+    text_seq_len=64,
+    encoder_samples=40,
+    encoder_steps=3,
+    caption_samples=24,
+    qa_samples=48,
+    eval_samples=8,
+    pretrain_steps=4,
+    anneal_steps=3,
+)
+
+
+def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path):
+    report = run_demo(tmp_path / "out", settings=MICRO, progress=False)
+    for key in (
+        "text_ppl_before",
+        "text_ppl_after",
+        "backbone_digest_before",
+        "backbone_digest_after",
+        "image_qa_accuracy",
+        "image_qa_chance",
+        "stages",
+    ):
+        assert key in report
+    assert report["backbone_digest_before"] == report["backbone_digest_after"]
+    assert report["text_ppl_before"] == report["text_ppl_after"]  # exactly: the same logits
+    assert report["image_qa_chance"] == 0.25 and 0.0 <= report["image_qa_accuracy"] <= 1.0
+    names = [s["name"] for s in report["stages"]]
+    assert names == ["text-backbone", "image-encoder", "image-pretrain", "image-anneal"]
+    assert [s["steps"] for s in report["stages"]] == [4, 3, 4, 3]
+    out = tmp_path / "out"
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    for f in ("report.md", "plots/text-backbone.png", "plots/image-encoder.png", "plots/image-stages.png"):
+        assert (out / f).is_file(), f
+    # Every stage wrote its loss curve, metrics and a checkpoint; the data went through shards.
+    for stage in ("image-pretrain", "image-anneal"):
+        assert (out / "runs" / stage / "loss.png").is_file()
+    assert report["data"]["qa"]["samples"] == 48 and report["data"]["captions"]["samples"] == 24
+
+    # The saved model answers through `mm ask` (the README's second command).
+    from mm.datasets.synthetic import make_image_qa
+
+    (sample,) = make_image_qa(1, split="eval", seed=5)
+    sample.image.save(tmp_path / "q.png")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mm.cli",
+            "ask",
+            "--model",
+            str(out / "model"),
+            "--image",
+            str(tmp_path / "q.png"),
+            "--max-new-tokens",
+            "6",
+            "--json",
+            sample.question,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout)
+    assert isinstance(answer["answer"], str) and answer["tokens"] <= 6
+
+    # Text-only logits of the saved model are the backbone's, bit for bit.
+    from mm import MultimodalModel
+
+    model = MultimodalModel.from_pretrained(out / "model")
+    ids = torch.tensor([model.preprocessor.tokenizer.encode("A red circle in the top left.", bos=True)])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model.backbone(ids))
