@@ -23,15 +23,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm.datasets.audio import AudioConfig, num_frames
 from mm.encoders.conformer import ConformerConfig, RotarySelfAttention, lengths_to_mask
 from mm.text_backbone.layers import RMSNorm, SwiGLU
 from mm.text_backbone.rope import rope_cos_sin, rope_frequencies
+
+if TYPE_CHECKING:  # decoding audio (torchaudio) is not needed to build or run the adapter
+    from mm.datasets.audio import AudioConfig
 
 __all__ = ["SpeechAdapter", "SpeechAdapterConfig", "num_audio_tokens", "splice_audio"]
 
@@ -169,6 +172,8 @@ def num_audio_tokens(
 
     Configs left as ``None`` are the defaults (the paper's sizes).
     """
+    from mm.datasets.audio import AudioConfig, num_frames
+
     audio_config = audio_config or AudioConfig()
     conformer_config = conformer_config or ConformerConfig()
     adapter_config = adapter_config or SpeechAdapterConfig()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,9 @@ from mm.adapters.cross_attention import GatedCrossAttentionBlock, VisionKV
 from mm.components import COMPONENTS, component_of
 from mm.config import ModelConfig
 from mm.encoders import ImageEncoder, ImageEncoderConfig, build_image_encoder
+from mm.speech_path import build_speech_modules, splice_speech
 from mm.text_backbone import KVCache, TextBackbone, stream_tokens
+from mm.video_path import build_video_modules, encode_video_frames, video_tokens
 
 __all__ = ["MultimodalModel", "MultimodalOutput", "VisionState"]
 
@@ -64,7 +66,8 @@ class GenerationState:
     cache: KVCache
     vision: VisionState | None
     last_mask_row: torch.Tensor | None  # [b, 1, n, t]: the cross-attention mask of decoded tokens
-    extra: dict = field(default_factory=dict)
+    video: VisionState | None = None
+    last_video_row: torch.Tensor | None = None  # [b, 1, v]
 
 
 class MultimodalModel(nn.Module):
@@ -85,9 +88,7 @@ class MultimodalModel(nn.Module):
         self.backbone.freeze()
         # Rows for <|image|> and the other placeholders; only models that take media need them.
         self.extra_embeddings = (
-            nn.Embedding(config.num_extra_tokens, text.embed_dim)
-            if config.image_encoder is not None
-            else None
+            nn.Embedding(config.num_extra_tokens, text.embed_dim) if config.has_media else None
         )
         self.image_encoder = None
         self.projector = None
@@ -110,12 +111,30 @@ class MultimodalModel(nn.Module):
                 for _ in config.cross_attention_layers
             )
         self._image_block_at = {layer: j for j, layer in enumerate(config.cross_attention_layers)}
+        # Video: a temporal aggregator and zero-gated blocks before every 4th image block (section 7.2).
+        self.video_aggregator = None
+        self.video_blocks = nn.ModuleList()
+        self._video_block_at: dict[int, int] = {}
+        if config.video is not None:
+            self.video_aggregator, blocks = build_video_modules(config)
+            self.video_blocks.extend(blocks)
+            self._video_block_at = {layer: j for j, layer in enumerate(config.video.cross_attention_layers)}
+        # Speech: a Conformer encoder and the adapter whose outputs join the token sequence (section 8).
+        self.speech_encoder = None
+        self.speech_adapter = None
+        if config.speech is not None:
+            self.speech_encoder, self.speech_adapter = build_speech_modules(config)
         # Tokenizer, image settings and mask policy saved with the model (see mm.preprocessing);
         # set by from_pretrained when the folder has them, or by the user / trainer.
         self.preprocessor = None
         # Recompute backbone layers in the backward pass instead of storing their activations
         # (gradients still flow through the frozen layers to reach earlier adapters).
         self.activation_checkpointing = False
+        # Set by the trainer under FSDP for a micro-batch in which *some* rank has media: every rank
+        # must then call the same sharded modules (FSDP2 gathers their weights in their forward), so
+        # a batch without placeholders or visible images still runs those paths, with no effect on
+        # its values, instead of skipping them.
+        self.run_media_path = False
 
     # ------------------------------------------------------------------ construction and I/O
     @classmethod
@@ -235,7 +254,7 @@ class MultimodalModel(nn.Module):
         """Embeddings ``[b, s, d]`` when ``input_ids`` hold placeholder ids, else ``None`` (backbone path)."""
         vocab = self.config.text.vocab_size
         extra = input_ids >= vocab
-        if not bool(extra.any()):
+        if not bool(extra.any()) and not (self.run_media_path and self.extra_embeddings is not None):
             return None
         limit = vocab + (self.config.num_extra_tokens if self.extra_embeddings is not None else 0)
         if bool((input_ids >= limit).any()) or bool((input_ids < 0).any()):
@@ -277,7 +296,10 @@ class MultimodalModel(nn.Module):
             aspect_ratio_mask = torch.ones(b, n, t, dtype=torch.long, device=pixel_values.device)
         rows = cross_attention_mask.flatten(1).bool().any(dim=1).nonzero().squeeze(1)  # [r]
         if rows.numel() == 0:
-            return None
+            if not self.run_media_path:
+                return None
+            # Run on row 0, whose tokens see no image: blocks return their input bit for bit.
+            rows = rows.new_zeros(1)
         all_rows = rows.numel() == b
         if not all_rows:
             pixel_values, aspect_ratio_ids, aspect_ratio_mask = (
@@ -291,9 +313,51 @@ class MultimodalModel(nn.Module):
         kv = [block.project_kv(tokens) for block in self.image_blocks]
         return VisionState(rows=rows, kv=kv, tokens_per_tile=tokens_per_tile, all_rows=all_rows)
 
+    def video_state(
+        self,
+        video_pixel_values: torch.Tensor | None,
+        video_aspect_ratio_ids: torch.Tensor | None,
+        video_aspect_ratio_mask: torch.Tensor | None,
+        video_cross_attention_mask: torch.Tensor | None,
+        video_features: torch.Tensor | None = None,
+        video_group_size: int | None = None,
+    ) -> VisionState | None:
+        """Aggregate the frames of the rows that can see a video; project every video block's keys/values.
+
+        ``video_features [b, v, f, t, p, d]`` (frame tokens cached on disk) replace the pixels and
+        skip the image encoder.
+        """
+        if video_pixel_values is None and video_features is None:
+            return None
+        if self.video_aggregator is None:
+            raise ValueError("this model has no video adapter")
+        if video_cross_attention_mask is None:
+            raise ValueError("videos need video_cross_attention_mask [b, s, v]")
+        rows = video_cross_attention_mask.flatten(1).bool().any(dim=1).nonzero().squeeze(1)  # [r]
+        if rows.numel() == 0:
+            return None
+        all_rows = rows.numel() == video_cross_attention_mask.shape[0]
+        if video_features is not None:
+            frames = video_features if all_rows else video_features[rows]
+        else:
+            if video_aspect_ratio_ids is None:
+                raise ValueError("video_pixel_values need video_aspect_ratio_ids")
+            pick = (lambda x: x) if all_rows else (lambda x: None if x is None else x[rows])
+            frames = encode_video_frames(
+                self, pick(video_pixel_values), pick(video_aspect_ratio_ids), pick(video_aspect_ratio_mask)
+            )  # [r, v, f, t, p, d]
+        tokens = video_tokens(self, frames.to(self.dtype), video_group_size)  # [r, v, m_v, d]
+        per_video = tokens.shape[2]
+        tokens = tokens.flatten(1, 2)  # [r, v m_v, d]
+        kv = [block.project_kv(tokens) for block in self.video_blocks]
+        return VisionState(rows=rows, kv=kv, tokens_per_tile=per_video, all_rows=all_rows)
+
     @staticmethod
     def _token_mask(cross_attention_mask: torch.Tensor, vision: VisionState) -> torch.Tensor:
-        """``[b, s, n, t]`` 0/1 mask to the boolean ``[r, s, m]`` mask of the rows with images."""
+        """``[b, s, n, t]`` (or a video's ``[b, s, v]``) 0/1 mask to the boolean ``[r, s, m]`` mask of
+        the rows with media."""
+        if cross_attention_mask.ndim == 3:
+            cross_attention_mask = cross_attention_mask[..., None]  # videos: one "tile" per video
         mask = cross_attention_mask if vision.all_rows else cross_attention_mask[vision.rows]
         r, s, n, t = mask.shape
         mask = mask.bool()[..., None].expand(r, s, n, t, vision.tokens_per_tile)
@@ -311,11 +375,20 @@ class MultimodalModel(nn.Module):
         *,
         vision: VisionState | None = None,
         cross_attention_mask: torch.Tensor | None = None,
+        video: VisionState | None = None,
+        video_cross_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The backbone's layers with the adapters in front of theirs; ``h [b, s, d]`` in and out."""
+        """The backbone's layers with the adapters in front of theirs; ``h [b, s, d]`` in and out.
+
+        In front of a layer that has both, the video block runs before the image block.
+        """
         xmask = None if vision is None else self._token_mask(cross_attention_mask, vision)
+        vmask = None if video is None else self._token_mask(video_cross_attention_mask, video)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.backbone.layers):
+            k = self._video_block_at.get(i)
+            if k is not None and video is not None:
+                h = self._cross(self.video_blocks[k], h, video.kv[k], video.rows, video.all_rows, vmask)
             j = self._image_block_at.get(i)
             if j is not None and vision is not None:
                 h = self._cross(self.image_blocks[j], h, vision.kv[j], vision.rows, vision.all_rows, xmask)
@@ -339,6 +412,16 @@ class MultimodalModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_logits: bool = True,
+        video_pixel_values: torch.Tensor | None = None,
+        video_aspect_ratio_ids: torch.Tensor | None = None,
+        video_aspect_ratio_mask: torch.Tensor | None = None,
+        video_cross_attention_mask: torch.Tensor | None = None,
+        video_features: torch.Tensor | None = None,
+        video_group_size: int | None = None,
+        audio_features: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+        objective: str = "lm",
+        objective_seed: int = 0,
     ) -> MultimodalOutput:
         """Logits (and loss) for a batch in the layout of Hugging Face's Mllama processor.
 
@@ -351,24 +434,76 @@ class MultimodalModel(nn.Module):
                 -100 ignored); the loss is the mean over labelled tokens, and only those positions
                 are projected to the vocabulary for it.
             return_logits: compute the full ``[b, s, V]`` logits (training can skip them).
+            video_pixel_values: ``[b, v, f, t, 3, H, W]`` frames; video_aspect_ratio_ids ``[b, v]``;
+                video_aspect_ratio_mask ``[b, v, t]``; video_cross_attention_mask ``[b, s, v]``.
+            video_features: ``[b, v, f, t, p, d]`` cached frame tokens instead of the pixels.
+            video_group_size: frames merged into one (default: the model's; paper SFT: 32 of 64).
+            audio_features: ``[a, F, 80]`` log-mel features of the clips whose ``<|audio|>`` runs
+                stand in ``input_ids`` (reading order); audio_lengths ``[a]``.
+            objective: ``"lm"``, or ``"best_rq"`` to return only the speech encoder's BEST-RQ loss
+                on ``audio_features`` (see ``mm.objectives``; ``objective_seed`` fixes its masks).
         """
+        if objective == "best_rq":
+            from mm.objectives import speech_pretraining_loss
+
+            if audio_features is None:
+                raise ValueError("the best_rq objective needs audio_features")
+            if audio_lengths is None:
+                audio_lengths = torch.full(
+                    (audio_features.shape[0],), audio_features.shape[1], device=audio_features.device
+                )
+            return MultimodalOutput(
+                logits=None, loss=speech_pretraining_loss(self, audio_features, audio_lengths, objective_seed)
+            )
+        if objective != "lm":
+            raise ValueError(f"unknown objective {objective!r}")
         if inputs_embeds is None and input_ids is None:
             raise ValueError("pass input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids)
+            inputs_embeds = self.input_embeddings(input_ids, audio_features, audio_lengths)
         vision = self.vision_state(pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
+        video = self.video_state(
+            video_pixel_values,
+            video_aspect_ratio_ids,
+            video_aspect_ratio_mask,
+            video_cross_attention_mask,
+            video_features,
+            video_group_size,
+        )
         h, ctx = self.backbone.prepare(
             input_ids=input_ids if inputs_embeds is None else None,
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask=attention_mask,
         )
-        h = self.run_layers(h, ctx, vision=vision, cross_attention_mask=cross_attention_mask)
+        h = self.run_layers(
+            h,
+            ctx,
+            vision=vision,
+            cross_attention_mask=cross_attention_mask,
+            video=video,
+            video_cross_attention_mask=video_cross_attention_mask,
+        )
         loss, count = None, 0
         if labels is not None:
             loss, count = self.label_loss(h, labels)
         logits = self.backbone.head(h) if return_logits else None
         return MultimodalOutput(logits=logits, loss=loss, num_label_tokens=count)
+
+    def input_embeddings(
+        self, input_ids: torch.Tensor, audio_features: torch.Tensor | None, audio_lengths: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Token embeddings with placeholders and spliced speech, or ``None`` for the backbone's own path."""
+        embeds = self.embed(input_ids)
+        if audio_features is None:
+            return embeds
+        if embeds is None:
+            embeds = self.backbone.embed_tokens(input_ids)
+        if audio_lengths is None:
+            audio_lengths = torch.full(
+                (audio_features.shape[0],), audio_features.shape[1], device=input_ids.device
+            )
+        return splice_speech(self, embeds, input_ids, audio_features, audio_lengths)
 
     def label_loss(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Mean next-token cross-entropy over labelled positions, projecting only those to the vocabulary."""
@@ -390,6 +525,14 @@ class MultimodalModel(nn.Module):
         aspect_ratio_ids: torch.Tensor | None = None,
         aspect_ratio_mask: torch.Tensor | None = None,
         cross_attention_mask: torch.Tensor | None = None,
+        video_pixel_values: torch.Tensor | None = None,
+        video_aspect_ratio_ids: torch.Tensor | None = None,
+        video_aspect_ratio_mask: torch.Tensor | None = None,
+        video_cross_attention_mask: torch.Tensor | None = None,
+        video_features: torch.Tensor | None = None,
+        video_group_size: int | None = None,
+        audio_features: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
         max_new_tokens: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -398,32 +541,52 @@ class MultimodalModel(nn.Module):
     ) -> Iterator[torch.Tensor]:
         """Yield the next token ``[b]`` of each (left-padded) row as it is decoded.
 
-        Vision tokens and every block's cross-attention keys/values are computed once, at prefill,
-        and reused for each decoded token; decoded tokens see what the prompt's last token saw.
+        Vision and video tokens, every block's cross-attention keys/values and the spliced speech
+        are computed once, at prefill, and reused for each decoded token; decoded tokens see what
+        the prompt's last token saw.
         """
         b, s = input_ids.shape
         with torch.inference_mode():
             vision = self.vision_state(
                 pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask
             )
+            video = self.video_state(
+                video_pixel_values,
+                video_aspect_ratio_ids,
+                video_aspect_ratio_mask,
+                video_cross_attention_mask,
+                video_features,
+                video_group_size,
+            )
             state = GenerationState(
                 cache=self.backbone.new_cache(b, s + max_new_tokens),
                 vision=vision,
                 last_mask_row=None if vision is None else cross_attention_mask[:, -1:],
+                video=video,
+                last_video_row=None if video is None else video_cross_attention_mask[:, -1:],
             )
             prefill = [True]
 
             def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-                xmask = cross_attention_mask if prefill[0] else state.last_mask_row
+                first = prefill[0]
                 prefill[0] = False
-                embeds = self.embed(ids)
+                embeds = (
+                    self.input_embeddings(ids, audio_features, audio_lengths) if first else self.embed(ids)
+                )
                 h, ctx = self.backbone.prepare(
                     input_ids=ids if embeds is None else None,
                     inputs_embeds=embeds,
                     attention_mask=mask,
                     cache=state.cache,
                 )
-                h = self.run_layers(h[:, :], ctx, vision=state.vision, cross_attention_mask=xmask)
+                h = self.run_layers(
+                    h,
+                    ctx,
+                    vision=state.vision,
+                    cross_attention_mask=cross_attention_mask if first else state.last_mask_row,
+                    video=state.video,
+                    video_cross_attention_mask=video_cross_attention_mask if first else state.last_video_row,
+                )
                 return self.backbone.head(h[:, -1])
 
             stops = self.config.text.eos_token_ids if stop_token_ids is None else stop_token_ids

@@ -1,17 +1,23 @@
 """Everything between a conversation and the model's input tensors, saved with the model.
 
-Shapes: b batch, s tokens, n images per sample, t tiles per image.
+Shapes: b batch, s tokens, n images per sample, t tiles per image, v videos per sample, f frames,
+a audio clips in the batch, F log-mel frames.
 
 A :class:`Preprocessor` bundles the tokenizer, the image processor (tile size, tiles, normalisation),
-the cross-attention mask policy and the length limit. Training collation, ``model.chat``, ``mm ask``
-and ``mm serve`` all use the one saved with the model, so training and serving never disagree.
+video sampling (frames per clip), audio features (sample rate, log-mel), the cross-attention mask
+policy and the length limit. Training collation, ``model.chat``, ``mm ask`` and ``mm serve`` all use
+the one saved with the model, so training and serving never disagree.
 
 Conversations are Llama 3 chat messages whose media parts carry the media themselves:
-``{"type": "image", "image": <PIL image | path | bytes>}``.
+``{"type": "image", "image": <PIL image | path | bytes>}``, ``{"type": "video", "video": <path |
+bytes | list of PIL frames>}``, ``{"type": "audio", "audio": <path | bytes | waveform tensor>}``.
+An audio part becomes as many ``<|audio|>`` placeholders as the speech adapter emits for it
+(Llama 3 section 8); images and videos keep one placeholder each and are reached by cross-attention.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -27,20 +33,38 @@ from mm.datasets.images import load_image
 from mm.text_backbone.chat_format import IGNORE_INDEX, format_chat, labels_from
 from mm.text_backbone.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["EncodedSample", "Preprocessor", "SampleTooLong"]
+__all__ = ["AudioTokens", "EncodedSample", "Preprocessor", "SampleTooLong"]
 
 
 class SampleTooLong(ValueError):
     """A sample has more tokens than ``max_seq_len`` (it is skipped, never cut through an image)."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class AudioTokens:
+    """How the speech encoder and adapter shorten audio: stacked frames, then a strided convolution."""
+
+    stack: int = 4
+    conv_kernel: int = 3
+    conv_stride: int = 2
+
+    def count(self, feature_frames: int) -> int:
+        """``<|audio|>`` placeholders for ``feature_frames`` log-mel frames."""
+        encoder = feature_frames // self.stack
+        if encoder < 1:
+            raise ValueError(f"audio of {feature_frames} feature frames is shorter than one encoder frame")
+        return (encoder + 2 * (self.conv_kernel // 2) - self.conv_kernel) // self.conv_stride + 1
+
+
 @dataclass
 class EncodedSample:
-    """One tokenised conversation: ids, labels (``-100`` where nothing is learned) and its images."""
+    """One tokenised conversation: ids, labels (``-100`` where nothing is learned) and its media."""
 
     ids: list[int]
     labels: list[int]
     images: list[Any] = field(default_factory=list)
+    videos: list[list[Any]] = field(default_factory=list)
+    audios: list[torch.Tensor] = field(default_factory=list)
 
 
 def _media(messages: Sequence[Mapping[str, Any]], kind: str) -> list[Any]:
@@ -55,17 +79,20 @@ def _media(messages: Sequence[Mapping[str, Any]], kind: str) -> list[Any]:
 
 
 class Preprocessor:
-    """Tokenizer + image processor + mask policy + length limit.
+    """Tokenizer + image/video/audio settings + mask policy + length limit.
 
     Args:
         tokenizer: any mm tokenizer; its ``image_id`` must be the model's ``<|image|>`` id.
-        image_processor: tiling and normalisation of images (``None`` for text-only models).
+        image_processor: tiling and normalisation of images and video frames (``None``: no vision).
         mask_mode: ``"all_previous"`` (a token sees every earlier image) or ``"most_recent"``.
         max_seq_len: longer samples are refused with :class:`SampleTooLong`.
-        max_images: images allowed in one sample.
+        max_images: images allowed in one sample (videos and audio clips: the same limit).
         encoder_tiles: ``(max_tiles, aspect_ratios)`` of the image encoder when it differs from the
             processor's (a stage at lower resolution): batches are padded to the encoder's tile count
             and aspect-ratio ids renumbered into the encoder's list.
+        video: frame sampling and caps for videos (``mm.datasets.VideoConfig``), or ``None``.
+        audio: decoding and log-mel settings for audio (``mm.datasets.AudioConfig``), or ``None``.
+        audio_tokens: how many placeholders an audio clip becomes (from the model's speech config).
     """
 
     def __init__(
@@ -77,9 +104,14 @@ class Preprocessor:
         max_seq_len: int = 2048,
         max_images: int = 16,
         encoder_tiles: tuple[int, Sequence[Sequence[int]]] | None = None,
+        video=None,
+        audio=None,
+        audio_tokens: AudioTokens | None = None,
     ) -> None:
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        if (audio is None) != (audio_tokens is None):
+            raise ValueError("audio settings and audio_tokens go together")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.mask_mode = mask_mode
@@ -91,6 +123,9 @@ class Preprocessor:
                 int(encoder_tiles[0]),
                 tuple(tuple(int(v) for v in r) for r in encoder_tiles[1]),
             )
+        self.video = video
+        self.audio = audio
+        self.audio_tokens = audio_tokens
         self.skipped: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ settings
@@ -103,21 +138,14 @@ class Preprocessor:
             "encoder_tiles": None
             if self.encoder_tiles is None
             else [self.encoder_tiles[0], [list(r) for r in self.encoder_tiles[1]]],
+            "video": None if self.video is None else _plain(dataclasses.asdict(self.video)),
+            "audio": None if self.audio is None else dataclasses.asdict(self.audio),
+            "audio_tokens": None if self.audio_tokens is None else dataclasses.asdict(self.audio_tokens),
         }
 
     def with_settings(self, **changes: Any) -> Preprocessor:
-        """A copy with other settings (a stage's resolution or length), sharing the tokenizer."""
-        s = {**self.settings(), **changes}
-        image = s["image"]
-        proc = ImageProcessor.from_dict(image) if isinstance(image, Mapping) else image
-        return Preprocessor(
-            self.tokenizer,
-            proc,
-            mask_mode=s["mask_mode"],
-            max_seq_len=s["max_seq_len"],
-            max_images=s["max_images"],
-            encoder_tiles=s["encoder_tiles"],
-        )
+        """A copy with other settings (a stage's resolution, frames or length), sharing the tokenizer."""
+        return Preprocessor._from_settings(self.tokenizer, {**self.settings(), **changes})
 
     def save(self, directory: str | os.PathLike) -> dict[str, Any]:
         """Write the tokenizer's files into ``directory``; return the settings for ``config.json``."""
@@ -127,44 +155,121 @@ class Preprocessor:
     @classmethod
     def load(cls, directory: str | os.PathLike, settings: Mapping[str, Any]) -> Preprocessor:
         """The preprocessor saved by :meth:`save` (strict: unknown settings are errors)."""
-        known = {"image", "mask_mode", "max_seq_len", "max_images", "encoder_tiles"}
+        return cls._from_settings(load_tokenizer(Path(directory)), settings)
+
+    @classmethod
+    def _from_settings(cls, tokenizer: Tokenizer, settings: Mapping[str, Any]) -> Preprocessor:
+        known = {
+            "image",
+            "mask_mode",
+            "max_seq_len",
+            "max_images",
+            "encoder_tiles",
+            "video",
+            "audio",
+            "audio_tokens",
+        }
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ValueError(f"unknown preprocessing settings {unknown}")
         image = settings.get("image")
+        if isinstance(image, Mapping):
+            image = ImageProcessor.from_dict(image)
+        video, audio, tokens = settings.get("video"), settings.get("audio"), settings.get("audio_tokens")
+        if isinstance(video, Mapping):
+            from mm.datasets.video import VideoConfig
+
+            video = VideoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in video.items()})
+        if isinstance(audio, Mapping):
+            from mm.datasets.audio import AudioConfig
+
+            audio = AudioConfig(**audio)
+        if isinstance(tokens, Mapping):
+            tokens = AudioTokens(**tokens)
         return cls(
-            load_tokenizer(Path(directory)),
-            None if image is None else ImageProcessor.from_dict(image),
+            tokenizer,
+            image,
             mask_mode=settings.get("mask_mode", "all_previous"),
             max_seq_len=int(settings.get("max_seq_len", 2048)),
             max_images=int(settings.get("max_images", 16)),
             encoder_tiles=settings.get("encoder_tiles"),
+            video=video,
+            audio=audio,
+            audio_tokens=tokens,
         )
 
     # ------------------------------------------------------------------ one sample
     def encode(
         self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False
     ) -> EncodedSample:
-        """Tokenise a conversation; images are decoded here so a bad one fails this sample only.
+        """Tokenise a conversation; media are decoded here so a bad one fails this sample only.
 
         Raises:
             SampleTooLong: more than ``max_seq_len`` tokens.
-            ValueError: malformed messages, too many images, or an image that cannot be decoded.
+            ValueError: malformed messages, too many or unsupported media, undecodable media.
         """
         chat = format_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
-        if len(chat.ids) > self.max_seq_len:
-            raise SampleTooLong(f"{len(chat.ids)} tokens > max_seq_len {self.max_seq_len}")
-        unsupported = sorted({kind for kind in chat.media if kind != "image"})
-        if unsupported:
-            raise ValueError(f"this preprocessor takes images only, not {unsupported}")
-        images = _media(messages, "image")
-        if images and self.image_processor is None:
+        counts = Counter(chat.media)
+        for kind, n in counts.items():
+            if n > self.max_images:
+                raise ValueError(f"{n} {kind} parts in one sample; the limit is {self.max_images}")
+        if counts["image"] and self.image_processor is None:
             raise ValueError("this model takes no images")
-        if len(images) > self.max_images:
-            raise ValueError(f"{len(images)} images in one sample; the limit is {self.max_images}")
-        max_pixels = self.image_processor.max_image_pixels if images else 0
-        decoded = [load_image(im, max_pixels=max_pixels) for im in images]
-        return EncodedSample(ids=chat.ids, labels=labels_from(chat), images=decoded)
+        if counts["video"] and (self.video is None or self.image_processor is None):
+            raise ValueError("this model takes no video")
+        if counts["audio"] and self.audio is None:
+            raise ValueError("this model takes no audio")
+        if len(chat.ids) > self.max_seq_len:  # before decoding anything: placeholders only grow it
+            raise SampleTooLong(f"{len(chat.ids)} tokens > max_seq_len {self.max_seq_len}")
+        images = [
+            load_image(im, max_pixels=self.image_processor.max_image_pixels)
+            for im in _media(messages, "image")
+        ]
+        videos = [self._frames(v) for v in _media(messages, "video")]
+        audios = [self._features(a) for a in _media(messages, "audio")]
+        ids, labels = chat.ids, labels_from(chat)
+        if audios:
+            ids, labels = self._expand_audio(
+                ids, labels, [self.audio_tokens.count(f.shape[0]) for f in audios]
+            )
+        if len(ids) > self.max_seq_len:
+            raise SampleTooLong(f"{len(ids)} tokens > max_seq_len {self.max_seq_len}")
+        return EncodedSample(ids=ids, labels=labels, images=images, videos=videos, audios=audios)
+
+    def _frames(self, video: Any) -> list[Any]:
+        from mm.datasets.video import load_video
+
+        if isinstance(video, list | tuple):  # frames given directly
+            if len(video) != self.video.num_frames:
+                raise ValueError(
+                    f"a video given as frames needs {self.video.num_frames} of them, got {len(video)}"
+                )
+            return [load_image(f, max_pixels=self.image_processor.max_image_pixels) for f in video]
+        return load_video(video, config=self.video).frames
+
+    def _features(self, audio: Any) -> torch.Tensor:
+        from mm.datasets.audio import load_audio, log_mel
+
+        wave = audio if torch.is_tensor(audio) else load_audio(audio, config=self.audio)
+        return log_mel(wave.float(), self.audio)  # [F, 80]
+
+    def _expand_audio(
+        self, ids: list[int], labels: list[int], lengths: list[int]
+    ) -> tuple[list[int], list[int]]:
+        """Repeat the k-th ``<|audio|>`` placeholder ``lengths[k]`` times (labels -100 there)."""
+        audio_id = self.tokenizer.audio_id
+        out_ids, out_labels, k = [], [], 0
+        for i, (tok, lab) in enumerate(zip(ids, labels)):
+            if tok == audio_id:
+                if i and ids[i - 1] == audio_id:
+                    raise ValueError("two audio parts touch: put some text between them")
+                out_ids += [audio_id] * lengths[k]
+                out_labels += [IGNORE_INDEX] * lengths[k]
+                k += 1
+            else:
+                out_ids.append(tok)
+                out_labels.append(lab)
+        return out_ids, out_labels
 
     def encode_or_skip(self, messages: Sequence[Mapping[str, Any]]) -> EncodedSample | None:
         """:meth:`encode` for training streams: a too-long sample is counted in ``skipped`` and dropped."""
@@ -178,9 +283,12 @@ class Preprocessor:
     def collate(
         self, samples: Sequence[EncodedSample], *, padding_side: str = "right"
     ) -> dict[str, torch.Tensor]:
-        """Pad a batch: ``input_ids``, ``attention_mask``, ``labels`` ``[b, s]`` and, when any sample
-        has images, ``pixel_values [b, n, t, 3, H, W]``, ``aspect_ratio_ids``, ``aspect_ratio_mask``
-        and ``cross_attention_mask [b, s, n, t]``. Any number of images per sample, including none."""
+        """Pad a batch: ``input_ids``, ``attention_mask``, ``labels`` ``[b, s]``; when any sample has
+        images ``pixel_values [b, n, t, 3, H, W]``, ``aspect_ratio_ids``, ``aspect_ratio_mask`` and
+        ``cross_attention_mask [b, s, n, t]``; videos likewise under ``video_*`` with
+        ``video_pixel_values [b, v, f, t, 3, H, W]`` and ``video_cross_attention_mask [b, s, v]``;
+        audio as ``audio_features [a, F, 80]`` and ``audio_lengths [a]`` in reading order. Any number
+        of media per sample, including none."""
         if not samples:
             raise ValueError("cannot collate an empty batch")
         width = max(len(s.ids) for s in samples)
@@ -194,6 +302,7 @@ class Preprocessor:
             labels[i, sl] = torch.tensor(s.labels)
             mask[i, sl] = 1
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        token_ids = [s.ids for s in samples]
         if any(s.images for s in samples):
             proc = self.image_processor([s.images for s in samples])
             pixels, ratio_ids, ratio_mask = proc.pixel_values, proc.aspect_ratio_ids, proc.aspect_ratio_mask
@@ -205,7 +314,7 @@ class Preprocessor:
                 aspect_ratio_ids=ratio_ids,
                 aspect_ratio_mask=ratio_mask,
                 cross_attention_mask=batch_cross_attention_mask(
-                    [s.ids for s in samples],
+                    token_ids,
                     proc.num_tiles,
                     media_token_id=self.tokenizer.image_id,
                     max_tiles=tiles,
@@ -214,7 +323,52 @@ class Preprocessor:
                     mode=self.mask_mode,
                 ),
             )
+        if any(s.videos for s in samples):
+            batch.update(self._collate_videos(samples, token_ids, width, padding_side))
+        audios = [a for s in samples for a in s.audios]
+        if audios:
+            from mm.datasets.audio import pad_features
+
+            batch["audio_features"], batch["audio_lengths"] = pad_features(audios)
         return batch
+
+    def _collate_videos(self, samples, token_ids, width, padding_side) -> dict[str, torch.Tensor]:
+        b, v = len(samples), max(len(s.videos) for s in samples)
+        f = self.video.num_frames
+        per_video = [self.image_processor([frames]) for s in samples for frames in s.videos]
+        t, (c, h, w) = per_video[0].pixel_values.shape[2], per_video[0].pixel_values.shape[3:]
+        pixels = torch.zeros(b, v, f, t, c, h, w)
+        ratio_ids = torch.zeros(b, v, dtype=torch.long)
+        ratio_mask = torch.zeros(b, v, t, dtype=torch.long)
+        k = 0
+        for i, s in enumerate(samples):
+            for j in range(len(s.videos)):
+                p = per_video[k]
+                k += 1
+                if p.pixel_values.shape[2] != t:
+                    raise ValueError("all video frames of a batch must tile alike")
+                pixels[i, j] = p.pixel_values[0]  # [f, t, 3, H, W]
+                ratio_ids[i, j] = p.aspect_ratio_ids[0, 0]
+                ratio_mask[i, j] = p.aspect_ratio_mask[0, 0]
+        if self.encoder_tiles is not None:
+            flat = pixels.reshape(b, v * f, t, c, h, w)
+            _, ratio_ids, flat, ratio_mask = self._to_encoder_tiles(ratio_ids, flat, ratio_mask)
+            pixels = flat.reshape(b, v, f, *flat.shape[2:])
+        xmask = batch_cross_attention_mask(
+            token_ids,
+            [[1] * len(s.videos) for s in samples],
+            media_token_id=self.tokenizer.video_id,
+            max_tiles=1,
+            length=width,
+            padding_side=padding_side,
+            mode=self.mask_mode,
+        )[..., 0]  # [b, s, v]
+        return {
+            "video_pixel_values": pixels,
+            "video_aspect_ratio_ids": ratio_ids,
+            "video_aspect_ratio_mask": ratio_mask,
+            "video_cross_attention_mask": xmask,
+        }
 
     def _to_encoder_tiles(self, ratio_ids, pixels, ratio_mask):
         """Pad ``[b, n, t, ...]`` to the encoder's tiles and renumber aspect-ratio ids into its list."""
@@ -241,3 +395,7 @@ class Preprocessor:
         batch = self.collate(samples, padding_side="left")
         batch.pop("labels")
         return batch
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

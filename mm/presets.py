@@ -6,21 +6,34 @@
   88.566B parameters as transformers counts them).
 * The Llama 3 paper's compositional models (sections 7-8): ``llama3-8b``, ``llama3-70b``,
   ``llama3-405b`` — the text model plus the image encoder (ViT-H/14 with 8 gated global layers,
-  about 850M) and image cross-attention blocks before every 4th layer (about 100B at 405B).
-* ``tiny`` (tests) and ``tiny-demo`` (``mm demo``): about a million parameters over the byte-level
-  tokenizer.
+  about 850M), image cross-attention blocks before every 4th layer (about 100B at 405B), the video
+  adapter (aggregator and video blocks: about 0.6B at 8B, 4.6B at 70B), and the speech encoder
+  (about 1B) and adapter (about 100M).
+* ``tiny`` (tests), ``tiny-av`` (tests: with video and speech) and ``tiny-demo`` (``mm demo``):
+  about a million parameters over the byte-level tokenizer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from mm.config import ModelConfig
+from mm.adapters.speech_adapter import SpeechAdapterConfig
+from mm.config import ModelConfig, SpeechConfig, VideoAdapterConfig
+from mm.encoders.conformer import ConformerConfig
 from mm.encoders.image_encoder import ImageEncoderConfig
 from mm.text_backbone.config import TextConfig
 from mm.text_backbone.presets import TEXT_PRESETS
 
-__all__ = ["DEMO_IMAGE_ENCODER", "DEMO_TEXT", "MODEL_PRESETS", "TINY_IMAGE_ENCODER"]
+__all__ = [
+    "DEMO_IMAGE_ENCODER",
+    "DEMO_SPEECH_ADAPTER",
+    "DEMO_SPEECH_ENCODER",
+    "DEMO_TEXT",
+    "MODEL_PRESETS",
+    "TINY_IMAGE_ENCODER",
+    "TINY_SPEECH_ADAPTER",
+    "TINY_SPEECH_ENCODER",
+]
 
 #: A Llama 3 image encoder small enough for tests: 28 px tiles of 2x2 patches.
 TINY_IMAGE_ENCODER = ImageEncoderConfig(
@@ -54,12 +67,31 @@ DEMO_IMAGE_ENCODER = ImageEncoderConfig(
 DEMO_TEXT = TEXT_PRESETS["tiny"]
 
 
+#: A Conformer and speech adapter small enough for tests.
+TINY_SPEECH_ENCODER = ConformerConfig(width=32, num_layers=2, num_heads=4, ffn_dim=64)
+TINY_SPEECH_ADAPTER = SpeechAdapterConfig(input_dim=32, width=64, num_heads=4, ffn_dim=96, output_dim=128)
+
+
+#: The demo's speech encoder and adapter (16 kHz log-mel in, the demo backbone's width out).
+DEMO_SPEECH_ENCODER = ConformerConfig(width=64, num_layers=3, num_heads=4, ffn_dim=128)
+DEMO_SPEECH_ADAPTER = SpeechAdapterConfig(input_dim=64, width=128, num_heads=4, ffn_dim=256, output_dim=128)
+
+
 def _text_only(name: str) -> Callable[[], ModelConfig]:
     return lambda: ModelConfig(text=TEXT_PRESETS[name])
 
 
-def _with_vision(text: str) -> Callable[[], ModelConfig]:
-    return lambda: ModelConfig(text=TEXT_PRESETS[text], image_encoder=ImageEncoderConfig())
+def _paper(text: str) -> Callable[[], ModelConfig]:
+    """The Llama 3 paper's compositional model: image encoder and adapter, the video adapter (a
+    perceiver resampler merging 32 frames into 1, video blocks before every 4th image block) and the
+    speech encoder (1B Conformer) and adapter (~100M) at the text model's width."""
+    config = TEXT_PRESETS[text]
+    return lambda: ModelConfig(
+        text=config,
+        image_encoder=ImageEncoderConfig(),
+        video=VideoAdapterConfig(),
+        speech=SpeechConfig(adapter=SpeechAdapterConfig(output_dim=config.embed_dim)),
+    )
 
 
 def _llama32_vision(text: TextConfig) -> Callable[[], ModelConfig]:
@@ -72,11 +104,21 @@ MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
     **{name: _text_only(name) for name in TEXT_PRESETS if name != "tiny"},
     "llama3.2-11b-vision": _llama32_vision(TEXT_PRESETS["llama3.1-8b"]),
     "llama3.2-90b-vision": _llama32_vision(TEXT_PRESETS["llama3.1-70b"]),
-    "llama3-8b": _with_vision("llama3.1-8b"),
-    "llama3-70b": _with_vision("llama3.1-70b"),
-    "llama3-405b": _with_vision("llama3.1-405b"),
+    "llama3-8b": _paper("llama3.1-8b"),
+    "llama3-70b": _paper("llama3.1-70b"),
+    "llama3-405b": _paper("llama3.1-405b"),
     "tiny": lambda: ModelConfig(text=TEXT_PRESETS["tiny"], image_encoder=TINY_IMAGE_ENCODER),
+    "tiny-av": lambda: ModelConfig(
+        text=TEXT_PRESETS["tiny"],
+        image_encoder=TINY_IMAGE_ENCODER,
+        video=VideoAdapterConfig(group_size=4, cross_attention_layers=(1, 3)),
+        speech=SpeechConfig(encoder=TINY_SPEECH_ENCODER, adapter=TINY_SPEECH_ADAPTER),
+    ),
     "tiny-demo": lambda: ModelConfig(
-        text=DEMO_TEXT, image_encoder=DEMO_IMAGE_ENCODER, cross_attention_layers=(1, 3)
+        text=DEMO_TEXT,
+        image_encoder=DEMO_IMAGE_ENCODER,
+        cross_attention_layers=(1, 3),
+        video=VideoAdapterConfig(group_size=16),
+        speech=SpeechConfig(encoder=DEMO_SPEECH_ENCODER, adapter=DEMO_SPEECH_ADAPTER),
     ),
 }

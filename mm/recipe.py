@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from mm.components import COMPONENTS
+from mm.objectives import BestRqSettings
 
 __all__ = [
     "DataSource",
@@ -36,7 +37,7 @@ __all__ = [
     "shipped_recipes",
 ]
 
-OBJECTIVES = ("lm",)
+OBJECTIVES = ("lm", "best_rq")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -161,6 +162,15 @@ class ImageSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VideoSettings:
+    """Frames sampled per clip and frames the aggregator merges into one (paper: 16 -> 1 in
+    pre-training, 64 -> 2 in SFT). ``group_size`` defaults to the model's."""
+
+    num_frames: int = 16
+    group_size: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Stage:
     """One training stage. See the module docstring; every field is a YAML key."""
 
@@ -176,6 +186,8 @@ class Stage:
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
     image: ImageSettings | None = None
+    video: VideoSettings | None = None
+    best_rq: BestRqSettings | None = None
     max_seq_len: int = 2048
     start: StartFrom = field(default_factory=StartFrom)
     activation_checkpointing: bool = False
@@ -197,6 +209,8 @@ class Stage:
             raise ValueError("a stage must make at least one component trainable")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; known: {list(OBJECTIVES)}")
+        if self.best_rq is not None and self.objective != "best_rq":
+            raise ValueError("best_rq settings belong to a stage whose objective is best_rq")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("steps", "batch_size", "grad_accum", "max_seq_len", "keep_last", "log_every"):
@@ -221,6 +235,10 @@ class Stage:
             d["schedule"] = _build(ScheduleConfig, d["schedule"], f"{here}.schedule")
         if d.get("image") is not None:
             d["image"] = _build(ImageSettings, d["image"], f"{here}.image")
+        if d.get("video") is not None:
+            d["video"] = _build(VideoSettings, d["video"], f"{here}.video")
+        if d.get("best_rq") is not None:
+            d["best_rq"] = _build(BestRqSettings, d["best_rq"], f"{here}.best_rq")
         if "start" in d:
             d["start"] = StartFrom.parse(d["start"], f"{here}.start")
         if "trainable" in d and isinstance(d["trainable"], str):

@@ -14,6 +14,29 @@ stage:
    and writes no checkpoint;
 5. writes checkpoints that resume exactly, metrics (JSONL, TensorBoard, ``loss.png``) and the final
    model folder (adapters only; the backbone is referred to by path and digest).
+
+FSDP2 (``fsdp=True`` on several processes) shards with ``torch.distributed.fsdp.fully_shard``, one
+unit per
+
+* backbone decoder layer — frozen, but the bulk of the memory: each rank keeps ``1/N`` of it and
+  gathers one layer at a time, in the forward and again in the backward (gradients flow *through*
+  the frozen layers to earlier adapters);
+* image-encoder layer (local and global), and the image encoder itself (patch and position
+  embeddings, norms);
+* image cross-attention block; its ``project_kv`` runs outside its ``forward`` (vision keys/values
+  are computed once, before the layer loop) and is registered as an FSDP forward method;
+* and the root: everything left — token embeddings, final norm and output head (``prepare`` and
+  ``head`` are called on the backbone, outside any unit but inside the root's forward), placeholder
+  embeddings and the projector.
+
+Gradients are reduce-scattered as averages, as DDP all-reduces them, so the same loss scaling gives
+the same update; clipping takes the global norm over the sharded gradients. Each rank must call the
+same units in the same order: for a micro-batch in which some rank has images, ranks without any run
+the image path on a row that sees no image (see ``MultimodalModel.run_media_path``). The backbone
+digest, checkpoints and the final model gather whole tensors on every rank (collectives) and rank 0
+writes the same files a single process writes; resuming cuts them back into shards. A sharded stage
+ends by gathering the whole model into a plain copy on the CPU of every rank, which it returns (and
+the next stage shards again).
 """
 
 from __future__ import annotations
@@ -25,6 +48,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +63,23 @@ from mm.config import ModelConfig
 from mm.encoders import ImageEncoder, resize_image_encoder
 from mm.metrics import MetricsLog
 from mm.model import MultimodalModel
-from mm.preprocessing import Preprocessor
+from mm.objectives import attach_objective, batch_weight, detach_objective, objective_loss_sum
+from mm.preprocessing import AudioTokens, Preprocessor
 from mm.recipe import Recipe, RecipeError, Stage
 from mm.text_backbone import ByteTokenizer, TextBackbone, load_tokenizer
 from mm.train_data import StageData
-from mm.train_state import latest_checkpoint, load_train_state, prune_checkpoints, save_train_state
+from mm.train_state import (
+    full_optimizer_state,
+    full_tensors,
+    latest_checkpoint,
+    load_optimizer_state,
+    load_train_state,
+    prune_checkpoints,
+    save_train_state,
+    shard_like,
+)
 
-__all__ = ["BackboneChanged", "StageResult", "Trainer"]
+__all__ = ["BackboneChanged", "StageResult", "Trainer", "shard_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +131,54 @@ def _param_groups(model: torch.nn.Module, weight_decay: float, lr: float, lr_sca
     return [{"params": ps, "weight_decay": d, "lr": g_lr} for (d, g_lr), ps in sorted(groups.items())]
 
 
+def shard_model(model: MultimodalModel, device: torch.device, world_size: int) -> MultimodalModel:
+    """Shard ``model`` in place with FSDP2 over ``world_size`` processes (layout: module docstring).
+
+    Call after freezing and any resizing, before building the optimizer: parameters become DTensors.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    for layer in model.backbone.layers:
+        fully_shard(layer, mesh=mesh)
+    enc = model.image_encoder
+    if enc is not None:
+        if isinstance(enc, ImageEncoder):
+            for layer in [*enc.layers, *enc.global_layers]:
+                fully_shard(layer, mesh=mesh)
+        fully_shard(enc, mesh=mesh)
+    for block in model.image_blocks:
+        fully_shard(block, mesh=mesh)
+        register_fsdp_forward_method(block, "project_kv")
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _unsharded_copy(model: MultimodalModel, weights: Mapping[str, torch.Tensor]) -> MultimodalModel:
+    """A plain (unsharded) model of ``model``'s configuration holding ``weights`` (its whole state)."""
+    with torch.device("meta"):
+        plain = MultimodalModel(model.config, backbone=TextBackbone(model.config.text))
+    plain.load_state_dict(weights, strict=True, assign=True)
+    plain.backbone.source = model.backbone.source
+    plain.preprocessor = model.preprocessor
+    plain.activation_checkpointing = model.activation_checkpointing
+    return plain
+
+
+_MEDIA_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+
+
+@contextlib.contextmanager
+def _quiet_fsdp_views():
+    """Silence FSDP2's warning that a unit returned a view (the image encoder's ``[..., :p]``
+    slice, ``project_kv``'s transposed values): the model never changes those outputs in place,
+    which is the only case the warning is about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        yield
+
+
 class Trainer:
     """Runs the stages of a recipe.
 
@@ -107,7 +189,8 @@ class Trainer:
             tests).
         fsdp: shard with FSDP2 instead of DDP when running on several processes.
         progress: show a progress bar on the main process.
-        callbacks: called as ``callback(model, step, metrics)`` after every optimiser step.
+        callbacks: called as ``callback(model, step, metrics)`` after every optimiser step (on every
+            rank; under FSDP the model's parameters are the rank's shards, DTensors).
     """
 
     def __init__(
@@ -223,6 +306,22 @@ class Trainer:
         tiles = None
         if isinstance(enc, ImageEncoderConfig) and image is not None and image.max_tiles != enc.max_num_tiles:
             tiles = (enc.max_num_tiles, enc.supported_aspect_ratios)
+        video = pre.video
+        if stage.video is not None:
+            from mm.datasets.video import VideoConfig
+
+            video = dataclasses.replace(pre.video or VideoConfig(), num_frames=stage.video.num_frames)
+        audio, audio_tokens = pre.audio, pre.audio_tokens
+        speech = model.config.speech
+        if speech is not None and audio is None:
+            from mm.datasets.audio import AudioConfig
+
+            audio = AudioConfig(n_mels=speech.encoder.input_dim)
+            audio_tokens = AudioTokens(
+                stack=speech.encoder.stack,
+                conv_kernel=speech.adapter.conv_kernel,
+                conv_stride=speech.adapter.conv_stride,
+            )
         return Preprocessor(
             pre.tokenizer,
             image,
@@ -230,6 +329,9 @@ class Trainer:
             max_seq_len=stage.max_seq_len,
             max_images=pre.max_images,
             encoder_tiles=tiles,
+            video=video,
+            audio=audio,
+            audio_tokens=audio_tokens,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -277,6 +379,7 @@ class Trainer:
             model.config = model.config.replace(image_encoder=enc.config)
         preprocessor = self._preprocessor(model, stage)
         model.preprocessor = preprocessor
+        attach_objective(model, stage.objective, stage.best_rq)
         set_trainable(model, stage.trainable)
         model.activation_checkpointing = stage.activation_checkpointing
         model.train()
@@ -285,8 +388,12 @@ class Trainer:
         resume_from = latest_checkpoint(ckpt_dir) if resume else None
         state = None
         model = model.to(acc.device)
-        wrapped = acc.prepare_model(model) if acc.num_processes > 1 or self.fsdp else model
-        inner: MultimodalModel = acc.unwrap_model(wrapped)
+        sharded = self.fsdp and acc.num_processes > 1
+        if sharded:
+            wrapped = inner = shard_model(model, acc.device, acc.num_processes)
+        else:
+            wrapped = acc.prepare_model(model) if acc.num_processes > 1 or self.fsdp else model
+            inner: MultimodalModel = acc.unwrap_model(wrapped)
         optimizer = torch.optim.AdamW(
             _param_groups(inner, stage.optimizer.weight_decay, stage.optimizer.lr, stage.optimizer.lr_scale),
             lr=stage.optimizer.lr,
@@ -294,16 +401,22 @@ class Trainer:
             eps=stage.optimizer.eps,
         )
         if resume_from is not None:
-            state = load_train_state(resume_from, optimizer)
+            state = load_train_state(resume_from, None if sharded else optimizer)
             if state["backbone_digest"] != digest:
                 raise BackboneChanged(
                     f"{resume_from} was written for another backbone; cannot resume on this one"
                 )
-            missing, unexpected = inner.load_state_dict(state["adapters"], strict=False)
+            adapters = state["adapters"]
+            if sharded:  # every rank read the whole tensors: each keeps its shards
+                own = inner.state_dict()
+                adapters = {k: shard_like(v, own[k]) if k in own else v for k, v in adapters.items()}
+            missing, unexpected = inner.load_state_dict(adapters, strict=False)
             if unexpected or any(not k.startswith("backbone.") for k in missing):
                 raise RecipeError(
                     f"{resume_from} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
                 )
+            if sharded:
+                load_optimizer_state(optimizer, state.pop("optimizer"))
             start_step = int(state["step"])
             data_state = state["data"]["ranks"][acc.process_index]
             logger.info("resuming stage %s from %s (step %d)", stage.name, resume_from, start_step)
@@ -350,23 +463,48 @@ class Trainer:
             micro = [
                 {k: v.to(acc.device) for k, v in data.next_batch().items()} for _ in range(stage.grad_accum)
             ]
-            counts = [int((mb["labels"][:, 1:] != -100).sum()) for mb in micro]
+            for i, mb in enumerate(micro):
+                if stage.video is not None and stage.video.group_size is not None:
+                    mb["video_group_size"] = stage.video.group_size
+                if stage.objective != "lm":
+                    # Masks of a step are fixed by (seed, step, micro-batch, rank): a resume repeats them.
+                    mb["objective"] = stage.objective
+                    mb["objective_seed"] = ((seed * 1_000_003 + step) * 64 + i) * 4096 + acc.process_index
+            counts = [batch_weight(stage.objective, mb) for mb in micro]
             total = int(acc.reduce(torch.tensor(sum(counts), device=acc.device), reduction="sum"))
+            media = self._align_media(micro, inner) if sharded else [False] * len(micro)
             loss_sum = torch.zeros((), device=acc.device)
             for i, mb in enumerate(micro):
                 sync = i == len(micro) - 1
                 ctx = contextlib.nullcontext() if sync or wrapped is inner else acc.no_sync(wrapped)
-                with ctx:
+                if sharded:
+                    # FSDP2's no_sync: keep this micro-batch's gradients unreduced until the last one.
+                    inner.set_requires_gradient_sync(sync)
+                    inner.run_media_path = media[i]
+                with ctx, _quiet_fsdp_views() if sharded else contextlib.nullcontext():
                     with autocast():
                         out = wrapped(**mb, return_logits=False)
-                    summed = out.loss.float() * out.num_label_tokens
+                    summed = objective_loss_sum(out, stage.objective, counts[i])
+                    if not summed.requires_grad and not sharded:
+                        # Nothing this micro-batch saw depends on what learns (text-only rows while
+                        # image parts train): anchor the loss so every rank still runs a backward
+                        # pass, giving exact zero gradients.
+                        summed = summed + sum(p.reshape(-1)[0] for p in params) * 0.0
                     # Mean over the labelled tokens of the whole global batch; DDP averages over
                     # processes, hence the world-size factor.
                     acc.backward(summed * acc.num_processes / max(1, total))
                     loss_sum += summed.detach()
+            inner.run_media_path = False
             grad_norm = None
             if stage.max_grad_norm is not None:
-                grad_norm = float(acc.clip_grad_norm_(params, stage.max_grad_norm))
+                if sharded:
+                    # torch's own clipping takes the global norm over DTensor gradients (returning a
+                    # DTensor); accelerate's helper does the same unless it was configured for its
+                    # own FSDP, which this trainer does not use.
+                    norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                else:
+                    grad_norm = float(acc.clip_grad_norm_(params, stage.max_grad_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -398,8 +536,14 @@ class Trainer:
                 self._save_checkpoint(inner, optimizer, done, data, digest, stage, ckpt_dir, last)
         bar.close()
         seconds = time.perf_counter() - t0
-        self._check_backbone(inner, digest, stage)
         self._save_checkpoint(inner, optimizer, stage.steps, data, digest, stage, ckpt_dir, last)
+        if sharded:
+            # Every rank gathers the whole model (its shards are of no use past this stage) and
+            # carries on with a plain copy; rank 0 writes the folder from it.
+            del optimizer, scheduler, params  # free the moments before gathering
+            own = {k: v for k, v in inner.state_dict().items() if not k.startswith("best_rq_")}
+            inner = _unsharded_copy(inner, full_tensors(own))
+        detach_objective(inner)  # the BEST-RQ classifiers served this stage only
         inner.eval()
         set_trainable(inner, ())
         model_dir = folder / "model"
@@ -430,6 +574,43 @@ class Trainer:
         acc.wait_for_everyone()
         return inner, result
 
+    def _align_media(self, micro: list[dict[str, torch.Tensor]], model: MultimodalModel) -> list[bool]:
+        """Under FSDP, make every rank call the same sharded modules for each micro-batch.
+
+        One all-reduce tells each rank whether any rank's micro-batch has placeholder tokens or
+        images that some row can see (and the tile shape ``[t, 3, H, W]``). Where some rank has
+        images, a rank without any gets an image input that no row can see; where none has, image
+        inputs are dropped (no row could see them). Returns, per micro-batch, whether the media
+        paths must run (:attr:`MultimodalModel.run_media_path`).
+        """
+        acc = self.accelerator
+        vocab = model.config.text.vocab_size
+        info = torch.zeros(len(micro), 6, dtype=torch.long)
+        for i, mb in enumerate(micro):
+            if "cross_attention_mask" in mb and bool(mb["cross_attention_mask"].any()):
+                info[i, 0] = 1
+                info[i, 2:] = torch.tensor(mb["pixel_values"].shape[2:])  # [t, 3, H, W]
+            info[i, 1] = int(bool((mb["input_ids"] >= vocab).any()))
+        info = info.to(acc.device)
+        torch.distributed.all_reduce(info, op=torch.distributed.ReduceOp.MAX)
+        info = info.cpu()
+        flags = []
+        for i, mb in enumerate(micro):
+            if not info[i, 0]:
+                for key in _MEDIA_KEYS:
+                    mb.pop(key, None)
+            elif "pixel_values" not in mb:
+                b, s = mb["input_ids"].shape
+                t, c, h, w = (int(x) for x in info[i, 2:])
+                dev = mb["input_ids"].device
+                # Only one row is ever encoded: one tile set of zeros, broadcast (no copy) over rows.
+                mb["pixel_values"] = torch.zeros(1, 1, t, c, h, w, device=dev).expand(b, 1, t, c, h, w)
+                mb["aspect_ratio_ids"] = torch.zeros(b, 1, dtype=torch.long, device=dev)
+                mb["aspect_ratio_mask"] = torch.zeros(b, 1, t, dtype=torch.long, device=dev)
+                mb["cross_attention_mask"] = torch.zeros(b, s, 1, t, dtype=torch.long, device=dev)
+            flags.append(bool(info[i, :2].any()))
+        return flags
+
     def _save_checkpoint(self, model, optimizer, step, data, digest, stage, folder, metrics) -> None:
         self._check_backbone(model, digest, stage)
         # Each rank reads its own shards: keep every rank's data position.
@@ -437,11 +618,18 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             ranks = [None] * self.accelerator.num_processes
             torch.distributed.all_gather_object(ranks, data.state_dict())
-        if self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        if self.fsdp and self.accelerator.num_processes > 1:
+            # Sharded weights and moments: every rank takes part in gathering them whole.
+            adapters = full_tensors(model.adapter_state_dict(), keep=main)
+            optimizer = full_optimizer_state(optimizer, keep=main)
+        elif main:
+            adapters = model.adapter_state_dict()
+        if main:
             save_train_state(
                 folder,
                 step=step,
-                adapters=model.adapter_state_dict(),
+                adapters=adapters,
                 optimizer=optimizer,
                 scheduler_step=step,
                 data_state={"ranks": ranks},

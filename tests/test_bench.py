@@ -1,0 +1,109 @@
+"""``mm bench`` runs, and mm's figures come from real work: the same loss and tokens as Hugging Face.
+
+Timings are not tested (they belong to the benchmark); only that the run completes, every figure is
+a positive number, the JSON has its documented keys, the table prints, and failures are reported
+per figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from mm.bench import SIZES, run_worker, train_step_flops
+
+TINY = SIZES["tiny"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One real ``python -m mm.bench --size tiny`` run: (exit status, stdout, results JSON)."""
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mm.bench", "--size", "tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_results_json_has_the_documented_keys(bench):
+    _, report = bench
+    for key in ("schema", "command", "config", "versions", "hardware", "matmul_peak", "flops", "results"):
+        assert key in report, key
+    assert report["config"]["size"]["name"] == "tiny"
+    assert {"torch", "transformers", "mm", "python"} <= set(report["versions"])
+    assert report["hardware"]["cpu"] and report["hardware"]["cpu_cores"] >= 1
+    assert set(report["results"]) == {"train", "decode"}
+    for figure in ("train", "decode"):
+        assert set(report["results"][figure]) == {"mm", "hf"}
+
+
+def test_mm_loss_is_hugging_faces_loss_on_the_same_batch(bench):
+    _, report = bench
+    mm, hf = report["results"]["train"]["mm"], report["results"]["train"]["hf"]
+    assert math.isfinite(mm["first_loss"]) and mm["first_loss"] > 0
+    assert mm["first_loss"] == pytest.approx(hf["first_loss"], rel=1e-5, abs=1e-5)
+    # The trainable sets are the same but for mm's 8 placeholder embedding rows.
+    assert mm["trainable_params"] - hf["trainable_params"] == 8 * TINY.text["hidden_size"]
+
+
+def test_greedy_decoding_gives_hugging_faces_tokens(bench):
+    _, report = bench
+    mm, hf = report["results"]["decode"]["mm"], report["results"]["decode"]["hf"]
+    assert len(mm["tokens"]) == TINY.new_tokens
+    assert mm["tokens"] == hf["tokens"]
+    assert report["comparison"]["decode_same_tokens"] is True
+
+
+def test_every_figure_is_a_positive_number_with_raw_timings(bench):
+    _, report = bench
+    assert report["matmul_peak"]["flops_per_s"] > 0
+    for impl in ("mm", "hf"):
+        train = report["results"]["train"][impl]
+        for key in ("seconds_per_step", "tokens_per_s", "peak_step_mb", "peak_process_mb", "mfu", "load_s"):
+            assert train[key] > 0, (impl, key)
+        steps = [s for run in train["runs"] for s in run["seconds"]]
+        assert len(steps) == report["config"]["repeats"] * report["config"]["train_steps"]
+        assert all(s > 0 for s in steps)
+        decode = report["results"]["decode"][impl]
+        for key in ("prefill_s", "decode_tokens_per_s", "prefill_mfu", "decode_mfu"):
+            assert decode[key] > 0, (impl, key)
+        assert len(decode["runs"][0]["prefill_s"]) == report["config"]["decode_runs"]
+    for key in ("train_speedup", "decode_speedup", "train_memory_ratio"):
+        assert report["comparison"][key] > 0
+
+
+def test_the_table_prints_every_figure(bench):
+    stdout, _ = bench
+    for label in ("train step, s", "train peak memory", "train MFU", "prefill, s", "decode tokens/s"):
+        assert label in stdout
+    assert "error" not in stdout
+
+
+def test_flop_model_counts_backward_through_layers_below_the_first_block_only_when_asked():
+    default = train_step_flops(TINY)
+    assert train_step_flops(TINY, backward_from=0) > default
+    depth = TINY.text["num_hidden_layers"] - len(TINY.text["cross_attention_layers"])
+    assert train_step_flops(TINY, backward_from=depth) < default
+
+
+def test_a_failing_worker_is_reported_not_raised(tmp_path):
+    missing = {"task": "train", "impl": "mm", "size": "tiny", "device": "cpu", "dtype": "fp32", "steps": 1}
+    result = run_worker({**missing, "folder": str(tmp_path / "absent")}, timeout=120, workdir=tmp_path)
+    assert "error" in result and "absent" in result["error"]
+    slow = {"task": "matmul", "size": "tiny", "device": "cpu", "dtype": "fp32", "matmul_n": 4096}
+    assert run_worker(slow, timeout=0.5, workdir=tmp_path) == {"error": "timed out after 0.5 s"}
+
+
+def test_missing_transformers_is_said_clearly():
+    code = "import sys; sys.modules['transformers'] = None; from mm.bench import main; sys.exit(main([]))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "needs Hugging Face transformers" in proc.stderr
