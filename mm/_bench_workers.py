@@ -248,7 +248,11 @@ def task_matmul(spec: dict[str, Any]) -> dict[str, Any]:
             a @ b
         _sync(device)
         rates.append(2 * n**3 * reps / (time.perf_counter() - t0))
-    return {"flops_per_s": max(rates), "raw_flops_per_s": rates, "n": n, "reps": reps}
+    out = {"flops_per_s": max(rates), "raw_flops_per_s": rates, "n": n, "reps": reps}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1))
+    return out
 
 
 def task_train(spec: dict[str, Any]) -> dict[str, Any]:
@@ -284,6 +288,11 @@ def task_train(spec: dict[str, Any]) -> dict[str, Any]:
         "first_loss": losses[0],
         "losses": losses,
         "trainable_params": sum(p.numel() for p in params),
+        "embeddings_learn": any(
+            p.requires_grad
+            for name, p in model.named_parameters()
+            if name.endswith("embed_tokens.weight") or name.startswith("extra_embeddings")
+        ),
         "memory": memory.read(),
         "torch_threads": torch.get_num_threads(),
     }

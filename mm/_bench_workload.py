@@ -16,8 +16,9 @@ ignored; only real tokens count, never padding):
   backbone layers from the first layer that needs gradients onward cost their forward again for
   linear layers (input gradients only) and twice for attention scores (both operands need
   gradients); so does the output head. Frozen layers below that one cost no backward. That layer
-  is the first cross-attention block for Hugging Face's trainable set; for mm's it is layer 0,
-  because the trainable ``<|image|>`` embedding row needs gradients through every layer.
+  is the one the first cross-attention block sits in front of, unless an input embedding learns
+  (mm's ``<|image|>`` placeholder row does): then it is layer 0, since the row's gradient passes
+  through every layer. The train worker reports which case it measured.
 * Decode token ``i`` costs the forward of one token with ``s + i`` cached keys.
 """
 

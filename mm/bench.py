@@ -60,8 +60,8 @@ TARGETS = {"train_speedup": 1.3, "decode_speedup": 2.0, "train_memory_ratio": 0.
 
 
 # ---------------------------------------------------------------------- environment
-def hardware(device: str) -> dict[str, Any]:
-    """CPU model, cores, memory and (on CUDA) the GPU."""
+def hardware() -> dict[str, Any]:
+    """CPU model, cores and memory (the GPU is named by a worker: the parent never touches CUDA)."""
     info: dict[str, Any] = {"platform": platform.platform(), "cpu_cores": os.cpu_count()}
     if hasattr(os, "sched_getaffinity"):
         info["cpus_usable"] = len(os.sched_getaffinity(0))
@@ -77,12 +77,6 @@ def hardware(device: str) -> dict[str, Any]:
         info["memory_gb"] = round(int(mem.split()[1]) / 2**20, 1)
     except (OSError, StopIteration):
         info["cpu"] = platform.processor() or "unknown"
-    if device == "cuda":
-        import torch
-
-        props = torch.cuda.get_device_properties(0)
-        info["gpu"] = props.name
-        info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
     return info
 
 
@@ -131,6 +125,8 @@ def run_worker(spec: dict[str, Any], *, timeout: float, workdir: Path) -> dict[s
     wall = time.perf_counter() - t0
     if not result_path.is_file():
         tail = (proc.stderr or proc.stdout or "").strip()[-2000:]
+        if proc.returncode < 0:
+            tail = f"killed by signal {-proc.returncode} (out of memory?) {tail}"
         return {"error": f"worker exited with status {proc.returncode}: {tail}"}
     result = json.loads(result_path.read_text())
     result_path.unlink()
@@ -150,17 +146,21 @@ def _ok(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in runs if "error" not in r]
 
 
-def summarise_train(runs, size: BenchSize, flops: float, peak: float | None) -> dict[str, Any]:
+def summarise_train(runs, size: BenchSize, peak: float | None) -> dict[str, Any]:
     good = _ok(runs)
-    out: dict[str, Any] = {"runs": runs, "model_flops": flops}
+    out: dict[str, Any] = {"runs": runs}
     if not good:
         out["error"] = runs[0]["error"] if runs else "not run"
         return out
+    # A learning input embedding (mm's placeholder rows) needs gradients through every layer.
+    flops = train_step_flops(size, backward_from=0 if good[0]["embeddings_learn"] else None)
     seconds = [s for r in good for s in r["seconds"]]
     median = _median(seconds)
     out.update(
         seconds_per_step=median,
+        seconds_min=min(seconds),
         tokens_per_s=sum(size.train_lengths) / median,
+        model_flops=flops,
         first_loss=good[0]["first_loss"],
         peak_step_mb=_median([r["memory"]["step_mb"] for r in good]),
         peak_process_mb=_median([r["memory"]["peak_mb"] for r in good]),
@@ -181,6 +181,8 @@ def summarise_decode(runs, size: BenchSize, flops: tuple[float, float], peak: fl
     decode = _median([d for r in good for d in r["decode_s"]])
     out.update(
         prefill_s=prefill,
+        prefill_min_s=min(p for r in good for p in r["prefill_s"]),
+        decode_min_s=min(d for r in good for d in r["decode_s"]),
         decode_tokens_per_s=(size.new_tokens - 1) / decode if decode else None,
         tokens=good[0]["tokens"],
         load_s=_median([r["load_s"] for r in good]),
@@ -260,7 +262,7 @@ def run_bench(
             "figures": list(figures),
         },
         "versions": versions(),
-        "hardware": hardware(device),
+        "hardware": hardware(),
     }
     common = {"size": size_name, "device": device, "dtype": dtype, "threads": threads}
     temp = tempfile.TemporaryDirectory(prefix="mm-bench-") if workdir is None else None
@@ -283,6 +285,7 @@ def run_bench(
             workdir=root,
         )
         report["matmul_peak"] = peak_run
+        report["hardware"].update({k: peak_run[k] for k in ("gpu", "gpu_memory_gb") if k in peak_run})
         peak = peak_run.get("flops_per_s")
         log(f"matmul peak: {_flops(peak)}" if peak else f"matmul peak: error {peak_run['error']}")
 
@@ -295,22 +298,16 @@ def run_bench(
                     result = run_worker(spec, timeout=timeout, workdir=root)
                     raw[figure][impl].append(result)
                     log(f"round {r + 1}/{repeats}  {figure:6s} {impl:2s}  {_progress(figure, result)}")
-        flops_train = {
-            "hf": train_step_flops(size),
-            "mm": train_step_flops(size, backward_from=0),
-        }
         flops_decode = decode_flops(size)
+        results: dict[str, dict[str, Any]] = {}
+        if "train" in raw:
+            results["train"] = {impl: summarise_train(raw["train"][impl], size, peak) for impl in IMPLS}
         report["flops"] = {
-            "train_step": flops_train,
+            "train_step": {impl: results.get("train", {}).get(impl, {}).get("model_flops") for impl in IMPLS},
             "prefill": flops_decode[0],
             "decode": flops_decode[1],
             "peak_flops_per_s": peak,
         }
-        results: dict[str, dict[str, Any]] = {}
-        if "train" in raw:
-            results["train"] = {
-                impl: summarise_train(raw["train"][impl], size, flops_train[impl], peak) for impl in IMPLS
-            }
         if "decode" in raw:
             results["decode"] = {
                 impl: summarise_decode(raw["decode"][impl], size, flops_decode, peak) for impl in IMPLS
@@ -318,8 +315,8 @@ def run_bench(
         report["results"] = results
         report["comparison"] = compare(results)
         every = [r for fig in raw.values() for runs_ in fig.values() for r in runs_]
-        threads = [r["torch_threads"] for r in every if "torch_threads" in r]
-        report["hardware"]["torch_threads"] = threads[0] if threads else None
+        seen = [r["torch_threads"] for r in every if "torch_threads" in r]
+        report["hardware"]["torch_threads"] = seen[0] if seen else None
         loads = [x for r in every for x in r.get("load_average", [])]
         report["load_average_max"] = max(loads) if loads else None
         return report
@@ -507,7 +504,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    report["command"] = "mm bench " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    report["command"] = getattr(args, "command_line", None) or "mm " + " ".join(sys.argv[1:])
     out = Path(args.out or f"mm-bench-{args.size}-{args.device}-{args.dtype}.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
@@ -519,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mm.bench", description=__doc__.split("\n")[0])
     _configure(parser)
     args = parser.parse_args(argv)
-    args.argv = argv
+    args.command_line = " ".join(["python -m mm.bench", *(sys.argv[1:] if argv is None else argv)])
     return int(args.func(args))
 
 

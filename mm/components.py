@@ -14,11 +14,19 @@ A component is a named group of parameters that learns or stays frozen as a unit
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["COMPONENTS", "component_of", "set_trainable", "trainable_components"]
+__all__ = [
+    "COMPONENTS",
+    "check_trainable",
+    "component_of",
+    "is_pattern",
+    "set_trainable",
+    "trainable_components",
+]
 
 COMPONENTS = (
     "backbone",
@@ -53,26 +61,45 @@ def component_of(param_name: str) -> str:
     return _PREFIX[head]
 
 
+def is_pattern(entry: str) -> bool:
+    """Whether a trainable entry is a glob over parameter names (``"image_blocks.*"``), not a component."""
+    return entry not in COMPONENTS and any(c in entry for c in "*?[.")
+
+
+def check_trainable(entries: Iterable[str]) -> None:
+    """Refuse unknown components and anything that would let the backbone learn."""
+    entries = list(entries)
+    unknown = [e for e in entries if e not in COMPONENTS and not is_pattern(e)]
+    if unknown:
+        raise ValueError(
+            f"unknown trainable components {unknown}; known: {list(COMPONENTS)} "
+            "(or glob patterns over parameter names)"
+        )
+    if "backbone" in entries or any(is_pattern(e) and fnmatch.fnmatchcase("backbone.x", e) for e in entries):
+        raise ValueError("the backbone is never trained in mm: remove it from the trainable components")
+
+
 def set_trainable(model: nn.Module, components: Iterable[str]) -> list[str]:
     """Make exactly the parameters of ``components`` trainable and freeze every other one.
 
-    Sets ``requires_grad`` on *every* parameter, so calling it twice gives the same result. The
-    backbone can never be made trainable: that would break mm's promise.
+    Entries are component names (``image_adapter``) or glob patterns over parameter names
+    (``"image_blocks.*"``, ``"projector.*"``; a pattern never matches the backbone). Sets
+    ``requires_grad`` on *every* parameter, so calling it twice gives the same result. The backbone
+    can never be made trainable: that would break mm's promise.
 
     Returns:
         Names of the trainable parameters.
     """
-    wanted = set(components)
-    unknown = wanted - set(COMPONENTS)
-    if unknown:
-        raise ValueError(f"unknown components {sorted(unknown)}; known: {list(COMPONENTS)}")
-    if "backbone" in wanted:
-        raise ValueError(
-            "the backbone is never trained in mm: remove 'backbone' from the trainable components"
-        )
+    entries = list(components)
+    check_trainable(entries)
+    wanted = {e for e in entries if not is_pattern(e)}
+    patterns = [e for e in entries if is_pattern(e)]
     trainable = []
     for name, p in model.named_parameters():
-        learn = component_of(name) in wanted
+        component = component_of(name)
+        learn = component in wanted or (
+            component != "backbone" and any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        )
         p.requires_grad_(learn)
         if learn:
             trainable.append(name)

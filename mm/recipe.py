@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from mm.components import COMPONENTS
+from mm.components import check_trainable
 from mm.objectives import BestRqSettings
 
 __all__ = [
@@ -200,11 +200,7 @@ class Stage:
     def __post_init__(self) -> None:
         trainable = tuple(self.trainable)
         object.__setattr__(self, "trainable", trainable)
-        unknown = sorted(set(trainable) - set(COMPONENTS))
-        if unknown:
-            raise ValueError(f"unknown trainable components {unknown}; known: {list(COMPONENTS)}")
-        if "backbone" in trainable:
-            raise ValueError("the backbone is never trained in mm: remove 'backbone' from trainable")
+        check_trainable(trainable)
         if not trainable:
             raise ValueError("a stage must make at least one component trainable")
         if self.objective not in OBJECTIVES:

@@ -107,3 +107,40 @@ def test_missing_transformers_is_said_clearly():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "needs Hugging Face transformers" in proc.stderr
+
+
+def test_11b_size_is_llama_3_2_11b_vision_for_both_implementations():
+    import torch
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    from mm.mllama import mllama_config
+    from mm.model import MultimodalModel
+
+    size = SIZES["11b"]
+    config = MllamaConfig(
+        vision_config=dict(size.vision), text_config=size.hf_text_config(), image_token_index=128256
+    )
+    with torch.device("meta"):
+        hf = MllamaForConditionalGeneration(config)
+        ours = MultimodalModel(mllama_config(config.to_dict()))
+    count = sum(p.numel() for p in hf.parameters())
+    # meta-llama/Llama-3.2-11B-Vision's model.safetensors.index.json: total_size 21340441670 bytes of bf16.
+    assert count == 21340441670 // 2
+    assert sum(p.numel() for p in ours.parameters()) == count
+    assert ours.config.cross_attention_layers == (3, 7, 11, 15, 19, 23, 27, 31)
+
+
+def test_bench_subcommand_registers_on_the_mm_command():
+    import argparse
+
+    from mm.bench import add_bench_parser
+
+    parser = argparse.ArgumentParser(prog="mm")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(
+        ["bench", "--size", "11b", "--device", "cuda", "--dtype", "bf16", "--repeats", "3"]
+    )
+    assert (args.size, args.device, args.dtype, args.repeats) == ("11b", "cuda", "bf16", 3)
+    assert callable(args.func)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--repeats", "0"])

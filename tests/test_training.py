@@ -283,3 +283,14 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
     two = json.loads((tmp_path / "two" / "losses.json").read_text())
     assert len(one) == 5
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), atol=1e-5, rtol=1e-5)
+
+
+def test_trainable_globs_select_parameters_but_never_the_backbone():
+    with torch.device("meta"):
+        model = MultimodalModel(ModelConfig.preset("tiny"))
+    names = set_trainable(model, ["image_encoder", "image_blocks.*", "projector.*"])
+    assert names and not any(n.startswith(("extra_embeddings", "backbone")) for n in names)
+    assert set_trainable(model, ["*_gate"]) == [n for n, _ in model.named_parameters() if n.endswith("_gate")]
+    for entry in ("backbone", "backbone.*", "*"):
+        with pytest.raises(ValueError, match="never trained"):
+            set_trainable(model, [entry])
