@@ -182,11 +182,16 @@ def _hf_parts(model):
 
 
 def _set_trainable(impl: str, model) -> list[torch.nn.Parameter]:
-    """Backbone frozen; image encoder, projector and cross-attention layers learn."""
+    """Backbone frozen; image encoder, projector and cross-attention layers learn, on both sides alike.
+
+    mm's ``image_adapter`` component also holds the learnable ``<|image|>`` embedding row, which
+    Hugging Face's Mllama users keep frozen; the benchmark trains the same set on both sides (so
+    neither back-propagates below the first cross-attention layer).
+    """
     if impl == "mm":
         from mm.components import set_trainable
 
-        set_trainable(model, ["image_encoder", "image_adapter"])
+        set_trainable(model, ["image_encoder", "projector.*", "image_blocks.*"])
     else:
         model.requires_grad_(False)
         vision, projector, layers = _hf_parts(model)

@@ -12,9 +12,11 @@ Figures, for both implementations:
   does mm's trainer), one 4-tile image per sample with ``<|image|>`` first, labels on the last
   quarter of each sequence. Backbone frozen; image encoder, projector and cross-attention layers
   learn, with AdamW. Hugging Face is called with ``labels`` as its users do; mm as its trainer
-  does (``labels=…, return_logits=False``). mm's trainable set also holds the 8 placeholder
-  embedding rows (its ``image_adapter`` component); Hugging Face's ``embed_tokens`` stays frozen.
-  Tokens/s counts real (unpadded) tokens. The first step's loss of both is recorded: equal losses
+  does (``labels=…, return_logits=False``). Both train the same parameters: mm's ``image_adapter``
+  component would also train its placeholder embedding rows, which Hugging Face's users keep
+  frozen, so mm selects ``projector.*`` and ``image_blocks.*`` instead (the first step's
+  trainable-parameter counts are compared). Neither back-propagates below the first
+  cross-attention layer: nothing below it needs gradients. Tokens/s counts real (unpadded) tokens. The first step's loss of both is recorded: equal losses
   show that both did the same work.
 * **train peak memory**: the process's peak over the warm-up and timed steps, minus its memory
   right before the first step (weights loaded): activations, gradients, optimiser state. CPU:
