@@ -18,6 +18,9 @@ One mm sample is one key with
   Optional ``"meta"`` holds anything else worth keeping (source, licence, ...).
 * media members, stored as the original bytes (never re-encoded), whose last extension gives the
   kind: image ``jpg jpeg png webp``, video ``mp4 webm mkv mov``, audio ``flac wav mp3 ogg``.
+  A video may instead be a *features member* ``FIELD.safetensors`` (e.g. ``0.mp4.safetensors``):
+  the frame tokens the frozen image encoder computed for video ``FIELD`` once, written by
+  ``mm data cache-features`` (:mod:`mm.cache_features`); it counts as a video.
 
 A plain caption pair may instead be ``KEY.json = {"caption": str}`` (optionally ``"prompt": str``)
 plus exactly one media member (``KEY.jpg``). Readers turn it into messages: user [media, prompt],
@@ -59,6 +62,7 @@ __all__ = [
     "AUDIO_EXTENSIONS",
     "DEFAULT_CAPTION_PROMPTS",
     "DEFAULT_SHARD_BYTES",
+    "FEATURES_EXTENSION",
     "IMAGE_EXTENSIONS",
     "MEDIA_KINDS",
     "PICKLE_EXTENSIONS",
@@ -66,8 +70,10 @@ __all__ = [
     "PackResult",
     "SampleError",
     "VIDEO_EXTENSIONS",
+    "add_member",
     "caption_messages",
     "check_messages",
+    "is_features",
     "media_kind",
     "pack",
     "parse_size",
@@ -85,6 +91,8 @@ MEDIA_KINDS: Mapping[str, frozenset[str]] = {
     "video": VIDEO_EXTENSIONS,
     "audio": AUDIO_EXTENSIONS,
 }
+# Cached encoder outputs of a video (``0.mp4.safetensors``): tensors and a JSON header, no code.
+FEATURES_EXTENSION = "safetensors"
 # Members that hold pickles (webdataset's default decoder would unpickle them): never decoded.
 PICKLE_EXTENSIONS = frozenset({"pyd", "pkl", "pickle", "pt", "pth"})
 TEXT_FIELDS = frozenset({"json", "txt"})
@@ -148,12 +156,23 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
 
 
 def media_kind(name: str) -> str | None:
-    """``"image"`` / ``"video"`` / ``"audio"`` from the last extension of ``name``, else None."""
-    ext = name.rsplit(".", 1)[-1].lower()
+    """``"image"`` / ``"video"`` / ``"audio"`` from the last extension of ``name``, else None.
+
+    A features member ``X.EXT.safetensors`` (see :func:`is_features`) has the kind of ``X.EXT``
+    when that is a video; cached features exist for videos only.
+    """
+    stem, _, ext = name.lower().rpartition(".")
+    if ext == FEATURES_EXTENSION:
+        return "video" if stem.rsplit(".", 1)[-1] in VIDEO_EXTENSIONS else None
     for kind, exts in MEDIA_KINDS.items():
         if ext in exts:
             return kind
     return None
+
+
+def is_features(name: str) -> bool:
+    """Whether ``name`` is a features member (cached frame tokens of a video), not the medium itself."""
+    return name.lower().rsplit(".", 1)[-1] == FEATURES_EXTENSION and media_kind(name) is not None
 
 
 def check_messages(messages: Any) -> list[tuple[str, str]]:
@@ -459,6 +478,12 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Append one member with the fixed metadata :func:`pack` writes (mode, time, owners), so the
+    same content always gives the same bytes."""
+    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
 
 
 def _padded(size: int, unit: int) -> int:

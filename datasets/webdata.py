@@ -19,7 +19,8 @@ sections 7.5 and 8.1, are all fed from such samples).
 
 Safety and robustness:
 
-* Only ``json``, ``txt`` and media members (see :data:`mm.datasets.shards.MEDIA_KINDS`) are read.
+* Only ``json``, ``txt``, media members (see :data:`mm.datasets.shards.MEDIA_KINDS`) and
+  features members of videos (``0.mp4.safetensors``, cached frame tokens) are read.
   Pickle members (``.pyd .pkl .pickle .pt .pth``) are dropped unread and counted; webdataset's
   default decoder, which unpickles them, is never used. Other members are dropped and counted.
 * A sample with bad JSON, broken messages, a missing media member, or on which ``decode`` raises
@@ -67,6 +68,7 @@ from webdataset.shardlists import expand_urls
 
 from mm.datasets.shards import (
     DEFAULT_CAPTION_PROMPTS,
+    FEATURES_EXTENSION,
     MEDIA_KINDS,
     PICKLE_EXTENSIONS,
     TEXT_FIELDS,
@@ -78,13 +80,21 @@ from mm.datasets.shards import (
     split_member_name,
 )
 
-__all__ = ["DataCounters", "DataError", "ShardStream", "expand_shards", "normalize_sample", "stream_samples"]
+__all__ = [
+    "DataCounters",
+    "DataError",
+    "ShardStream",
+    "expand_shards",
+    "normalize_sample",
+    "read_shard",
+    "stream_samples",
+]
 
 logger = logging.getLogger(__name__)
 
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # a scheme of two or more letters (not "C:")
-_ALLOWED_EXTENSIONS = TEXT_FIELDS.union(*MEDIA_KINDS.values())
+_ALLOWED_EXTENSIONS = TEXT_FIELDS.union(*MEDIA_KINDS.values(), {FEATURES_EXTENSION})
 
 
 class DataError(ValueError):
@@ -264,8 +274,12 @@ def _mix(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
-def _read_shard(url: str, counters: DataCounters) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
-    """Yield ``(key, {field: bytes}, problem)`` per sample of one shard; a broken shard ends it, counted."""
+def read_shard(url: str, counters: DataCounters) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+    """Yield ``(key, {field: bytes}, problem)`` per sample of one shard; a broken shard ends it, counted.
+
+    Fields are lower-cased; only allowed members are read (see the module docstring); ``problem``
+    names a member that occurs twice, else is None.
+    """
     key: str | None = None
     fields: dict[str, bytes] = {}
     problem: str | None = None
@@ -431,7 +445,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         counters, good, empty_run = self.counters, 0, 0
         for url in urls:
             before = good
-            for key, fields, problem in _read_shard(url, counters):
+            for key, fields, problem in read_shard(url, counters):
                 counters.seen += 1
                 try:
                     if problem is not None:

@@ -2,8 +2,9 @@
 
 Messages are Llama 3 chat messages whose content is a string or a list of parts: ``{"type":
 "text", "text": ...}``, mm's ``{"type": "image", "image": PIL | path | bytes}`` or OpenAI's
-``{"type": "image_url", "image_url": {"url": "data:..."}}`` (see :mod:`mm.media`, the one place
-parts are normalised). Every prompt is built by the preprocessor saved with the model
+``{"type": "image_url", "image_url": {"url": "data:..."}}``, and videos likewise (``{"type":
+"video", "video": path | bytes | frames}``, ``{"type": "video_url", ...}``; see :mod:`mm.media`,
+the one place parts are normalised). Every prompt is built by the preprocessor saved with the model
 (``model.preprocessor``), so training and serving never disagree on tiles, masks or templates.
 
 Decoding (Llama 3 paper, section 7: vision keys/values are computed once per request, at prefill,
@@ -24,6 +25,7 @@ Heavy modules (torch, the tokenizer) are imported on first use, so ``mm --help``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -223,6 +225,10 @@ def encode_conversation(
     pre = _preprocessor(model)
     if media_policy is None:
         media_policy = MediaPolicy()
+    if media_policy.video is None and pre.video is not None:  # decode clips under the model's caps
+        media_policy = dataclasses.replace(media_policy, video=pre.video)
+    if media_policy.audio is None and getattr(pre, "audio", None) is not None:  # speech: the same
+        media_policy = dataclasses.replace(media_policy, audio=pre.audio)
     sample = pre.encode(normalize_messages(messages, media_policy), add_generation_prompt=True)
     context = model.config.text.max_seq_len
     if len(sample.ids) >= context:
@@ -388,13 +394,36 @@ def add_ask_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``mm ask`` on an ``argparse`` subparsers object."""
     p = subparsers.add_parser(
         "ask",
-        help="answer a question about images with a saved model",
-        description="Ask a saved mm model a question, optionally about images; the answer streams to stdout.",
+        help="answer a question about images, videos or speech with a saved model",
+        description=(
+            "Ask a saved mm model a question, optionally about images and videos, or ask it aloud "
+            "(--audio); the answer streams to stdout, and --speak also says it into a WAV file."
+        ),
     )
     p.add_argument(
         "--model", required=True, help="folder written by save_pretrained (e.g. mm demo's OUT/model)"
     )
     p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image (repeatable)")
+    p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a video: mp4, webm, mkv or mov (repeatable; shown before the images)",
+    )
+    p.add_argument(
+        "--audio",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="speech: wav, flac, mp3, ogg, webm or m4a (repeatable; a spoken question needs no QUESTION)",
+    )
+    p.add_argument(
+        "--speak",
+        default=None,
+        metavar="OUT.wav",
+        help="also say the answer into this WAV file (24 kHz, offline, hibari-tts's bundled voice)",
+    )
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -402,18 +431,28 @@ def add_ask_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.add_argument("question", help="the question")
+    p.add_argument("question", nargs="?", default="", help="the question (optional with --audio)")
     p.set_defaults(func=_cmd_ask)
     return p
 
 
 def ask_messages(
-    question: str, images: Sequence[Any] = (), system: str | None = None
+    question: str,
+    images: Sequence[Any] = (),
+    system: str | None = None,
+    *,
+    videos: Sequence[Any] = (),
+    audios: Sequence[Any] = (),
 ) -> list[dict[str, Any]]:
-    """The conversation ``mm ask`` sends: an optional system message, then the images and the question."""
+    """The conversation ``mm ask`` sends: an optional system message, then the videos, the images,
+    the question and the speech (a spoken question may stand alone: empty ``question``)."""
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    parts = [{"type": "image", "image": im} for im in images]
-    messages.append({"role": "user", "content": [*parts, {"type": "text", "text": question}]})
+    parts = [{"type": "video", "video": v} for v in videos]
+    parts += [{"type": "image", "image": im} for im in images]
+    if question or not audios:
+        parts.append({"type": "text", "text": question})
+    parts += [{"type": "audio", "audio": a} for a in audios]
+    messages.append({"role": "user", "content": parts})
     return messages
 
 
@@ -428,11 +467,18 @@ def _cmd_ask(args: argparse.Namespace) -> int:
             seed=args.seed,
             stop=tuple(args.stop),
         )
+        if not args.question and not args.audio:
+            raise ValueError("give a QUESTION, or ask it aloud with --audio FILE")
+        if args.speak is not None:
+            from mm.speech_synth import get_synthesizer
+
+            get_synthesizer()  # fail before answering if speech output cannot work
         model = MultimodalModel.from_pretrained(args.model).eval()
-        messages = ask_messages(args.question, args.image, args.system)
+        messages = ask_messages(args.question, args.image, args.system, videos=args.video, audios=args.audio)
         start = time.perf_counter()
         if args.json:
             c = complete(model, messages, options=options)
+            answer = c.text
             out = {
                 "answer": c.text,
                 "finish_reason": c.finish_reason,
@@ -440,13 +486,23 @@ def _cmd_ask(args: argparse.Namespace) -> int:
                 "tokens": c.completion_tokens,
                 "seconds": round(time.perf_counter() - start, 4),
             }
+        else:
+            pieces = []
+            for piece in chat_stream(model, messages, options=options):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            answer = "".join(pieces)
+        if args.speak is not None:
+            from mm.speech_synth import speak
+
+            path = speak(answer, args.speak)
+            if args.json:
+                out["speech"] = str(path)
+        if args.json:
             print(json.dumps(out, ensure_ascii=False))
-            return 0
-        for piece in chat_stream(model, messages, options=options):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-    except (ValueError, OSError) as e:  # bad options, model folder, images, or a prompt too long
+    except (ValueError, OSError) as e:  # bad options, model folder, media, or a prompt too long
         print(f"mm ask: {e}", file=sys.stderr)
         return 2
     return 0

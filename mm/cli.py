@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_ask_parser(sub)
     add_serve_parser(sub)
 
+    from mm.bench import add_bench_parser
+
+    add_bench_parser(sub)
+
     p = sub.add_parser("info", help="components of a preset with parameter counts and memory")
     p.add_argument("--preset", required=True, help="e.g. llama3.1-8b, llama3.2-11b-vision, llama3-405b, tiny")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -117,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--shard-size", default="64MB", help="target shard size (e.g. 64MB, 1GiB)")
     q.add_argument("--overwrite", action="store_true", help="replace an earlier pack in OUT")
     q.set_defaults(func=_cmd_data_pack)
+    from mm.cache_features import add_cache_features_parser
+
+    add_cache_features_parser(data_sub)
 
     p = sub.add_parser("average", help="average the weights of trained models (model soup)")
     p.add_argument("models", nargs="+", help="mm model folders on the same backbone")

@@ -25,8 +25,24 @@ header before decoding), so a bad image fails its own request with a message nam
 Bytes from a request (data URIs, downloads) must be one of :data:`REQUEST_IMAGE_FORMATS`, so PIL
 never hands them to a plugin that runs an external program (EPS and Ghostscript).
 
-Other media plug in through :data:`PART_TYPES`: a handler per part type (video and audio parts
-join it with their issues), each returning parts in mm's form.
+Videos come the same ways: mm's part ``{"type": "video", "video": path | bytes | frames | tensor}``
+and ``{"type": "video_url", "video_url": {"url": ...}}`` (same URL rules and ``max_bytes`` as
+images; the data URI's media type, when given, must be ``video/*``). When the policy names
+``video`` settings (:func:`mm.chat.encode_conversation` fills in the model's), clips are decoded
+here with :func:`mm.datasets.video.load_video` under its caps (duration, frame size, bytes,
+container allow-list), so a bad clip fails its own request with a message naming the part; frames
+and cached frame tokens given directly pass through to the preprocessor, which checks them.
+
+Speech comes as mm's part ``{"type": "audio", "audio": path | bytes | waveform}`` or OpenAI's
+``{"type": "input_audio", "input_audio": {"data": <base64>, "format": "wav" | "mp3"}}`` (the
+base64 is held to the same ``max_bytes`` as images; data URIs are accepted in mm's part too).
+When the policy names ``audio`` settings (:func:`mm.chat.encode_conversation` fills in the
+model's), audio is decoded here with :func:`mm.datasets.audio.load_audio` under its caps
+(duration, bytes), so a bad clip fails its own request with a message naming the part; waveforms
+given directly pass through.
+
+Other media plug in through :data:`PART_TYPES`: a handler per part type, each returning parts in
+mm's form.
 """
 
 from __future__ import annotations
@@ -129,6 +145,12 @@ class MediaPolicy:
         timeout_s: per socket operation, and the deadline of each download.
         max_image_pixels: images with more pixels (width x height, read from the header) are refused.
         max_images: images allowed in one conversation.
+        video: decoding settings and caps of videos (``mm.datasets.VideoConfig``: frames sampled,
+            longest duration, largest frame, bytes); ``None`` passes videos on undecoded.
+        max_videos: videos allowed in one conversation.
+        audio: decoding settings and caps of speech (``mm.datasets.AudioConfig``: sample rate,
+            longest duration, bytes); ``None`` passes audio on undecoded.
+        max_audios: audio clips allowed in one conversation.
         allow_paths: image parts may name local files (the Python API); the server turns this off.
         resolver: ``(host, port) -> [ip, ...]``; the system resolver unless a test injects one.
         address_check: ``ip -> reason or None``; :func:`blocked_address_reason` unless a test
@@ -140,6 +162,10 @@ class MediaPolicy:
     timeout_s: float = 10.0
     max_image_pixels: int | None = None
     max_images: int | None = None
+    video: Any = None
+    max_videos: int | None = None
+    audio: Any = None
+    max_audios: int | None = None
     allow_paths: bool = True
     resolver: Callable[[str, int], list[str]] = field(default=system_resolver, compare=False, repr=False)
     address_check: Callable[[str], str | None] = field(
@@ -151,7 +177,7 @@ class MediaPolicy:
         if "" in domains:
             raise ValueError("allowed_domains holds an empty host name")
         object.__setattr__(self, "allowed_domains", domains)
-        for name in ("max_bytes", "max_image_pixels", "max_images"):
+        for name in ("max_bytes", "max_image_pixels", "max_images", "max_videos", "max_audios"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -425,10 +451,10 @@ def _image_part(part: Part, policy: MediaPolicy, where: str) -> dict[str, Any]:
     return {"type": "image", "image": _decode_image(source, policy, where)}
 
 
-def _url_bytes(url: str, policy: MediaPolicy, where: str) -> bytes:
+def _url_bytes(url: str, policy: MediaPolicy, where: str, kind: str = "image") -> bytes:
     try:
         if url[:5].lower() == "data:":
-            return decode_data_uri(url, max_bytes=policy.max_bytes, kind="image")
+            return decode_data_uri(url, max_bytes=policy.max_bytes, kind=kind)
         return fetch_url(url, policy)
     except MediaError as e:
         raise MediaError(f"{where}: {e}", param=where, code=e.code) from None
@@ -448,12 +474,126 @@ def _image_url_part(part: Part, policy: MediaPolicy, where: str) -> dict[str, An
     return {"type": "image", "image": _decode_image(data, policy, where)}
 
 
+_VIDEO_CAPS = ("max_seconds", "max_pixels_per_frame", "max_bytes", "max_stream_frames")
+
+
+def _decode_video(source: Any, policy: MediaPolicy, where: str) -> Any:
+    """Frames of a clip under ``policy.video``; frames, frame tokens or no settings: unchanged."""
+    if policy.video is None or isinstance(source, (list, tuple)) or hasattr(source, "is_floating_point"):
+        return source
+    from mm.datasets.video import VideoError, load_video
+
+    try:
+        return load_video(source, config=policy.video).frames
+    except VideoError as e:
+        message = str(e)
+        too_big = any(f"{cap}=" in message for cap in _VIDEO_CAPS)  # the caps name themselves
+        raise MediaError(
+            f"{where}: {message}", param=where, code="video_too_large" if too_big else "invalid_video"
+        ) from None
+    except (TypeError, OSError) as e:
+        raise MediaError(f"{where}: {e}", param=where, code="invalid_part") from None
+
+
+def _video_part(part: Part, policy: MediaPolicy, where: str) -> dict[str, Any]:
+    source = part.get("video")
+    if source is None:
+        raise MediaError(f"{where}: a video part needs 'video'", param=where, code="invalid_part")
+    if isinstance(source, str) or hasattr(source, "__fspath__"):
+        if not policy.allow_paths:
+            raise MediaError(
+                f"{where}: video parts that name files are not accepted here; send a 'video_url' "
+                "part with a data: URI",
+                param=where,
+                code="invalid_part",
+            )
+        if isinstance(source, str) and source.startswith(("data:", "http:", "https:", "file:")):
+            source = _url_bytes(source, policy, where, kind="video")
+    return {"type": "video", "video": _decode_video(source, policy, where)}
+
+
+def _video_url_part(part: Part, policy: MediaPolicy, where: str) -> dict[str, Any]:
+    spec = part.get("video_url")
+    url = spec.get("url") if isinstance(spec, Mapping) else spec
+    if not isinstance(url, str) or not url:
+        raise MediaError(
+            f"{where}: a video_url part needs 'video_url': {{'url': '...'}}",
+            param=where,
+            code="invalid_part",
+        )
+    data = _url_bytes(url.strip(), policy, where, kind="video")
+    return {"type": "video", "video": _decode_video(data, policy, where)}
+
+
+INPUT_AUDIO_FORMATS = ("wav", "mp3")
+"""``input_audio`` formats accepted (OpenAI's)."""
+
+
+def _decode_audio(source: Any, policy: MediaPolicy, where: str) -> Any:
+    """A waveform under ``policy.audio``; a waveform or no settings: unchanged."""
+    if policy.audio is None or hasattr(source, "is_floating_point"):
+        return source
+    from mm.datasets.audio import AudioError, load_audio
+
+    try:
+        return load_audio(source, config=policy.audio)
+    except AudioError as e:
+        message = str(e)
+        too_big = "max_seconds" in message or "max_bytes" in message
+        raise MediaError(
+            f"{where}: {message}", param=where, code="audio_too_large" if too_big else "invalid_audio"
+        ) from None
+    except (TypeError, OSError) as e:
+        raise MediaError(f"{where}: {e}", param=where, code="invalid_part") from None
+
+
+def _audio_part(part: Part, policy: MediaPolicy, where: str) -> dict[str, Any]:
+    source = part.get("audio")
+    if source is None:
+        raise MediaError(f"{where}: an audio part needs 'audio'", param=where, code="invalid_part")
+    if isinstance(source, str) or hasattr(source, "__fspath__"):
+        if isinstance(source, str) and source[:5].lower() == "data:":
+            source = _url_bytes(source, policy, where, kind="audio")
+        elif not policy.allow_paths:
+            raise MediaError(
+                f"{where}: audio parts that name files are not accepted here; send an 'input_audio' "
+                "part with base64 data",
+                param=where,
+                code="invalid_part",
+            )
+    return {"type": "audio", "audio": _decode_audio(source, policy, where)}
+
+
+def _input_audio_part(part: Part, policy: MediaPolicy, where: str) -> dict[str, Any]:
+    spec = part.get("input_audio")
+    data = spec.get("data") if isinstance(spec, Mapping) else None
+    fmt = spec.get("format") if isinstance(spec, Mapping) else None
+    if not isinstance(data, str) or not data:
+        raise MediaError(
+            f"{where}: an input_audio part needs 'input_audio': {{'data': '<base64>', 'format': 'wav'}}",
+            param=where,
+            code="invalid_part",
+        )
+    if fmt not in INPUT_AUDIO_FORMATS:
+        raise MediaError(
+            f"{where}: input_audio format {fmt!r} is not supported; expected one of {list(INPUT_AUDIO_FORMATS)}",
+            param=where,
+            code="invalid_part",
+        )
+    raw = _url_bytes(f"data:audio/{fmt};base64,{data}", policy, where, kind="audio")
+    return {"type": "audio", "audio": _decode_audio(raw, policy, where)}
+
+
 PART_TYPES: dict[str, PartHandler] = {
     "text": _text_part,
     "image": _image_part,
     "image_url": _image_url_part,
+    "video": _video_part,
+    "video_url": _video_url_part,
+    "audio": _audio_part,
+    "input_audio": _input_audio_part,
 }
-"""Part type -> handler returning the part in mm's form. Video and audio issues add theirs here."""
+"""Part type -> handler returning the part in mm's form."""
 
 
 def normalize_messages(
@@ -477,6 +617,22 @@ def normalize_messages(
             "per request (max_images)",
             param="messages",
             code="too_many_images",
+        )
+    videos = _count_parts(messages, ("video", "video_url"))
+    if policy.max_videos is not None and videos > policy.max_videos:
+        raise MediaError(
+            f"the conversation has {videos} videos, more than the limit of {policy.max_videos} videos "
+            "per request (max_videos)",
+            param="messages",
+            code="too_many_videos",
+        )
+    audios = _count_parts(messages, ("audio", "input_audio"))
+    if policy.max_audios is not None and audios > policy.max_audios:
+        raise MediaError(
+            f"the conversation has {audios} audio clips, more than the limit of {policy.max_audios} "
+            "audio clips per request (max_audios)",
+            param="messages",
+            code="too_many_audios",
         )
     out = []
     for i, message in enumerate(messages):
@@ -506,10 +662,14 @@ def normalize_messages(
 
 
 def _count_images(messages: Sequence[Any]) -> int:
+    return _count_parts(messages, ("image", "image_url"))
+
+
+def _count_parts(messages: Sequence[Any], types: tuple[str, ...]) -> int:
     return sum(
         1
         for message in messages
         if isinstance(message, Mapping) and isinstance(message.get("content"), (list, tuple))
         for part in message["content"]
-        if isinstance(part, Mapping) and part.get("type") in ("image", "image_url")
+        if isinstance(part, Mapping) and part.get("type") in types
     )

@@ -1,7 +1,7 @@
 """Everything between a conversation and the model's input tensors, saved with the model.
 
 Shapes: b batch, s tokens, n images per sample, t tiles per image, v videos per sample, f frames,
-a audio clips in the batch, F log-mel frames.
+p tokens per tile, d model width, a audio clips in the batch, F log-mel frames.
 
 A :class:`Preprocessor` bundles the tokenizer, the image processor (tile size, tiles, normalisation),
 video sampling (frames per clip), audio features (sample rate, log-mel), the cross-attention mask
@@ -10,7 +10,10 @@ the one saved with the model, so training and serving never disagree.
 
 Conversations are Llama 3 chat messages whose media parts carry the media themselves:
 ``{"type": "image", "image": <PIL image | path | bytes>}``, ``{"type": "video", "video": <path |
-bytes | list of PIL frames>}``, ``{"type": "audio", "audio": <path | bytes | waveform tensor>}``.
+bytes | list of PIL frames | tensor [f, t, p, d]>}``, ``{"type": "audio", "audio": <path | bytes |
+waveform tensor>}``. A video given as a tensor holds its frames' tokens as the frozen image encoder
+and projector computed them (``mm data cache-features``, Llama 3 section 7.4's video stage keeps the
+encoder frozen): batches of such videos carry ``video_features`` instead of pixels.
 An audio part becomes as many ``<|audio|>`` placeholders as the speech adapter emits for it
 (Llama 3 section 8); images and videos keep one placeholder each and are reached by cross-attention.
 """
@@ -93,6 +96,12 @@ class Preprocessor:
         video: frame sampling and caps for videos (``mm.datasets.VideoConfig``), or ``None``.
         audio: decoding and log-mel settings for audio (``mm.datasets.AudioConfig``), or ``None``.
         audio_tokens: how many placeholders an audio clip becomes (from the model's speech config).
+
+    Attributes:
+        video_features_fingerprint: what cached frame features read from shards must have been made
+            with (the model's encoder digest and these frame settings; see
+            :func:`mm.cache_features.features_fingerprint`). The trainer sets it from the model;
+            while it is ``None``, features members in shards are refused. Not saved.
     """
 
     def __init__(
@@ -126,6 +135,7 @@ class Preprocessor:
         self.video = video
         self.audio = audio
         self.audio_tokens = audio_tokens
+        self.video_features_fingerprint: dict[str, Any] | None = None
         self.skipped: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ settings
@@ -236,9 +246,21 @@ class Preprocessor:
             raise SampleTooLong(f"{len(ids)} tokens > max_seq_len {self.max_seq_len}")
         return EncodedSample(ids=ids, labels=labels, images=images, videos=videos, audios=audios)
 
-    def _frames(self, video: Any) -> list[Any]:
+    def _frames(self, video: Any) -> list[Any] | torch.Tensor:
         from mm.datasets.video import load_video
 
+        if torch.is_tensor(video):  # cached frame tokens [f, t, p, d]
+            if video.ndim != 4 or not video.is_floating_point():
+                raise ValueError(
+                    f"a video given as a tensor holds frame tokens [f, t, p, d], got {video.dtype} "
+                    f"{tuple(video.shape)}"
+                )
+            if video.shape[0] != self.video.num_frames:
+                raise ValueError(
+                    f"cached video features hold {video.shape[0]} frames; this preprocessor samples "
+                    f"{self.video.num_frames}"
+                )
+            return video
         if isinstance(video, list | tuple):  # frames given directly
             if len(video) != self.video.num_frames:
                 raise ValueError(
@@ -332,28 +354,39 @@ class Preprocessor:
             batch["audio_features"], batch["audio_lengths"] = pad_features(audios)
         return batch
 
+    def video_pixel_values(self, videos: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode and sample videos, and prepare their frames exactly as training batches carry them.
+
+        Args:
+            videos: per video, a path, the file's bytes, or a list of frames.
+
+        Returns:
+            ``pixel_values [N, f, t, 3, H, W]``, ``aspect_ratio_ids [N]``, ``aspect_ratio_mask [N, t]``
+            (tiles padded and ids renumbered to the encoder's when ``encoder_tiles`` is set).
+
+        Raises:
+            VideoError: a video cannot be decoded or breaks a limit of the video settings.
+        """
+        if self.video is None or self.image_processor is None:
+            raise ValueError("this model takes no video")
+        frames = [self._frames(video) for video in videos]
+        if any(torch.is_tensor(f) for f in frames):
+            raise ValueError("videos given as cached features have no pixels")
+        return self._video_pixels(frames)
+
+    def _video_pixels(self, frames: Sequence[list[Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[N, f, t, 3, H, W]`` pixels, ``[N]`` ratio ids and ``[N, t]`` tile masks of decoded frames."""
+        proc = self.image_processor(list(frames))  # every video a "sample" whose images are its frames
+        pixels = proc.pixel_values  # [N, f, t, 3, H, W]
+        ratio_ids, ratio_mask = proc.aspect_ratio_ids[:, 0], proc.aspect_ratio_mask[:, 0]  # [N], [N, t]
+        if self.encoder_tiles is not None:
+            _, ratio_ids, pixels, ratio_mask = self._to_encoder_tiles(ratio_ids, pixels, ratio_mask)
+        return pixels, ratio_ids, ratio_mask
+
     def _collate_videos(self, samples, token_ids, width, padding_side) -> dict[str, torch.Tensor]:
         b, v = len(samples), max(len(s.videos) for s in samples)
-        f = self.video.num_frames
-        per_video = [self.image_processor([frames]) for s in samples for frames in s.videos]
-        t, (c, h, w) = per_video[0].pixel_values.shape[2], per_video[0].pixel_values.shape[3:]
-        pixels = torch.zeros(b, v, f, t, c, h, w)
-        ratio_ids = torch.zeros(b, v, dtype=torch.long)
-        ratio_mask = torch.zeros(b, v, t, dtype=torch.long)
-        k = 0
-        for i, s in enumerate(samples):
-            for j in range(len(s.videos)):
-                p = per_video[k]
-                k += 1
-                if p.pixel_values.shape[2] != t:
-                    raise ValueError("all video frames of a batch must tile alike")
-                pixels[i, j] = p.pixel_values[0]  # [f, t, 3, H, W]
-                ratio_ids[i, j] = p.aspect_ratio_ids[0, 0]
-                ratio_mask[i, j] = p.aspect_ratio_mask[0, 0]
-        if self.encoder_tiles is not None:
-            flat = pixels.reshape(b, v * f, t, c, h, w)
-            _, ratio_ids, flat, ratio_mask = self._to_encoder_tiles(ratio_ids, flat, ratio_mask)
-            pixels = flat.reshape(b, v, f, *flat.shape[2:])
+        videos = [video for s in samples for video in s.videos]
+        cached = [torch.is_tensor(video) for video in videos]
         xmask = batch_cross_attention_mask(
             token_ids,
             [[1] * len(s.videos) for s in samples],
@@ -363,6 +396,31 @@ class Preprocessor:
             padding_side=padding_side,
             mode=self.mask_mode,
         )[..., 0]  # [b, s, v]
+        if all(cached):
+            shapes = {tuple(video.shape) for video in videos}
+            if len(shapes) > 1:
+                raise ValueError(f"cached video features of one batch differ in shape: {sorted(shapes)}")
+            features = videos[0].new_zeros(b, v, *videos[0].shape)  # [b, v, f, t, p, d]
+            k = 0
+            for i, s in enumerate(samples):
+                for j in range(len(s.videos)):
+                    features[i, j] = videos[k]
+                    k += 1
+            return {"video_features": features, "video_cross_attention_mask": xmask}
+        if any(cached):
+            raise ValueError(
+                "a batch mixes videos given as cached features with videos given as pixels; "
+                "keep cached and raw video shards in separate data sources"
+            )
+        flat, flat_ids, flat_mask = self._video_pixels(videos)  # [N, f, t, 3, H, W]
+        pixels = flat.new_zeros(b, v, *flat.shape[1:])  # [b, v, f, t, 3, H, W]
+        ratio_ids = torch.zeros(b, v, dtype=torch.long)
+        ratio_mask = torch.zeros(b, v, flat_mask.shape[-1], dtype=torch.long)
+        k = 0
+        for i, s in enumerate(samples):
+            for j in range(len(s.videos)):
+                pixels[i, j], ratio_ids[i, j], ratio_mask[i, j] = flat[k], flat_ids[k], flat_mask[k]
+                k += 1
         return {
             "video_pixel_values": pixels,
             "video_aspect_ratio_ids": ratio_ids,

@@ -3,14 +3,21 @@
 Mainstream servers dropped cross-attention models like this one, so mm serves itself. Endpoints:
 
 * ``POST /v1/chat/completions``: the OpenAI Chat Completions protocol. Messages hold a string or
-  ``text`` and ``image_url`` parts (``data:`` URIs always; ``http(s)`` only from hosts named with
-  ``--allow-media-domain``; see :mod:`mm.media`). ``stream: true`` answers with server-sent events
+  ``text``, ``image_url``, ``video_url`` and ``input_audio`` parts (``data:`` URIs always;
+  ``http(s)`` only from hosts named with ``--allow-media-domain``; see :mod:`mm.media`; a video is
+  decoded under the model's video settings with the server's byte and pixel limits, ``max_videos``
+  per request; ``input_audio`` is base64 wav or mp3 under the same byte limit, decoded under the
+  model's audio settings, ``max_audios`` per request). With ``modalities: ["text", "audio"]`` and
+  ``audio: {"voice": "heart", "format": "wav"}`` the message also carries OpenAI's ``audio``
+  field: the answer spoken offline by hibari-tts's bundled voice, as base64 WAV (not with
+  ``stream``). ``stream: true`` answers with server-sent events
   (``chat.completion.chunk`` objects: the role first, then content deltas, then a chunk with the
   ``finish_reason``, optionally a usage chunk, then ``data: [DONE]``). Supported: ``max_tokens`` /
   ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``n=1``,
   ``stream_options.include_usage``.
 * ``GET /v1/models``: the one model (its id is the folder name, or ``--model-id``).
 * ``GET /health``: status, requests in flight and the published limits.
+* ``GET /demo``: a page to ask aloud (record or pick a file) and hear the answer (:mod:`mm.web_demo`).
 
 **Concurrency.** One worker thread owns the model; the event loop never runs it. Requests are
 admitted up to ``max_concurrent_requests`` (counting those being prepared, waiting and decoding;
@@ -26,8 +33,10 @@ so its answer never depends on its neighbours.
 requests and passed limits (the message names the limit), 404 for another model id, 413 for a body
 over ``max_request_bytes`` (checked from ``Content-Length`` before reading, and counted while
 reading), 429 past ``max_concurrent_requests``. A request never makes the server read a local
-file, unpickle anything or hold unbounded memory: the body, each image's bytes and pixels, the
-number of images, prompt length, new tokens and concurrent requests are all bounded.
+file, unpickle anything or hold unbounded memory: the body, each image's bytes and pixels, each
+video's bytes, frame size, duration and decoded frames, each audio clip's bytes and duration, the
+number of images, videos and audio clips, prompt length, new tokens and concurrent requests are all
+bounded.
 
 Heavy modules (torch, FastAPI, uvicorn) are imported on first use, so ``mm --help`` stays fast.
 """
@@ -64,7 +73,7 @@ log = logging.getLogger("mm.server")
 
 _MiB = 1024 * 1024
 _MAX_STOP_STRINGS = 4
-_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "audio")
+_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,8 +83,12 @@ class ServerLimits:
     Args:
         max_image_pixels: pixels (width x height) per image, read from the header before decoding.
         max_images: images per request (the whole conversation); never above the model's own.
+        max_videos: videos per request (each is decoded, sampled and encoded frame by frame).
+        max_audios: audio clips per request (``input_audio`` parts; each as long as the model's
+            audio settings allow, ``max_audio_seconds`` in ``/health``).
         max_request_bytes: bytes of one request body.
-        max_media_bytes: bytes of one encoded image (a data URI's payload or a download).
+        max_media_bytes: bytes of one encoded image, video or audio clip (a data URI's or
+            ``input_audio``'s payload, or a download).
         max_tokens: new tokens per request (also the default when a request names none).
         max_concurrent_requests: requests in flight (being prepared, waiting or decoding).
         max_batch_size: requests decoded together in one batch.
@@ -84,6 +97,8 @@ class ServerLimits:
 
     max_image_pixels: int = 16_777_216
     max_images: int = 8
+    max_videos: int = 1
+    max_audios: int = 1
     max_request_bytes: int = 20 * _MiB
     max_media_bytes: int = 10 * _MiB
     max_tokens: int = 1024
@@ -129,6 +144,7 @@ class ChatRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    speak: bool = False
 
 
 def _number(
@@ -223,6 +239,7 @@ def parse_chat_request(body: Any, *, model_id: str, limits: ServerLimits) -> Cha
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be a boolean", param="stream")
+    speak = _speech_output(body, stream)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError(400, "'stream_options' must be an object", param="stream_options")
@@ -235,7 +252,66 @@ def parse_chat_request(body: Any, *, model_id: str, limits: ServerLimits) -> Cha
         stop=tuple(stop),
         stream=stream,
         include_usage=bool(options.get("include_usage")),
+        speak=speak,
     )
+
+
+def _speech_output(body: dict, stream: bool) -> bool:
+    """Whether the answer is also spoken: ``modalities: ["text", "audio"]`` with ``audio: {"voice":
+    <a bundled voice>, "format": "wav"}`` (OpenAI's request fields; mm speaks offline with
+    hibari-tts's bundled voice, never one it would download)."""
+    modalities = body.get("modalities")
+    if modalities is None:
+        modalities = ["text"]
+    if (
+        not isinstance(modalities, list)
+        or not modalities
+        or not set(modalities) <= {"text", "audio"}
+        or "text" not in modalities
+    ):
+        raise RequestError(
+            400,
+            f"'modalities' must be ['text'] or ['text', 'audio'], got {modalities!r}",
+            param="modalities",
+            code="invalid_value",
+        )
+    audio = body.get("audio")
+    if "audio" not in modalities:
+        if audio is not None:
+            raise RequestError(
+                400,
+                "'audio' is only used with modalities ['text', 'audio']",
+                param="audio",
+                code="invalid_value",
+            )
+        return False
+    from mm.speech_synth import VoiceError, check_voice
+
+    if not isinstance(audio, dict):
+        raise RequestError(
+            400,
+            "modalities ['text', 'audio'] need 'audio': {'voice': ..., 'format': 'wav'}",
+            param="audio",
+            code="invalid_value",
+        )
+    try:
+        check_voice(audio.get("voice"))
+    except VoiceError as e:
+        raise RequestError(400, f"audio.voice: {e}", param="audio.voice", code="invalid_value") from None
+    if audio.get("format") != "wav":
+        raise RequestError(
+            400,
+            f"audio.format must be 'wav', got {audio.get('format')!r}",
+            param="audio.format",
+            code="invalid_value",
+        )
+    if stream:
+        raise RequestError(
+            400,
+            "spoken answers (modalities with 'audio') are not streamed; set stream to false",
+            param="stream",
+        )
+    return True
 
 
 # ---------------------------------------------------------------------------------------- engine
@@ -436,6 +512,32 @@ def _parse_json(raw: bytes) -> Any:
         raise RequestError(400, "the request body is nested too deeply", code="invalid_json") from None
 
 
+def _video_caps(preprocessor, limits: ServerLimits):
+    """The model's video settings with the server's byte and pixel limits applied, as for images;
+    None when the model takes no video."""
+    import dataclasses
+
+    video = preprocessor.video
+    if video is None or preprocessor.image_processor is None:
+        return None
+    return dataclasses.replace(
+        video,
+        max_bytes=min(video.max_bytes, limits.max_media_bytes),
+        max_pixels_per_frame=min(video.max_pixels_per_frame, limits.max_image_pixels),
+    )
+
+
+def _audio_caps(preprocessor, limits: ServerLimits):
+    """The model's audio settings with the server's byte limit applied; None when it takes no audio."""
+    import dataclasses
+
+    audio = preprocessor.audio
+    if audio is None:
+        return None
+    cap = limits.max_media_bytes if audio.max_bytes is None else min(audio.max_bytes, limits.max_media_bytes)
+    return dataclasses.replace(audio, max_bytes=cap)
+
+
 def create_app(
     model,
     *,
@@ -475,6 +577,10 @@ def create_app(
                 image_proc.max_image_pixels if image_proc else limits.max_image_pixels,
             ),
             max_images=min(limits.max_images, model.preprocessor.max_images),
+            video=_video_caps(model.preprocessor, limits),
+            max_videos=limits.max_videos,
+            audio=_audio_caps(model.preprocessor, limits),
+            max_audios=limits.max_audios,
             allow_paths=False,
         )
     if media_policy.allow_paths:
@@ -485,6 +591,10 @@ def create_app(
         **asdict(limits),
         "max_images": media_policy.max_images,
         "max_image_pixels": media_policy.max_image_pixels,
+        "max_videos": media_policy.max_videos if media_policy.video is not None else 0,
+        "max_video_seconds": media_policy.video.max_seconds if media_policy.video is not None else None,
+        "max_audios": media_policy.max_audios if media_policy.audio is not None else 0,
+        "max_audio_seconds": media_policy.audio.max_seconds if media_policy.audio is not None else None,
         "max_prompt_tokens": model.preprocessor.max_seq_len,
         "context_tokens": context,
         "allowed_media_domains": sorted(media_policy.allowed_domains),
@@ -534,6 +644,14 @@ def create_app(
 
     def model_card():
         return {"id": model_id, "object": "model", "created": created, "owned_by": "mm"}
+
+    @app.get("/demo")
+    async def demo():
+        from fastapi.responses import HTMLResponse
+
+        from mm.web_demo import demo_page
+
+        return HTMLResponse(demo_page(model_id))
 
     @app.get("/v1/models")
     async def models():
@@ -615,6 +733,9 @@ def create_app(
                         break
             finally:
                 job.cancelled.set()
+            message = {"role": "assistant", "content": "".join(texts)}
+            if req.speak:
+                message["audio"] = await run_in_threadpool(_spoken, message["content"], rid)
             return {
                 "id": rid,
                 "object": "chat.completion",
@@ -623,7 +744,7 @@ def create_app(
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": "".join(texts)},
+                        "message": message,
                         "finish_reason": delta.finish_reason,
                         "logprobs": None,
                     }
@@ -677,6 +798,21 @@ def create_app(
     return app
 
 
+def _spoken(text: str, rid: str) -> dict[str, Any]:
+    """OpenAI's ``message.audio``: the answer said by hibari's bundled voice, as base64 WAV."""
+    import base64
+
+    from mm.speech_synth import get_synthesizer
+
+    data = get_synthesizer().wav(text, min_seconds=0.1)
+    return {
+        "id": f"audio_{rid.removeprefix('chatcmpl-')}",
+        "data": base64.b64encode(data).decode("ascii"),
+        "expires_at": int(time.time()) + 3600,
+        "transcript": text,
+    }
+
+
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -713,7 +849,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve",
         help="serve a saved model over the OpenAI Chat Completions protocol",
-        description="Serve a saved mm model: POST /v1/chat/completions, GET /v1/models, GET /health.",
+        description=(
+            "Serve a saved mm model: POST /v1/chat/completions, GET /v1/models, GET /health, and a "
+            "page to ask aloud at GET /demo."
+        ),
     )
     p.add_argument(
         "--model", required=True, help="folder written by save_pretrained (e.g. mm demo's OUT/model)"
@@ -733,11 +872,18 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         "--max-image-pixels", type=int, default=d.max_image_pixels, help="per image (%(default)s)"
     )
     limits.add_argument("--max-images", type=int, default=d.max_images, help="per request (%(default)s)")
+    limits.add_argument("--max-videos", type=int, default=d.max_videos, help="per request (%(default)s)")
+    limits.add_argument(
+        "--max-audios", type=int, default=d.max_audios, help="audio clips per request (%(default)s)"
+    )
     limits.add_argument(
         "--max-request-bytes", type=int, default=d.max_request_bytes, help="per request body (%(default)s)"
     )
     limits.add_argument(
-        "--max-media-bytes", type=int, default=d.max_media_bytes, help="per encoded image (%(default)s)"
+        "--max-media-bytes",
+        type=int,
+        default=d.max_media_bytes,
+        help="per encoded image or video (%(default)s)",
     )
     limits.add_argument(
         "--max-tokens", type=int, default=d.max_tokens, help="new tokens per request (%(default)s)"
@@ -767,6 +913,8 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
     return ServerLimits(
         max_image_pixels=args.max_image_pixels,
         max_images=args.max_images,
+        max_videos=args.max_videos,
+        max_audios=args.max_audios,
         max_request_bytes=args.max_request_bytes,
         max_media_bytes=args.max_media_bytes,
         max_tokens=args.max_tokens,

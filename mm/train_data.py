@@ -6,7 +6,10 @@ Two kinds of data:
   :class:`~mm.datasets.ShardStream` split over ranks and DataLoader workers; each micro-batch comes
   from one source, drawn by weight with a seeded generator (less padding than mixing within it); samples are decoded and tokenised by the stage's
   :class:`~mm.preprocessing.Preprocessor` inside the workers (a corrupt sample is skipped and counted
-  there; a too-long one is dropped and counted).
+  there; a too-long one is dropped and counted). A video whose member is a features member
+  (``0.mp4.safetensors``, written by ``mm data cache-features``) arrives as its frame tokens,
+  after its fingerprint was checked against the preprocessor's
+  (:class:`~mm.cache_features.StaleFeaturesError` stops the stage when they differ).
 * **In memory** (a list of conversations, for the Python API and tests): every rank walks the same
   seeded permutation and takes its slice of each global batch, so ``N`` ranks see exactly the global
   batches one rank would.
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mm.datasets.shards import is_features
 from mm.datasets.webdata import DataCounters, ShardStream
 from mm.preprocessing import EncodedSample, Preprocessor
 from mm.recipe import DataSource
@@ -34,8 +38,12 @@ __all__ = ["StageData"]
 logger = logging.getLogger(__name__)
 
 
-def _resolve_media(sample: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Messages of a shard sample with media field names replaced by the members' bytes."""
+def _resolve_media(
+    sample: Mapping[str, Any], preprocessor: Preprocessor | None = None
+) -> list[dict[str, Any]]:
+    """Messages of a shard sample with media field names replaced by the members' bytes, or for a
+    features member by its frame tokens ``[f, t, p, d]`` once their fingerprint is checked against
+    ``preprocessor.video_features_fingerprint``."""
     media = sample["media"]
     out = []
     for message in sample["messages"]:
@@ -45,11 +53,28 @@ def _resolve_media(sample: Mapping[str, Any]) -> list[dict[str, Any]]:
             for part in content:
                 kind = part.get("type")
                 if kind in ("image", "video", "audio") and isinstance(part.get(kind), str):
-                    part = {**part, kind: media[part[kind].lower()]}
+                    name = part[kind].lower()
+                    value = media[name]
+                    if is_features(name):
+                        value = _checked_features(value, preprocessor, sample, name)
+                    part = {**part, kind: value}
                 parts.append(part)
             message = {**message, "content": parts}
         out.append(message)
     return out
+
+
+def _checked_features(
+    data: bytes, preprocessor: Preprocessor | None, sample: Mapping[str, Any], name: str
+) -> torch.Tensor:
+    from mm.cache_features import check_fingerprint, read_features
+
+    tokens, fingerprint = read_features(data)
+    where = f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')} ({name})"
+    check_fingerprint(
+        fingerprint, None if preprocessor is None else preprocessor.video_features_fingerprint, where
+    )
+    return tokens
 
 
 def _identity(item: Any) -> Any:
@@ -63,7 +88,7 @@ class _Decode:
         self.preprocessor = preprocessor
 
     def __call__(self, sample: dict[str, Any]) -> tuple[EncodedSample, int, int] | None:
-        encoded = self.preprocessor.encode_or_skip(_resolve_media(sample))
+        encoded = self.preprocessor.encode_or_skip(_resolve_media(sample, self.preprocessor))
         if encoded is None:
             return None
         return encoded, sample["__worker__"], sample["__position__"]

@@ -155,6 +155,26 @@ def shard_model(model: MultimodalModel, device: torch.device, world_size: int) -
     return model
 
 
+def _features_fingerprint(model: MultimodalModel, preprocessor: Preprocessor) -> dict[str, Any] | None:
+    """What cached frame features (``mm data cache-features``) must have been made with to be read
+    in a stage of ``model``; None where there are none to read: the model takes no video, or the
+    stage trains the image encoder or projector, whose frame tokens then change at every step."""
+    from mm.cache_features import features_fingerprint
+
+    if (
+        model.video_aggregator is None
+        or model.image_encoder is None
+        or model.projector is None
+        or preprocessor.video is None
+        or preprocessor.image_processor is None
+    ):
+        return None
+    frame_path = (*model.image_encoder.parameters(), *model.projector.parameters())
+    if any(p.requires_grad for p in frame_path):
+        return None
+    return features_fingerprint(model, preprocessor)
+
+
 def _unsharded_copy(model: MultimodalModel, weights: Mapping[str, torch.Tensor]) -> MultimodalModel:
     """A plain (unsharded) model of ``model``'s configuration holding ``weights`` (its whole state)."""
     with torch.device("meta"):
@@ -381,6 +401,7 @@ class Trainer:
         model.preprocessor = preprocessor
         attach_objective(model, stage.objective, stage.best_rq)
         set_trainable(model, stage.trainable)
+        preprocessor.video_features_fingerprint = _features_fingerprint(model, preprocessor)
         model.activation_checkpointing = stage.activation_checkpointing
         model.train()
 

@@ -221,7 +221,8 @@ def test_openai_image_url_parts_equal_mm_image_parts(model, tmp_path):
 @pytest.mark.parametrize(
     ("part", "words"),
     [
-        ({"type": "video_url", "video_url": {"url": "x"}}, "unknown part type 'video_url'"),
+        ({"type": "file", "file": {"file_id": "x"}}, "unknown part type 'file'"),
+        ({"type": "video_url", "video_url": {"url": "file:///etc/passwd"}}, "scheme file: is not allowed"),
         ({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, "scheme file: is not allowed"),
         ({"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}, "not allowed"),
         ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "not an image"),

@@ -13,6 +13,8 @@ import sys
 import torch
 
 from mm.demo import DemoSettings, run_demo
+from mm.demo_speech import SpeechDemoSettings
+from mm.demo_video import VideoDemoSettings
 
 MICRO = DemoSettings(
     text_docs=60,
@@ -27,10 +29,20 @@ MICRO = DemoSettings(
     pretrain_steps=4,
     anneal_steps=3,
 )
+VIDEO_MICRO = VideoDemoSettings(train_clips=8, eval_clips=4, steps=2)
+SPEECH_MICRO = SpeechDemoSettings(
+    asr_train=8, qa_train=8, asr_eval=4, qa_eval=4, pretrain_steps=2, sft_steps=2
+)
 
 
-def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path):
-    report = run_demo(tmp_path / "out", settings=MICRO, progress=False)
+def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, capsys):
+    report = run_demo(
+        tmp_path / "out",
+        settings=MICRO,
+        video_settings=VIDEO_MICRO,
+        speech_settings=SPEECH_MICRO,
+        progress=False,
+    )
     for key in (
         "text_ppl_before",
         "text_ppl_after",
@@ -38,6 +50,14 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path):
         "backbone_digest_after",
         "image_qa_accuracy",
         "image_qa_chance",
+        "video_qa_accuracy",
+        "video_qa_chance",
+        "video_qa_per_kind",
+        "video_timings",
+        "speech_wer",
+        "speech_wer_chance",
+        "speech_qa_accuracy",
+        "speech_qa_chance",
         "stages",
     ):
         assert key in report
@@ -45,15 +65,30 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path):
     assert report["text_ppl_before"] == report["text_ppl_after"]  # exactly: the same logits
     assert report["image_qa_chance"] == 0.25 and 0.0 <= report["image_qa_accuracy"] <= 1.0
     names = [s["name"] for s in report["stages"]]
-    assert names == ["text-backbone", "image-encoder", "image-pretrain", "image-anneal"]
-    assert [s["steps"] for s in report["stages"]] == [4, 3, 4, 3]
+    assert names == [
+        "text-backbone",
+        "image-encoder",
+        "image-pretrain",
+        "image-anneal",
+        "video-adapter",
+        "speech-pretrain",
+        "speech-sft",
+    ]
+    assert [s["steps"] for s in report["stages"]] == [4, 3, 4, 3, 2, 2, 2]
+    assert report["video_qa_chance"] == 0.25 and 0.0 <= report["video_qa_accuracy"] <= 1.0
+    assert report["video_qa_eval_samples"] == 4 and report["video_data"]["cached_videos"] == 8
+    assert report["speech_eval_samples"] == {"asr": 4, "qa": 4} and report["speech_wer"] >= 0.0
+    assert 0.25 <= report["speech_qa_chance"] <= 1.0 and 0.0 <= report["speech_qa_accuracy"] <= 1.0
+    assert report["speech_data"]["speech-asr"]["samples"] == 8
     out = tmp_path / "out"
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
-    for f in ("report.md", "plots/text-backbone.png", "plots/image-encoder.png", "plots/image-stages.png"):
+    plots = ("text-backbone", "image-encoder", "image-stages", "video-stage", "speech-stages")
+    for f in ("report.md", *(f"plots/{p}.png" for p in plots)):
         assert (out / f).is_file(), f
     # Every stage wrote its loss curve, metrics and a checkpoint; the data went through shards.
-    for stage in ("image-pretrain", "image-anneal"):
+    for stage in ("image-pretrain", "image-anneal", "video-adapter", "speech-pretrain", "speech-sft"):
         assert (out / "runs" / stage / "loss.png").is_file()
+    assert "video QA accuracy" in (out / "report.md").read_text()
     assert report["data"]["qa"]["samples"] == 48 and report["data"]["captions"]["samples"] == 24
 
     # The saved model answers through `mm ask` (the README's second command).
@@ -82,6 +117,20 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     answer = json.loads(done.stdout)
     assert isinstance(answer["answer"], str) and answer["tokens"] <= 6
+
+    # ... and about a video (the held-out clips the demo wrote), through `mm ask --video`.
+    from mm.cli import main
+
+    clip = sorted((out / "raw-video" / "eval").glob("*.mp4"))[0]
+    argv = ["ask", "--model", str(out / "model"), "--video", str(clip), "--max-new-tokens", "6", "--json"]
+    assert main([*argv, "Which way does the shape move?"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] <= 6
+
+    # ... and to a spoken question (a recording the speech phase synthesised), through `mm ask --audio`.
+    spoken = sorted((out / "raw" / "speech-qa").glob("*.wav"))[0]
+    argv = ["ask", "--model", str(out / "model"), "--audio", str(spoken), "--max-new-tokens", "6", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] <= 6
 
     # Text-only logits of the saved model are the backbone's, bit for bit.
     from mm import MultimodalModel

@@ -322,7 +322,8 @@ BAD = [
     (b"[" * 100_000, 400, "nested too deeply"),
     ({"model": MODEL_ID, "messages": "hi"}, 400, "'messages' must be a non-empty list"),
     ({"model": MODEL_ID, "messages": [{"role": "robot", "content": "x"}]}, 400, "unknown role"),
-    (user_parts({"type": "input_audio", "input_audio": {}}), 400, "unknown part type 'input_audio'"),
+    (user_parts({"type": "input_audio", "input_audio": {}}), 400, "an input_audio part needs"),
+    (user_parts({"type": "audio_url", "audio_url": {}}), 400, "unknown part type 'audio_url'"),
     (user_parts({"type": "image", "image": "/etc/passwd"}), 400, "name files are not accepted"),
     (user_parts(image_url(data_uri(b"not an image at all"))), 400, "not an image"),
     (
@@ -411,6 +412,132 @@ def test_too_many_concurrent_requests_is_429(model_dir, ref):
         assert ask(running, messages, 5, True) == first["answer"]  # the slot was given back
     finally:
         running.stop()
+
+
+# ---------------------------------------------------------------------------------------- videos
+VIDEO_FRAMES = 8
+VIDEO_LIMITS = ServerLimits(
+    max_image_pixels=20_000, max_videos=1, max_media_bytes=60_000, max_request_bytes=200_000, max_tokens=64
+)
+
+
+def clip_frames(seed, size=28, frames=VIDEO_FRAMES):
+    from mm.datasets import make_video_qa
+
+    (sample,) = make_video_qa(1, split="train", seed=seed, num_frames=frames, size=size)
+    return sample.frames
+
+
+def mp4(frames, tmp_path, name="clip.mp4"):
+    from mm.datasets import write_mp4
+
+    return write_mp4(frames, tmp_path / name).read_bytes()
+
+
+def video_url(url):
+    return {"type": "video_url", "video_url": {"url": url}}
+
+
+@pytest.fixture(scope="module")
+def video_model_dir(tmp_path_factory):
+    """A tiny-av model whose video gates are open (the video decides the answer) and never stops."""
+    from mm.datasets import VideoConfig
+
+    torch.manual_seed(0)
+    model = MultimodalModel(ModelConfig.preset("tiny-av")).eval()
+    with torch.no_grad():
+        model.backbone.lm_head.weight[[257, 264, 265]] = 0.0
+        for block in model.video_blocks:
+            block.attn_gate.fill_(1.0)
+            block.mlp_gate.fill_(1.0)
+    model.preprocessor = Preprocessor(
+        ByteTokenizer(),
+        ImageProcessor(tile_size=28, max_tiles=4),
+        video=VideoConfig(num_frames=VIDEO_FRAMES),
+    )
+    path = tmp_path_factory.mktemp("served-video") / "model"
+    model.save_pretrained(path, copy_backbone=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def video_server(video_model_dir):
+    app = create_app(
+        MultimodalModel.from_pretrained(video_model_dir).eval(), model_id=MODEL_ID, limits=VIDEO_LIMITS
+    )
+    running = RunningServer(app)
+    yield running
+    running.stop()
+
+
+def test_a_video_url_request_answers_as_model_chat_and_mm_ask_do(
+    video_server, video_model_dir, tmp_path, capsys
+):
+    from mm.cli import main
+
+    ref = MultimodalModel.from_pretrained(video_model_dir).eval()
+    clips = [mp4(clip_frames(seed), tmp_path, f"{seed}.mp4") for seed in (1, 2)]
+    answers = []
+    for raw in clips:
+        messages = [{"role": "user", "content": [video_url(data_uri(raw, "video/mp4")), text("Which way?")]}]
+        got = ask(video_server, messages, 10, stream=False)
+        mine = [{"role": "user", "content": [{"type": "video", "video": raw}, text("Which way?")]}]
+        assert got == chat(ref, mine, max_new_tokens=10)
+        assert ask(video_server, messages, 10, stream=True) == got
+        answers.append(got)
+    assert answers[0] != answers[1]  # the clip, not only the question, decides the answer
+    status, body = video_server.request("GET", "/health")
+    assert body["limits"]["max_videos"] == 1 and body["limits"]["max_media_bytes"] == 60_000
+
+    # `mm ask --video FILE` answers like model.chat (a path is decoded by the same path)
+    code = main(
+        ["ask", "--model", str(video_model_dir), "--video", str(tmp_path / "1.mp4"), "--max-new-tokens", "10"]
+        + ["Which way?"]
+    )
+    assert code == 0 and capsys.readouterr().out == answers[0] + "\n"
+    code = main(["ask", "--model", str(video_model_dir), "--video", str(tmp_path / "missing.mp4"), "?"])
+    assert code == 2 and "missing.mp4" in capsys.readouterr().err
+
+
+def bad_videos(tmp_path):
+    good = mp4(clip_frames(3), tmp_path)
+    wide = mp4(clip_frames(3, size=160), tmp_path, "wide.mp4")  # 160 x 160 > max_image_pixels 20000
+    return [
+        (good[: len(good) // 2], "video/mp4", "invalid_video", "video"),  # cut off mid-stream
+        (b"not a video at all" * 10, "video/mp4", "invalid_video", "video"),
+        (b"", "video/mp4", "invalid_video", "video"),
+        (good, "image/png", "invalid_data_uri", "expected video/*"),
+        (os.urandom(70_000), "video/mp4", "media_too_large", "max_media_bytes"),
+        (wide, "video/mp4", "video_too_large", "max_pixels_per_frame"),
+    ]
+
+
+def test_bad_videos_get_400_naming_the_part_and_the_server_stays_up(video_server, tmp_path):
+    for raw, mime, code, words in bad_videos(tmp_path):
+        status, body = video_server.post(user_parts(text("?"), video_url(data_uri(raw, mime))))
+        assert status == 400, (code, body)
+        err = body["error"]
+        assert (err["code"], err["param"]) == (code, "messages[0].content[1]"), err
+        assert words in err["message"], err
+        assert video_server.healthy()
+    two = user_parts(*[video_url(data_uri(mp4(clip_frames(4), tmp_path), "video/mp4"))] * 2)
+    status, body = video_server.post(two)
+    assert status == 400 and body["error"]["code"] == "too_many_videos", body
+    assert "max_videos" in body["error"]["message"]
+    status, body = video_server.post(user_parts({"type": "video", "video": "/etc/passwd"}))
+    assert status == 400 and "name files are not accepted" in body["error"]["message"]
+    # and a good clip still answers
+    status, body = video_server.post(
+        user_parts(video_url(data_uri(mp4(clip_frames(5), tmp_path), "video/mp4")))
+    )
+    assert status == 200 and body["choices"][0]["finish_reason"] == "length", body
+
+
+def test_a_model_without_video_refuses_video_parts(server, tmp_path):
+    raw = mp4(clip_frames(6), tmp_path)
+    status, body = server.post(user_parts(video_url(data_uri(raw, "video/mp4")), text("?")))
+    assert status == 400 and "takes no video" in body["error"]["message"], body
+    assert server.healthy()
 
 
 # ---------------------------------------------------------------------------------------- URL fetching

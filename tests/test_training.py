@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import torch
 from mm_testing import colour_conversations, write_colour_folder
 
 from mm import ModelConfig, MultimodalModel
-from mm.components import COMPONENTS, set_trainable, trainable_components
+from mm.components import COMPONENTS, component_of, set_trainable, trainable_components
 from mm.metrics import read_metrics
 from mm.recipe import RecipeError, load_recipe, parse_recipe, shipped_recipes
 from mm.trainer import BackboneChanged, Trainer
@@ -294,3 +295,72 @@ def test_trainable_globs_select_parameters_but_never_the_backbone():
     for entry in ("backbone", "backbone.*", "*"):
         with pytest.raises(ValueError, match="never trained"):
             set_trainable(model, [entry])
+
+
+# ---------------------------------------------------------------------- speech stages
+def _speech_conversations(n: int, seed: int) -> list:
+    """Short generated "utterances" (tones whose pitch names a colour) and their transcripts."""
+    gen = torch.Generator().manual_seed(seed)
+    words = {"red": 300.0, "green": 500.0, "blue": 800.0}
+    out = []
+    for i in range(n):
+        word = list(words)[i % len(words)]
+        t = torch.arange(int(16000 * (0.5 + 0.3 * torch.rand((), generator=gen)))) / 16000
+        wave = 0.3 * torch.sin(2 * torch.pi * words[word] * t) + 0.01 * torch.randn(t.shape, generator=gen)
+        user = [{"type": "text", "text": "Repeat after me in English."}, {"type": "audio", "audio": wave}]
+        out.append([{"role": "user", "content": user}, {"role": "assistant", "content": word}])
+    return out
+
+
+def test_every_shipped_stage_trains_exactly_its_components_on_a_model_with_every_component():
+    with torch.device("meta"):
+        model = MultimodalModel(ModelConfig.preset("tiny-av"))
+    assert all(model.component_parameters()[c] > 0 for c in COMPONENTS)
+    stages = {(name, s.name): s for name in shipped_recipes() for s in load_recipe(name).stages}
+    speech = {k: s for k, s in stages.items() if {"speech_encoder", "speech_adapter"} & set(s.trainable)}
+    assert {s.objective for s in speech.values()} == {"best_rq", "lm"}  # pre-training and SFT ship
+    for key, stage in stages.items():
+        set_trainable(model, stage.trainable)
+        assert trainable_components(model) == [c for c in COMPONENTS if c in stage.trainable], key
+        if stage.objective == "best_rq":  # BEST-RQ pre-trains the speech encoder alone
+            assert trainable_components(model) == ["speech_encoder"], key
+        elif key in speech:  # speech SFT: encoder and adapter learn, everything else is frozen
+            assert trainable_components(model) == ["speech_encoder", "speech_adapter"], key
+
+
+def test_speech_stages_change_only_their_components_and_keep_the_backbone(tmp_path):
+    """The paper's two speech stages (``llama3-speech``) at tiny size: BEST-RQ pre-training changes
+    the speech encoder only and its classifiers are not saved; SFT changes encoder and adapter."""
+    import dataclasses
+
+    from mm.objectives import BestRqSettings
+
+    paper = load_recipe("llama3-speech")
+    small = {"steps": 4, "batch_size": 4, "max_seq_len": 256, "precision": "fp32", "log_every": 1}
+    small.update(activation_checkpointing=False, save_every=0, num_workers=0)
+    stages = tuple(dataclasses.replace(s, **small) for s in paper.stages)
+    stages = (
+        dataclasses.replace(
+            stages[0], best_rq=BestRqSettings(codebook_size=32, num_codebooks=2, mask_prob=0.2, span=4)
+        ),
+        stages[1],
+    )
+    recipe = dataclasses.replace(
+        paper,
+        model=dataclasses.replace(paper.model, preset="tiny-av", backbone=None, tokenizer="byte"),
+        stages=stages,
+    )
+    data = {s.name: _speech_conversations(16, seed=i) for i, s in enumerate(stages)}
+    trainer = Trainer(recipe, output_dir=tmp_path, data=data, progress=False)
+    before = {k: v.clone() for k, v in trainer.initial_model().state_dict().items()}
+    results = trainer.run()
+    assert [r.steps for r in results] == [4, 4] and all(math.isfinite(r.final_loss) for r in results)
+
+    def changed(folder):
+        after = MultimodalModel.from_pretrained(folder).state_dict()
+        assert not any(k.startswith("best_rq") for k in after)  # the stage's own classifiers are gone
+        assert set(after) == set(before)
+        return {component_of(k) for k, v in after.items() if not torch.equal(v, before[k])}
+
+    assert changed(tmp_path / "speech-pretrain" / "model") == {"speech_encoder"}
+    assert changed(tmp_path / "speech-sft" / "model") == {"speech_encoder", "speech_adapter"}

@@ -1,0 +1,500 @@
+"""The speech phase of ``mm demo --speech``: the frozen text model learns to hear (Llama 3, section 8).
+
+Experimental and opt-in: at the demo's sizes and step budgets the figures stay close to chance
+(see "What limits it" below), so ``mm demo`` runs it only with ``--speech``.
+
+Starting from the model the video phase saved, on speech synthesised offline with hibari's bundled
+voice (:mod:`mm.speech_synth`; varied speed and noise seed):
+
+1. **Data.** Two tasks, written as ``KEY.wav`` + ``KEY.json`` folders and packed into webdataset
+   shards with :func:`mm.datasets.shards.pack` (the real data path: shards -> streaming -> audio
+   decoding -> log-mel -> the staged trainer).
+
+   * *Recognition*: the user says "Repeat after me in English." in text and a short description
+     in speech ("The red circle."); the assistant answers with the transcript.
+   * *Spoken question answering*: the user's turn is only speech ("What colour is the sky?"); the
+     assistant answers with one colour word ("blue."), as the backbone's text corpus answers its
+     questions; the facts are the corpus's (:func:`mm.datasets.synthetic.make_text_corpus`:
+     "The sky is blue.").
+
+   Evaluation holds out colour-shape pairs (:data:`mm.datasets.synthetic.HELDOUT_COLOUR_SHAPE`:
+   no training utterance says "red triangle"), sentence templates (half the evaluation
+   utterances are phrased in ways never heard in training) and speaking speeds/seeds. Every eval
+   word was heard in training: a model cannot transcribe a word it has never heard, so "held-out
+   words" here means held-out *word sequences*.
+
+2. **Stages** (``mm/recipes/tiny-demo-speech.yaml``): ``speech-pretrain`` (BEST-RQ, only the
+   speech encoder learns) then ``speech-sft`` (next-token loss on the answers; the speech encoder
+   and adapter learn, the backbone is frozen). The adapter's output layer starts scaled to the
+   size of the backbone's token embeddings (:func:`scale_adapter_output`).
+
+3. **Evaluation**: greedy answers on the held-out utterances, read to their first full stop;
+   ``speech_wer`` is the word error rate of the transcripts (word-level Levenshtein distance over
+   reference words, summed over the set), ``speech_qa_accuracy`` the share of answers naming the
+   right colour and no other, with ``speech_qa_chance`` (always answering the most common colour)
+   and ``speech_wer_chance`` (the best single training transcript said for every utterance, i.e.
+   a model that ignores the audio).
+
+**What limits it.** (1) The demo's text model is a base model that never saw the chat format, so
+``<|eot_id|>`` is a token it cannot produce; the speech path only replaces input embeddings and
+cannot teach it one, so every answer's closing ``<|eot_id|>`` keeps a large, unlearnable loss
+whose gradient competes with the useful ones (the image phase does not suffer: its cross-attention
+writes into the text positions). A backbone that knows the chat format, as the paper's instruct
+model does, removes this. (2) The Conformer starts from scratch on a few minutes of speech:
+spoken questions (one decision: which thing) are learned in a few hundred steps, recognition of
+held-out word combinations needs far more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ASR_PROMPT",
+    "ASR_TEMPLATES",
+    "COLOUR_FACTS",
+    "FULL",
+    "QA_TEMPLATES",
+    "QUICK",
+    "SpeechDemoSettings",
+    "SpeechSample",
+    "make_speech_samples",
+    "run_speech_demo",
+    "speech_markdown",
+    "speech_summary_rows",
+    "speech_messages",
+    "word_error_rate",
+    "word_errors",
+    "write_speech_folder",
+]
+
+ASR_PROMPT = "Repeat after me in English."
+
+
+@dataclass(frozen=True)
+class _Phrasings:
+    train: tuple[str, ...]
+    heldout: tuple[str, ...]
+
+
+ASR_TEMPLATES = _Phrasings(
+    train=("The {colour} {shape}.", "A {colour} {shape}.", "The {shape} is {colour}."),
+    heldout=("A {shape} is {colour}.",),
+)
+"""Sentences spoken for recognition; ``heldout`` ones are said only in evaluation."""
+
+QA_TEMPLATES = _Phrasings(
+    train=("What colour is {thing}?", "Which colour is {thing}?", "What is the colour of {thing}?"),
+    heldout=("Tell me the colour of {thing}.", "Which colour does {thing} have?"),
+)
+"""Spoken questions; ``heldout`` phrasings are said only in evaluation."""
+
+COLOUR_FACTS: dict[str, str] = {  # the keys of mm.datasets.synthetic's facts, lower-cased
+    "the sky": "blue",
+    "grass": "green",
+    "the sun": "yellow",
+    "a tomato": "red",
+    "a banana": "yellow",
+    "the sea": "blue",
+    "a leaf": "green",
+    "a strawberry": "red",
+    "a lemon": "yellow",
+    "fire": "red",
+}
+"""Things and their colours, as the backbone's text corpus states them ("The sky is blue.")."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpeechDemoSettings:
+    """How much work the speech phase does (:data:`QUICK` and :data:`FULL`)."""
+
+    asr_train: int
+    qa_train: int
+    asr_eval: int
+    qa_eval: int
+    pretrain_steps: int
+    sft_steps: int
+
+
+QUICK = SpeechDemoSettings(
+    asr_train=192, qa_train=128, asr_eval=48, qa_eval=40, pretrain_steps=20, sft_steps=300
+)
+FULL = SpeechDemoSettings(
+    asr_train=480, qa_train=320, asr_eval=96, qa_eval=80, pretrain_steps=60, sft_steps=1000
+)
+
+
+# ---------------------------------------------------------------------------------------- data
+@dataclass(frozen=True, kw_only=True)
+class SpeechSample:
+    """One utterance: what is said, how, and the answer the assistant should give.
+
+    Attributes:
+        task: ``"asr"`` (recognition) or ``"qa"`` (spoken question answering).
+        text: the words spoken.
+        answer: the transcript (``asr``) or the colour (``qa``).
+        heldout_phrasing: whether ``text`` uses a template never heard in training.
+        speed: hibari's speaking rate.
+        seed: hibari's noise seed.
+    """
+
+    task: str
+    text: str
+    answer: str
+    heldout_phrasing: bool
+    speed: float
+    seed: int
+
+
+def make_speech_samples(num: int, task: str, *, split: str, seed: int) -> list[SpeechSample]:
+    """Utterances for ``task`` in ``split`` (``"train"`` or ``"eval"``), deterministic in ``seed``.
+
+    Training recognition never says a colour-shape pair of ``HELDOUT_COLOUR_SHAPE``; evaluation
+    recognition always says one. Evaluation uses the held-out templates for half its utterances.
+    Answers are drawn in shuffled blocks, so any run of samples is balanced over them.
+    """
+    from mm.datasets.synthetic import COLOURS, HELDOUT_COLOUR_SHAPE, SHAPES
+
+    if task not in ("asr", "qa") or split not in ("train", "eval"):
+        raise ValueError(f"task must be 'asr' or 'qa' and split 'train' or 'eval', got {task!r}, {split!r}")
+    rng = random.Random(f"mm.demo_speech:{task}:{split}:{seed}")
+    templates = ASR_TEMPLATES if task == "asr" else QA_TEMPLATES
+    if task == "asr":
+        pairs = [(c, s) for c in COLOURS for s in SHAPES]
+        pool = [p for p in pairs if (p in HELDOUT_COLOUR_SHAPE) == (split == "eval")]
+    else:
+        pool = sorted(COLOUR_FACTS)
+    out: list[SpeechSample] = []
+    block: list[Any] = []
+    for i in range(num):
+        if not block:
+            block = list(pool)
+            rng.shuffle(block)
+        item = block.pop()
+        heldout = split == "eval" and i % 2 == 1
+        template = rng.choice(templates.heldout if heldout else templates.train)
+        if task == "asr":
+            colour, shape = item
+            text = answer = template.format(colour=colour, shape=shape)
+        else:
+            text = template.format(thing=item)
+            answer = f"{COLOUR_FACTS[item]}."  # one word, as the text corpus answers its questions
+        out.append(
+            SpeechSample(
+                task=task,
+                text=text[0].upper() + text[1:],
+                answer=answer[0].upper() + answer[1:] if task == "asr" else answer,
+                heldout_phrasing=heldout,
+                speed=round(rng.uniform(0.85, 1.2), 3),
+                seed=rng.randrange(2**31),
+            )
+        )
+    return out
+
+
+def speech_messages(sample: SpeechSample, audio: Any) -> list[dict[str, Any]]:
+    """Llama 3 chat messages of a sample whose audio part holds ``audio`` (a waveform or a field)."""
+    content: list[dict[str, Any]] = []
+    if sample.task == "asr":
+        content.append({"type": "text", "text": ASR_PROMPT})
+    content.append({"type": "audio", "audio": audio})
+    return [{"role": "user", "content": content}, {"role": "assistant", "content": sample.answer}]
+
+
+def synthesize(samples: Sequence[SpeechSample], *, sample_rate: int = 16000) -> list[torch.Tensor]:
+    """Waveforms ``[samples]`` of every utterance, at ``sample_rate`` (hibari's bundled voice)."""
+    from mm.speech_synth import get_synthesizer
+
+    synth = get_synthesizer()
+    return [synth(s.text, speed=s.speed, seed=s.seed, sample_rate=sample_rate) for s in samples]
+
+
+def write_speech_folder(
+    samples: Sequence[SpeechSample], waves: Sequence[torch.Tensor], out_dir: Path, *, sample_rate: int = 16000
+) -> None:
+    """Write ``KEY.wav`` + ``KEY.json`` per sample (mm's sample schema) for ``mm data pack``."""
+    from mm._io import atomic_dir
+    from mm.speech_synth import wav_bytes
+
+    with atomic_dir(out_dir) as tmp:
+        for i, (sample, wave) in enumerate(zip(samples, waves)):
+            key = f"{sample.task}-{i:06d}"
+            (tmp / f"{key}.wav").write_bytes(wav_bytes(wave, sample_rate))
+            row = {"messages": speech_messages(sample, f"{key}.wav"), "meta": dataclasses.asdict(sample)}
+            (tmp / f"{key}.json").write_text(json.dumps(row) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------- scoring
+def _words(text: str) -> list[str]:
+    return "".join(c.lower() if c.isalnum() or c == "'" else " " for c in text).split()
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """``(edits, reference words)``: the word-level Levenshtein distance (substitutions, insertions
+    and deletions, each costing 1) after lower-casing and dropping punctuation."""
+    ref, hyp = _words(reference), _words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1], len(ref)
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus word error rate: total word edits over total reference words."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    edits = words = 0
+    for r, h in zip(references, hypotheses):
+        e, n = word_errors(r, h)
+        edits, words = edits + e, words + n
+    if words == 0:
+        raise ValueError("the references hold no words")
+    return edits / words
+
+
+def named_colours(text: str) -> set[str]:
+    """The colour words in ``text``."""
+    from mm.datasets.synthetic import COLOURS
+
+    return set(_words(text)) & set(COLOURS)
+
+
+def qa_correct(sample: SpeechSample, answer: str) -> bool:
+    """A spoken-question answer is right when it names the right colour and no other one."""
+    return named_colours(answer) == named_colours(sample.answer)
+
+
+def chance_wer(references: Sequence[str], train_transcripts: Sequence[str]) -> float:
+    """The word error rate of the best constant answer: one training transcript said for every
+    utterance (what a model that ignores the audio could do at best)."""
+    return min(word_error_rate(references, [t] * len(references)) for t in sorted(set(train_transcripts)))
+
+
+@torch.no_grad()
+def answer_all(
+    model, samples: Sequence[SpeechSample], waves: Sequence[torch.Tensor], *, batch: int = 32
+) -> list[str]:
+    """Greedy answers of ``model`` to every utterance, read to the end of their first sentence.
+
+    The demo's text model is a base model: it never saw the chat format, so it never learned to
+    end a turn with ``<|eot_id|>``, and the speech path (input embeddings only, as in the paper)
+    cannot teach a frozen model a new token. (The image adapters can: they write into the text
+    positions.) Answers are therefore read up to their first full stop, like ``--stop .`` in
+    ``mm ask``.
+    """
+    pre = model.preprocessor
+    tok = pre.tokenizer
+    (full_stop,) = tok.encode(".")
+    stops = (*tok.stop_ids, full_stop)
+    answers = []
+    for i in range(0, len(samples), batch):
+        convs = [speech_messages(s, w)[:1] for s, w in zip(samples[i : i + batch], waves[i : i + batch])]
+        new = model.generate(**pre.prompts(convs), max_new_tokens=48, stop_token_ids=stops)
+        for ids in new.tolist():
+            end = next((k for k, t in enumerate(ids) if t in stops), len(ids))
+            keep = ids[: end + 1] if end < len(ids) and ids[end] == full_stop else ids[:end]
+            answers.append(tok.decode(keep, skip_special=True).strip())
+    return answers
+
+
+def scale_adapter_output(model) -> float:
+    """Start the speech adapter's outputs at the size of the backbone's token embeddings.
+
+    The adapter's outputs take the place of token embeddings; a freshly initialised output layer
+    makes them about 1/sqrt(3) per dimension, tens of times the size of the tiny backbone's
+    embeddings, which the frozen layers then read as noise. Scaling the output layer so a
+    unit-RMS input gives vectors of the mean embedding norm starts them in range (as the image
+    placeholder rows start at the mean embedding). Returns the factor applied.
+    """
+    with torch.no_grad():
+        target = model.backbone.embed_tokens.weight.float().norm(dim=-1).mean()
+        weight = model.speech_adapter.out_proj.weight
+        factor = float(target / weight.float().norm())
+        weight.mul_(factor)
+    return factor
+
+
+# ---------------------------------------------------------------------------------------- the phase
+def run_speech_demo(
+    out: str | Path,
+    start_model: str | Path,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    settings: SpeechDemoSettings | None = None,
+) -> dict[str, Any]:
+    """Teach the model saved in ``start_model`` to hear; write the result to ``out/model-speech``.
+
+    Returns the speech part of the demo report: ``speech_wer`` (and ``speech_wer_chance``),
+    ``speech_qa_accuracy`` (and ``speech_qa_chance``), examples, the stages and the data.
+    """
+    from mm.datasets.shards import pack
+    from mm.metrics import plot_loss_curves, read_metrics
+    from mm.model import MultimodalModel
+    from mm.recipe import load_recipe
+    from mm.trainer import Trainer
+
+    settings = settings or (QUICK if quick else FULL)
+    out = Path(out)
+    started = time.perf_counter()
+
+    # 1. speech, synthesised offline, written as files and packed into shards
+    t0 = time.perf_counter()
+    train = {
+        "asr": make_speech_samples(settings.asr_train, "asr", split="train", seed=seed),
+        "qa": make_speech_samples(settings.qa_train, "qa", split="train", seed=seed),
+    }
+    evals = {
+        "asr": make_speech_samples(settings.asr_eval, "asr", split="eval", seed=seed),
+        "qa": make_speech_samples(settings.qa_eval, "qa", split="eval", seed=seed),
+    }
+    eval_waves = {task: synthesize(samples) for task, samples in evals.items()}
+    data_info = {}
+    for task, samples in train.items():
+        raw, shards = out / "raw" / f"speech-{task}", out / "data" / f"speech-{task}"
+        shutil.rmtree(raw, ignore_errors=True)
+        shutil.rmtree(shards, ignore_errors=True)
+        waves = synthesize(samples)
+        write_speech_folder(samples, waves, raw)
+        result = pack(raw, shards, shard_bytes="4MB")
+        seconds = sum(w.numel() for w in waves) / 16000
+        data_info[f"speech-{task}"] = {
+            "samples": result.samples,
+            "shards": len(result.shards),
+            "seconds": round(seconds, 1),
+        }
+    data_seconds = time.perf_counter() - t0
+
+    # 2. the stages, from the given model with its speech adapter's output scaled to the embeddings
+    start = MultimodalModel.from_pretrained(start_model)
+    scale_adapter_output(start)
+    start_dir = out / "speech-start"
+    shutil.rmtree(start_dir, ignore_errors=True)
+    start.save_pretrained(start_dir, copy_backbone=True)
+    del start
+    steps = {"speech-pretrain": settings.pretrain_steps, "speech-sft": settings.sft_steps}
+    recipe = load_recipe("tiny-demo-speech").with_paths(
+        START_MODEL=str(start_dir.resolve()), DATA=str((out / "data").resolve())
+    )
+    recipe = dataclasses.replace(
+        recipe,
+        stages=tuple(dataclasses.replace(s, steps=steps[s.name]) for s in recipe.stages if steps[s.name] > 0),
+    )
+    results = Trainer(recipe, output_dir=out / "runs", progress=progress).run()
+    curves = {r.name: read_metrics(out / "runs" / r.name / "metrics.jsonl") for r in results}
+    plot_loss_curves(curves, out / "plots" / "speech-stages.png")
+    model_dir = out / "model-speech"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    MultimodalModel.from_pretrained(results[-1].model_dir).save_pretrained(model_dir, copy_backbone=True)
+    shutil.rmtree(start_dir, ignore_errors=True)
+
+    # 3. evaluation on held-out pairs, phrasings, speeds and seeds
+    t0 = time.perf_counter()
+    model = MultimodalModel.from_pretrained(model_dir).eval()
+    asr = answer_all(model, evals["asr"], eval_waves["asr"])
+    qa = answer_all(model, evals["qa"], eval_waves["qa"])
+    eval_seconds = time.perf_counter() - t0
+    refs = [s.answer for s in evals["asr"]]
+    held = [i for i, s in enumerate(evals["asr"]) if s.heldout_phrasing]
+    colours = [next(iter(named_colours(s.answer))) for s in evals["qa"]]
+    right = [qa_correct(s, a) for s, a in zip(evals["qa"], qa)]
+    return {
+        "speech_wer": word_error_rate(refs, asr),
+        "speech_wer_chance": chance_wer(refs, [s.answer for s in train["asr"]]),
+        "speech_wer_heldout_phrasing": word_error_rate([refs[i] for i in held], [asr[i] for i in held]),
+        "speech_asr_exact": sum(a == r for a, r in zip(asr, refs)) / len(refs),
+        "speech_qa_accuracy": sum(right) / len(right),
+        "speech_qa_chance": max(colours.count(c) for c in set(colours)) / len(colours),
+        "speech_qa_heldout_phrasing": _mean([r for r, s in zip(right, evals["qa"]) if s.heldout_phrasing]),
+        "speech_qa_exact": sum(a == s.answer for a, s in zip(qa, evals["qa"])) / len(qa),
+        "speech_eval_samples": {"asr": len(refs), "qa": len(qa)},
+        "speech_examples": [
+            {"task": s.task, "said": s.text, "answer": s.answer, "model": a}
+            for s, a in [*zip(evals["asr"][:4], asr), *zip(evals["qa"][:4], qa)]
+        ],
+        "speech_data": data_info,
+        "speech_stages": [
+            {"name": r.name, "steps": r.steps, "seconds": round(r.seconds, 2), "final_loss": r.final_loss}
+            for r in results
+        ],
+        "speech_seconds": {
+            "data": round(data_seconds, 1),
+            "eval": round(eval_seconds, 1),
+            "total": round(time.perf_counter() - started, 1),
+        },
+        "speech_model_dir": str(model_dir),
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------- report
+def speech_summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows of the demo's printed summary (none when the report has no speech phase)."""
+    if "speech_wer" not in r:
+        return []
+    return [
+        (
+            "speech recognition WER (held-out pairs)",
+            f"{r['speech_wer']:.3f}  (chance {r['speech_wer_chance']:.2f}; lower is better)",
+        ),
+        (
+            "spoken QA accuracy (held-out phrasings)",
+            f"{r['speech_qa_accuracy']:.3f}  (chance {r['speech_qa_chance']:.2f})",
+        ),
+        ("speech phase time", f"{r['speech_seconds']['total']:.0f} s"),
+    ]
+
+
+def speech_markdown(r: dict[str, Any]) -> str:
+    """The speech section of ``report.md`` (empty when the report has no speech phase)."""
+    if "speech_wer" not in r:
+        return ""
+    examples = "\n".join(
+        f"| {e['task']} | {e['said']} | {e['answer']} | {e['model']} |" for e in r["speech_examples"]
+    )
+    t = r["speech_seconds"]
+    return f"""## Speech (experimental)
+
+Speech was synthesised offline with hibari-tts's bundled voice at varied speeds and noise seeds.
+*Recognition* ("Repeat after me in English.") uses a small vocabulary (four colours, four shapes):
+every evaluation utterance says a colour-shape pair never said in training, half in a sentence
+form never heard in training, so the word error rate measures recognising known words in new
+combinations, not open-vocabulary transcription. *Spoken questions* ask the colour of things the
+text model read about ("What colour is the sky?" -> "blue."), half in phrasings never heard in
+training; an answer counts when it names the right colour and no other. Chance: the best single
+training transcript said for every utterance (word error rate), and always naming the most common
+colour (accuracy). The tiny text model never saw the chat format's end-of-turn token and the
+speech path cannot teach it one, so answers are read to their first full stop.
+
+| | |
+| --- | --- |
+| speech recognition word error rate | **{r["speech_wer"]:.3f}** (chance {r["speech_wer_chance"]:.2f}; lower is better) |
+| word error rate, held-out phrasing only | {r["speech_wer_heldout_phrasing"]:.3f} |
+| recognition exact match | {r["speech_asr_exact"]:.3f} |
+| spoken QA accuracy | **{r["speech_qa_accuracy"]:.3f}** (chance {r["speech_qa_chance"]:.2f}) |
+| spoken QA accuracy, held-out phrasings only | {r["speech_qa_heldout_phrasing"]:.3f} |
+| spoken QA exact answer | {r["speech_qa_exact"]:.3f} |
+| evaluation utterances | {r["speech_eval_samples"]["asr"]} recognition, {r["speech_eval_samples"]["qa"]} questions |
+| speech phase time | data {t["data"]:.1f} s, evaluation {t["eval"]:.1f} s, total {t["total"]:.1f} s |
+
+| task | said | answer | model |
+| --- | --- | --- | --- |
+{examples}
+
+"""

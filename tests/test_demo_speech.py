@@ -1,0 +1,122 @@
+"""The speech phase of `mm demo`: its samples (held-out pairs and phrasings), scoring and chance levels.
+
+The phase itself runs end to end in test_demo (at a few steps) and for real in CI's
+`mm demo --quick`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mm.datasets.synthetic import HELDOUT_COLOUR_SHAPE
+from mm.demo_speech import (
+    ASR_PROMPT,
+    ASR_TEMPLATES,
+    COLOUR_FACTS,
+    QA_TEMPLATES,
+    chance_wer,
+    make_speech_samples,
+    qa_correct,
+    speech_messages,
+    word_error_rate,
+    word_errors,
+)
+
+
+def test_word_errors_count_substitutions_insertions_and_deletions():
+    assert word_errors("The red circle.", "the red circle") == (0, 3)  # case and punctuation ignored
+    assert word_errors("The red circle.", "The blue circle.") == (1, 3)
+    assert word_errors("The red circle.", "The circle.") == (1, 3)
+    assert word_errors("The red circle.", "The big red circle here.") == (2, 3)
+    assert word_errors("A b c", "c b a") == (2, 3)
+    assert word_errors("red", "") == (1, 1)
+    # corpus rate: total edits over total reference words
+    assert word_error_rate(["a b", "c d e f"], ["a b", "c x e"]) == pytest.approx(2 / 6)
+    with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
+        word_error_rate(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="no words"):
+        word_error_rate([""], [""])
+
+
+def _pair(sample):
+    words = sample.text.lower().rstrip(".").split()
+    return next(
+        (c, s)
+        for c in ("red", "green", "blue", "yellow")
+        for s in words
+        if c in words and s not in (c,) and s in ("circle", "square", "triangle", "cross")
+    )
+
+
+def test_recognition_holds_out_colour_shape_pairs_and_phrasings():
+    train = make_speech_samples(60, "asr", split="train", seed=0)
+    evals = make_speech_samples(20, "asr", split="eval", seed=0)
+    assert all(_pair(s) not in HELDOUT_COLOUR_SHAPE for s in train)
+    assert all(_pair(s) in HELDOUT_COLOUR_SHAPE for s in evals)
+    assert {s.answer for s in train} & {s.answer for s in evals} == set()
+    train_forms = {t.format(colour="red", shape="cross") for t in ASR_TEMPLATES.train}
+    heldout_forms = {t.format(colour="red", shape="cross") for t in ASR_TEMPLATES.heldout}
+    assert not train_forms & heldout_forms
+    assert sum(s.heldout_phrasing for s in evals) == 10 and not any(s.heldout_phrasing for s in train)
+    assert all(s.answer == s.text for s in train + evals)
+    assert len({(s.speed, s.seed) for s in train + evals}) == 80  # every utterance is said differently
+    assert make_speech_samples(20, "asr", split="eval", seed=0) == evals  # deterministic
+    assert make_speech_samples(20, "asr", split="eval", seed=1) != evals
+
+
+def test_spoken_questions_ask_about_known_facts_in_held_out_phrasings():
+    train = make_speech_samples(30, "qa", split="train", seed=0)
+    evals = make_speech_samples(10, "qa", split="eval", seed=0)
+    for s in train + evals:
+        thing = next(t for t in COLOUR_FACTS if t in s.text.lower())
+        assert s.answer == COLOUR_FACTS[thing] + "."
+    assert {s.answer for s in train} == {
+        c + "." for c in COLOUR_FACTS.values()
+    }  # balanced blocks cover every colour
+    said = {s.text for s in train}
+    assert all(s.text not in said for s in evals if s.heldout_phrasing)
+    heldout_starts = {t.split("{")[0] for t in QA_TEMPLATES.heldout}
+    assert all(any(s.text.startswith(h) for h in heldout_starts) for s in evals if s.heldout_phrasing)
+    (asr,) = make_speech_samples(1, "asr", split="train", seed=0)
+    assert [p["type"] for p in speech_messages(asr, "x.wav")[0]["content"]] == ["text", "audio"]
+    assert speech_messages(asr, "x.wav")[0]["content"][0]["text"] == ASR_PROMPT
+    assert [p["type"] for p in speech_messages(train[0], "x.wav")[0]["content"]] == ["audio"]
+    with pytest.raises(ValueError, match="task must be"):
+        make_speech_samples(1, "translate", split="train", seed=0)
+
+
+def test_scoring_and_chance_levels():
+    (q,) = [s for s in make_speech_samples(10, "qa", split="eval", seed=0) if s.answer == "blue."][:1]
+    assert qa_correct(q, "blue") and qa_correct(q, "Blue.") and qa_correct(q, "It is blue.")
+    assert not qa_correct(q, "red") and not qa_correct(q, "blue or red") and not qa_correct(q, "")
+    refs = ["The red cross.", "The red cross.", "A blue circle."]
+    # the best constant answer: one transcript for all three
+    assert chance_wer(refs, ["The red cross.", "A blue circle.", "A blue circle."]) == pytest.approx(
+        min(word_error_rate(refs, [t] * 3) for t in ("The red cross.", "A blue circle."))
+    )
+    assert chance_wer(refs, ["The red cross."]) == pytest.approx(3 / 9)
+
+
+def test_report_sections_appear_only_with_a_speech_phase():
+    from mm.demo_speech import speech_markdown, speech_summary_rows
+
+    assert speech_markdown({"image_qa_accuracy": 0.9}) == "" and speech_summary_rows({}) == []
+    r = {
+        "speech_wer": 0.25,
+        "speech_wer_chance": 0.8,
+        "speech_wer_heldout_phrasing": 0.3,
+        "speech_asr_exact": 0.5,
+        "speech_qa_accuracy": 0.75,
+        "speech_qa_chance": 0.3,
+        "speech_qa_heldout_phrasing": 0.7,
+        "speech_qa_exact": 0.7,
+        "speech_eval_samples": {"asr": 4, "qa": 4},
+        "speech_seconds": {"data": 1.0, "eval": 2.0, "total": 9.0},
+        "speech_examples": [
+            {"task": "qa", "said": "What colour is fire?", "answer": "red.", "model": "red."}
+        ],
+    }
+    text = speech_markdown(r)
+    assert "**0.250** (chance 0.80" in text and "**0.750** (chance 0.30)" in text
+    assert "| qa | What colour is fire? | red. | red. |" in text
+    assert [label for label, _ in speech_summary_rows(r)][0].startswith("speech recognition WER")
