@@ -10,8 +10,8 @@ After the image stages, the demo teaches its model to watch clips (Llama 3 paper
 2. run the model's frozen image encoder and projector once over the training shards
    (:func:`mm.cache_features.cache_features`, as ``mm data cache-features``);
 3. train the ``video-adapter`` stage of the ``tiny-demo-video`` recipe on the cached shards: only
-   the temporal aggregator and the video cross-attention blocks learn, 16 frames merged into 1 as
-   in the paper's video pre-training;
+   the temporal aggregator and the video cross-attention blocks learn, 16 frames merged into 4
+   ordered frames (groups of 4);
 4. answer the evaluation questions by greedy generation from the mp4 files (decoded, sampled and
    encoded by the same path ``model.chat`` uses) and score exact matches.
 
@@ -50,8 +50,8 @@ class VideoDemoSettings:
     num_frames: int = 16
 
 
-VIDEO_FULL = VideoDemoSettings(train_clips=1500, eval_clips=300, steps=400)
-VIDEO_QUICK = VideoDemoSettings(train_clips=400, eval_clips=120, steps=100)
+VIDEO_FULL = VideoDemoSettings(train_clips=1500, eval_clips=300, steps=600)
+VIDEO_QUICK = VideoDemoSettings(train_clips=400, eval_clips=120, steps=300)
 
 
 def write_video_data(

@@ -118,7 +118,8 @@ MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
         text=DEMO_TEXT,
         image_encoder=DEMO_IMAGE_ENCODER,
         cross_attention_layers=(1, 3),
-        video=VideoAdapterConfig(group_size=16),
+        # 16 frames merged 4 -> 1 (4 merged frames, in order) and a video block before each image block.
+        video=VideoAdapterConfig(group_size=4, cross_attention_layers=(1, 3)),
         speech=SpeechConfig(encoder=DEMO_SPEECH_ENCODER, adapter=DEMO_SPEECH_ADAPTER),
     ),
 }

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from mm.adapters import temporal_aggregator
-from mm.adapters.temporal_aggregator import PerceiverLayer, TemporalAggregator
+from mm.adapters.temporal_aggregator import PerceiverLayer, TemporalAggregator, order_embedding
 from mm.datasets.image_processing import CLIP_MEAN, CLIP_STD
 from mm.datasets.video import VideoConfig, VideoError, frames_to_tensor, load_video
 
@@ -367,8 +367,10 @@ def test_groups_and_positions_are_merged_independently():
     agg = _aggregator()
     x = torch.randn(2, 12, 2, 3, 32)
     out = agg(x, group_size=4)
-    for g in range(3):  # each group alone gives the same merged frame
-        torch.testing.assert_close(out[:, g : g + 1], agg(x[:, 4 * g : 4 * g + 4], group_size=4))
+    order = order_embedding(3, 32)[:, None, None]  # [n, 1, 1, d]: merged frame n's place
+    for g in range(3):  # each group alone gives the same merged frame, but for its place embedding
+        alone = agg(x[:, 4 * g : 4 * g + 4], group_size=4)[:, 0] - order[0]
+        torch.testing.assert_close(out[:, g] - order[g], alone)
     for i in range(2):  # so does each sample, and each (tile, patch) position
         torch.testing.assert_close(out[i : i + 1], agg(x[i : i + 1], group_size=4))
     torch.testing.assert_close(out[:, :, 1:, 2:], agg(x[:, :, 1:, 2:], group_size=4))
@@ -384,6 +386,20 @@ def test_frame_order_matters_through_temporal_embeddings():
     with torch.no_grad():  # without temporal embeddings attention is blind to the order
         agg.time_embed.zero_()
     torch.testing.assert_close(agg(x, group_size=4), agg(swapped, group_size=4))
+
+
+def test_merged_frames_carry_their_order():
+    agg = _aggregator()
+    x = torch.randn(1, 8, 2, 3, 32)
+    out = agg(x, group_size=4)
+    swapped = agg(x[:, [4, 5, 6, 7, 0, 1, 2, 3]], group_size=4)  # the two groups in the other order
+    order = order_embedding(2, 32)
+    # Merged frames are not merely permuted: each carries the place it has in the clip.
+    torch.testing.assert_close(swapped[:, 0] - order[0], out[:, 1] - order[1])
+    assert (swapped[:, 0] - out[:, 1]).abs().max() > 0.1
+    emb = order_embedding(16, 32)
+    torch.testing.assert_close(emb.pow(2).mean(-1), torch.ones(16))
+    assert torch.linalg.matrix_rank(emb) > 8  # distinct places, not one repeated vector
 
 
 def test_perceiver_layer_matches_torch_multihead_attention():
