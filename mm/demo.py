@@ -599,7 +599,7 @@ def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole recipe in miniature: train a text model, then teach it to see")
     p.add_argument("--out", default="mm-demo", help="output folder (default: mm-demo)")
     p.add_argument(
-        "--quick", action="store_true", help="fewer steps and samples (about 3 minutes on 2 cores)"
+        "--quick", action="store_true", help="fewer steps and samples (about 5 minutes on 2 cores)"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

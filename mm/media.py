@@ -433,21 +433,43 @@ def _check_format(data: bytes, where: str) -> None:
         pass
 
 
-def _image_part(part: Part, policy: MediaPolicy, where: str) -> dict[str, Any]:
-    source = part.get("image")
+def _named_source(part: Part, kind: str, article: str, policy: MediaPolicy, where: str) -> tuple[Any, bool]:
+    """What mm's ``image`` / ``video`` part holds, and whether it was fetched from a URL string.
+
+    A path (or URL string) is accepted only where ``policy.allow_paths``; a ``data:`` / ``http(s):``
+    / ``file:`` string is fetched under the policy.
+    """
+    source = part.get(kind)
     if source is None:
-        raise MediaError(f"{where}: an image part needs 'image'", param=where, code="invalid_part")
+        raise MediaError(f"{where}: {article} {kind} part needs '{kind}'", param=where, code="invalid_part")
     if isinstance(source, str) or hasattr(source, "__fspath__"):
         if not policy.allow_paths:
             raise MediaError(
-                f"{where}: image parts that name files are not accepted here; send an 'image_url' "
-                "part with a data: URI",
+                f"{where}: {kind} parts that name files are not accepted here; send "
+                f"{article} '{kind}_url' part with a data: URI",
                 param=where,
                 code="invalid_part",
             )
         if isinstance(source, str) and source.startswith(("data:", "http:", "https:", "file:")):
-            source = _url_bytes(source, policy, where)
-            _check_format(source, where)
+            return _url_bytes(source, policy, where, kind=kind), True
+    return source, False
+
+
+def _part_url(part: Part, key: str, article: str, where: str) -> str:
+    """The URL of OpenAI's ``image_url`` / ``video_url`` part (``{key: {"url": ...}}`` or a string)."""
+    spec = part.get(key)
+    url = spec.get("url") if isinstance(spec, Mapping) else spec
+    if not isinstance(url, str) or not url:
+        raise MediaError(
+            f"{where}: {article} {key} part needs '{key}': {{'url': '...'}}", param=where, code="invalid_part"
+        )
+    return url.strip()
+
+
+def _image_part(part: Part, policy: MediaPolicy, where: str) -> dict[str, Any]:
+    source, fetched = _named_source(part, "image", "an", policy, where)
+    if fetched:
+        _check_format(source, where)
     return {"type": "image", "image": _decode_image(source, policy, where)}
 
 
@@ -461,15 +483,7 @@ def _url_bytes(url: str, policy: MediaPolicy, where: str, kind: str = "image") -
 
 
 def _image_url_part(part: Part, policy: MediaPolicy, where: str) -> dict[str, Any]:
-    spec = part.get("image_url")
-    url = spec.get("url") if isinstance(spec, Mapping) else spec
-    if not isinstance(url, str) or not url:
-        raise MediaError(
-            f"{where}: an image_url part needs 'image_url': {{'url': '...'}}",
-            param=where,
-            code="invalid_part",
-        )
-    data = _url_bytes(url.strip(), policy, where)
+    data = _url_bytes(_part_url(part, "image_url", "an", where), policy, where)
     _check_format(data, where)
     return {"type": "image", "image": _decode_image(data, policy, where)}
 
@@ -496,32 +510,12 @@ def _decode_video(source: Any, policy: MediaPolicy, where: str) -> Any:
 
 
 def _video_part(part: Part, policy: MediaPolicy, where: str) -> dict[str, Any]:
-    source = part.get("video")
-    if source is None:
-        raise MediaError(f"{where}: a video part needs 'video'", param=where, code="invalid_part")
-    if isinstance(source, str) or hasattr(source, "__fspath__"):
-        if not policy.allow_paths:
-            raise MediaError(
-                f"{where}: video parts that name files are not accepted here; send a 'video_url' "
-                "part with a data: URI",
-                param=where,
-                code="invalid_part",
-            )
-        if isinstance(source, str) and source.startswith(("data:", "http:", "https:", "file:")):
-            source = _url_bytes(source, policy, where, kind="video")
+    source, _ = _named_source(part, "video", "a", policy, where)
     return {"type": "video", "video": _decode_video(source, policy, where)}
 
 
 def _video_url_part(part: Part, policy: MediaPolicy, where: str) -> dict[str, Any]:
-    spec = part.get("video_url")
-    url = spec.get("url") if isinstance(spec, Mapping) else spec
-    if not isinstance(url, str) or not url:
-        raise MediaError(
-            f"{where}: a video_url part needs 'video_url': {{'url': '...'}}",
-            param=where,
-            code="invalid_part",
-        )
-    data = _url_bytes(url.strip(), policy, where, kind="video")
+    data = _url_bytes(_part_url(part, "video_url", "a", where), policy, where, kind="video")
     return {"type": "video", "video": _decode_video(data, policy, where)}
 
 
