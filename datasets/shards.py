@@ -53,7 +53,7 @@ import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,10 +73,12 @@ __all__ = [
     "add_member",
     "caption_messages",
     "check_messages",
+    "discard_shards",
     "is_features",
     "media_kind",
     "pack",
     "parse_size",
+    "publish_shards",
     "rewrite_media",
     "split_member_name",
 ]
@@ -486,6 +488,31 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
 
 
+def publish_shards(
+    tmp: Path, out: Path, manifest: Mapping[str, Any], *, replace: Sequence[Path] = ()
+) -> None:
+    """Move the shards ``manifest["shards"]`` names from ``tmp`` into ``out`` (first deleting
+    ``replace``, an earlier output), then write ``out/manifest.json`` last: a folder with a manifest
+    is complete."""
+    for path in replace:
+        path.unlink()
+    for shard in manifest["shards"]:
+        os.replace(tmp / shard["name"], out / shard["name"])
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp / "manifest.json", out / "manifest.json")
+
+
+def discard_shards(tmp: Path, out: Path, shards: Sequence[Mapping[str, Any]], *, remove_out: bool) -> None:
+    """Undo a failed :func:`publish_shards`: delete the shards already moved into ``out``, the
+    staging folder ``tmp``, and ``out`` itself when ``remove_out`` and nothing else is in it."""
+    for shard in shards:  # a failure while moving may have placed some already
+        if (out / shard["name"]).exists() and not (tmp / shard["name"]).exists():
+            (out / shard["name"]).unlink()
+    shutil.rmtree(tmp, ignore_errors=True)
+    if remove_out and not any(out.iterdir()):
+        out.rmdir()
+
+
 def _padded(size: int, unit: int) -> int:
     return -(-size // unit) * unit
 
@@ -610,10 +637,6 @@ def pack(
             shards.append({"name": name, "samples": len(group)})
         for shard in shards:
             shard["bytes"] = (tmp / shard["name"]).stat().st_size
-        for path in old:
-            path.unlink()
-        for shard in shards:
-            os.replace(tmp / shard["name"], out / shard["name"])
         manifest = {
             "format": "mm-webdataset",
             "version": 1,
@@ -626,15 +649,9 @@ def pack(
                 "caption_prompt": caption_prompt,
             },
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp / "manifest.json", out / "manifest.json")  # last: marks the pack complete
+        publish_shards(tmp, out, manifest, replace=old)
     except BaseException:
-        for shard in shards:  # a failure while moving may have placed some already
-            if (out / shard["name"]).exists() and not (tmp / shard["name"]).exists():
-                (out / shard["name"]).unlink()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        discard_shards(tmp, out, shards, remove_out=created)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

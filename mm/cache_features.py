@@ -52,7 +52,15 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
-from mm.datasets.shards import SampleError, add_member, check_messages, is_features, rewrite_media
+from mm.datasets.shards import (
+    SampleError,
+    add_member,
+    check_messages,
+    discard_shards,
+    is_features,
+    publish_shards,
+    rewrite_media,
+)
 from mm.datasets.webdata import DataCounters, DataError, expand_shards, normalize_sample, read_shard
 
 if TYPE_CHECKING:  # mm.preprocessing pulls in torchvision; `mm --help` registers this module's parser
@@ -463,10 +471,6 @@ def cache_features(
         samples = sum(s["samples"] for s in shards)
         if samples == 0:
             raise DataError(f"no sample of {src!r} could be cached: {counters.summary() or 'no samples'}")
-        for path in old:
-            path.unlink()
-        for shard in shards:
-            os.replace(tmp / shard["name"], out / shard["name"])
         manifest = {
             "format": "mm-webdataset",
             "version": 1,
@@ -485,15 +489,9 @@ def cache_features(
                 "skipped_examples": dict(counters.examples),
             },
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp / "manifest.json", out / "manifest.json")  # last: marks the cache complete
+        publish_shards(tmp, out, manifest, replace=old)
     except BaseException:
-        for shard in shards:  # a failure while moving may have placed some already
-            if (out / shard["name"]).exists() and not (tmp / shard["name"]).exists():
-                (out / shard["name"]).unlink()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        discard_shards(tmp, out, shards, remove_out=created)
         raise
     finally:
         bar.close()
