@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mm._bench_workload import SIZES, BenchSize
+from mm._bench_workload import SIZES, WRITTEN_MARKER, BenchSize
 
 __all__ = ["decode_inputs", "run_task", "train_batch"]
 
@@ -219,7 +219,9 @@ def task_write(spec: dict[str, Any]) -> dict[str, Any]:
             text_config=size.hf_text_config(),
             image_token_index=size.text["vocab_size"],
         )
-        model = MllamaForConditionalGeneration(config).eval()
+        # Random initialisation of 11B parameters takes minutes on a CPU and seconds on the GPU.
+        with torch.device(spec.get("device", "cpu")):
+            model = MllamaForConditionalGeneration(config).eval()
     finally:
         torch.set_default_dtype(previous)
     with torch.no_grad():
@@ -228,7 +230,11 @@ def task_write(spec: dict[str, Any]) -> dict[str, Any]:
                 p.copy_(torch.empty_like(p).uniform_(-1.0, 1.0))
     model.save_pretrained(spec["folder"])
     params = sum(p.numel() for p in model.parameters())
-    return {"seconds": time.perf_counter() - t0, "params": params}
+    written = {"seconds": time.perf_counter() - t0, "params": params}
+    # Written last: its presence says the folder is complete (a later run with --workdir reuses it).
+    marker = {"size": size.to_dict(), "dtype": spec["dtype"], "params": params}
+    (Path(spec["folder"]) / WRITTEN_MARKER).write_text(json.dumps(marker))
+    return written
 
 
 def task_matmul(spec: dict[str, Any]) -> dict[str, Any]:

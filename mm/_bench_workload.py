@@ -27,7 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SIZES", "BenchSize", "decode_flops", "train_step_flops"]
+__all__ = ["SIZES", "WRITTEN_MARKER", "BenchSize", "decode_flops", "train_step_flops"]
+
+# Written into the checkpoint folder after the checkpoint is complete (size, dtype, parameter count).
+WRITTEN_MARKER = "mm-bench-checkpoint.json"
 
 _ASPECT_RATIOS_4 = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
 _LLAMA3_ROPE = {

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mm._bench_workload import SIZES, BenchSize, decode_flops, train_step_flops
+from mm._bench_workload import SIZES, WRITTEN_MARKER, BenchSize, decode_flops, train_step_flops
 
 __all__ = ["SIZES", "BenchSize", "add_bench_parser", "decode_flops", "main", "run_bench", "train_step_flops"]
 
@@ -240,7 +240,8 @@ def run_bench(
         figures: a subset of ``("train", "decode")``.
         threads: ``torch.set_num_threads`` in every worker (default: torch's choice).
         timeout: seconds allowed to each worker process.
-        workdir: where the checkpoint is written (default: a temporary folder, removed after).
+        workdir: where the checkpoint is written (default: a temporary folder, removed after); a
+            checkpoint an earlier run finished there for the same size and dtype is reused.
         log: called with progress lines.
     """
     size = SIZES[size_name]
@@ -272,10 +273,14 @@ def run_bench(
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"mllama-{size_name}-{dtype}"
     try:
-        log(f"writing a random {size_name} Mllama checkpoint to {folder}")
-        written = run_worker(
-            {**common, "task": "write", "folder": str(folder)}, timeout=timeout, workdir=root
-        )
+        written = _reusable_checkpoint(folder, size, dtype)
+        if written is not None:
+            log(f"reusing the {size_name} Mllama checkpoint in {folder}")
+        else:
+            log(f"writing a random {size_name} Mllama checkpoint to {folder}")
+            written = run_worker(
+                {**common, "task": "write", "folder": str(folder)}, timeout=timeout, workdir=root
+            )
         report["checkpoint"] = written
         if "error" in written:
             report["error"] = "could not write the checkpoint: " + written["error"]
@@ -325,6 +330,17 @@ def run_bench(
     finally:
         if temp is not None:
             temp.cleanup()
+
+
+def _reusable_checkpoint(folder: Path, size: BenchSize, dtype: str) -> dict[str, Any] | None:
+    """What an earlier run wrote in ``folder``, if it finished writing this size at this dtype."""
+    try:
+        marker = json.loads((folder / WRITTEN_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if marker.get("size") != json.loads(json.dumps(size.to_dict())) or marker.get("dtype") != dtype:
+        return None
+    return {"reused": True, "params": marker.get("params")}
 
 
 def _flops(value: float | None) -> str:
@@ -457,7 +473,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--figures", default=",".join(FIGURES), help="comma-separated subset of train,decode")
     p.add_argument("--threads", type=_positive, help="torch threads in every worker (default: torch's)")
     p.add_argument("--timeout", type=float, help="seconds allowed to each worker process")
-    p.add_argument("--workdir", help="where to write the checkpoint (default: a temporary folder)")
+    p.add_argument(
+        "--workdir",
+        help="where to write the checkpoint (default: a temporary folder); one an earlier run finished "
+        "there for the same size and dtype is reused",
+    )
     p.add_argument("--out", help="write the results JSON here (default: mm-bench-SIZE-DEVICE-DTYPE.json)")
     p.set_defaults(func=_cmd_bench)
 

@@ -14,27 +14,31 @@ import sys
 
 import pytest
 
-from mm.bench import SIZES, run_worker, train_step_flops
+from mm.bench import SIZES, WRITTEN_MARKER, _reusable_checkpoint, run_worker, train_step_flops
 
 TINY = SIZES["tiny"]
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    """One real ``python -m mm.bench --size tiny`` run: (exit status, stdout, results JSON)."""
-    out = tmp_path_factory.mktemp("bench") / "results.json"
+def _tiny_bench(out, workdir, *extra: str) -> subprocess.CompletedProcess:
+    """``python -m mm.bench --size tiny`` writing ``out``, its checkpoint in ``workdir``; must succeed."""
+    command = ["--size", "tiny", "--out", str(out), "--workdir", str(workdir), *extra]
     proc = subprocess.run(
-        [sys.executable, "-m", "mm.bench", "--size", "tiny", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-m", "mm.bench", *command], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout, json.loads(out.read_text())
+    return proc
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One real tiny run: (stdout, results JSON, the folder holding its checkpoint folder ``work``)."""
+    root = tmp_path_factory.mktemp("bench")
+    proc = _tiny_bench(root / "results.json", root / "work")
+    return proc.stdout, json.loads((root / "results.json").read_text()), root
 
 
 def test_results_json_has_the_documented_keys(bench):
-    _, report = bench
+    _, report, _ = bench
     for key in ("schema", "command", "config", "versions", "hardware", "matmul_peak", "flops", "results"):
         assert key in report, key
     assert report["config"]["size"]["name"] == "tiny"
@@ -46,7 +50,7 @@ def test_results_json_has_the_documented_keys(bench):
 
 
 def test_mm_loss_is_hugging_faces_loss_on_the_same_batch(bench):
-    _, report = bench
+    _, report, _ = bench
     mm, hf = report["results"]["train"]["mm"], report["results"]["train"]["hf"]
     assert math.isfinite(mm["first_loss"]) and mm["first_loss"] > 0
     assert mm["first_loss"] == pytest.approx(hf["first_loss"], rel=1e-5, abs=1e-5)
@@ -56,7 +60,7 @@ def test_mm_loss_is_hugging_faces_loss_on_the_same_batch(bench):
 
 
 def test_greedy_decoding_gives_hugging_faces_tokens(bench):
-    _, report = bench
+    _, report, _ = bench
     mm, hf = report["results"]["decode"]["mm"], report["results"]["decode"]["hf"]
     assert len(mm["tokens"]) == TINY.new_tokens
     assert mm["tokens"] == hf["tokens"]
@@ -64,7 +68,7 @@ def test_greedy_decoding_gives_hugging_faces_tokens(bench):
 
 
 def test_every_figure_is_a_positive_number_with_raw_timings(bench):
-    _, report = bench
+    _, report, _ = bench
     assert report["matmul_peak"]["flops_per_s"] > 0
     for impl in ("mm", "hf"):
         train = report["results"]["train"][impl]
@@ -82,10 +86,27 @@ def test_every_figure_is_a_positive_number_with_raw_timings(bench):
 
 
 def test_the_table_prints_every_figure(bench):
-    stdout, _ = bench
+    stdout, _, _ = bench
     for label in ("train step, s", "train peak memory", "train MFU", "prefill, s", "decode tokens/s"):
         assert label in stdout
     assert "error" not in stdout
+
+
+def test_a_finished_checkpoint_in_workdir_is_reused_and_an_unfinished_one_is_not(bench, tmp_path):
+    _, first, root = bench
+    folder = root / "work" / "mllama-tiny-fp32"
+    assert json.loads((folder / WRITTEN_MARKER).read_text())["params"] == first["checkpoint"]["params"]
+    out = tmp_path / "again.json"
+    proc = _tiny_bench(out, root / "work", "--figures", "decode")
+    assert "reusing the tiny Mllama checkpoint" in proc.stderr
+    again = json.loads(out.read_text())
+    assert again["checkpoint"] == {"reused": True, "params": first["checkpoint"]["params"]}
+    # Same weights: the same greedy tokens as the first run.
+    assert again["results"]["decode"]["mm"]["tokens"] == first["results"]["decode"]["mm"]["tokens"]
+    assert _reusable_checkpoint(folder, TINY, "bf16") is None  # another dtype: written anew
+    assert _reusable_checkpoint(folder, SIZES["small"], "fp32") is None  # another size
+    (folder / WRITTEN_MARKER).unlink()  # a write that never finished leaves no marker
+    assert _reusable_checkpoint(folder, TINY, "fp32") is None
 
 
 def test_flop_model_counts_backward_through_layers_below_the_first_block_only_when_asked():
