@@ -285,7 +285,7 @@ class VisionAttention(nn.Module):
         self.o_proj = nn.Linear(width, width, bias=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """``x [b, s, d]``, boolean ``mask [b, 1, s, s]`` (True = may attend) -> ``[b, s, d]``."""
+        """``x [b, s, d]``, ``mask [b, 1, s, s]`` (additive, or boolean with True = may attend) -> ``[b, s, d]``."""
         q = rearrange(self.q_proj(x), "b s (h hd) -> b h s hd", h=self.num_heads)  # [b, h, s, hd]
         k = rearrange(self.k_proj(x), "b s (h hd) -> b h s hd", h=self.num_heads)  # [b, h, s, hd]
         v = rearrange(self.v_proj(x), "b s (h hd) -> b h s hd", h=self.num_heads)  # [b, h, s, hd]
@@ -419,7 +419,14 @@ class ImageEncoder(nn.Module):
         x = self.ln_pre(x)
         x = F.pad(x, (0, 0, 0, padded - p))  # [bn, t, l, d]
         x = rearrange(x, "bn t l d -> bn (t l) d")
-        mask = self._attention_mask(tile_mask, p, padded)
+        # One additive mask for every layer: given the boolean one, scaled_dot_product_attention
+        # would build this float copy (-inf where False) in each layer, and a layer that trains
+        # keeps its copy for the backward pass (about 8 GB for 4 images of 4 tiles at 11B size).
+        allowed = self._attention_mask(tile_mask, p, padded)
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(
+            ~allowed, float("-inf")
+        )
+        del allowed
 
         taken = set(cfg.intermediate_layers)
         kept: dict[int, torch.Tensor] = {}
