@@ -622,7 +622,7 @@ def add_demo_parser(sub) -> None:
         action="store_true",
         help=(
             "also run the speech stages on speech synthesised offline (experimental: at demo sizes "
-            "the speech figures stay near chance; see the report)"
+            "the speech figures are not yet far from chance; see the report)"
         ),
     )
     p.set_defaults(func=_cmd_demo)

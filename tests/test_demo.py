@@ -79,7 +79,8 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, c
     assert report["video_qa_eval_samples"] == 4 and report["video_data"]["cached_videos"] == 8
     assert report["speech_eval_samples"] == {"asr": 4, "qa": 4} and report["speech_wer"] >= 0.0
     assert 0.25 <= report["speech_qa_chance"] <= 1.0 and 0.0 <= report["speech_qa_accuracy"] <= 1.0
-    assert report["speech_data"]["speech-asr"]["samples"] == 8
+    assert report["speech_data"]["speech"]["samples"] == 16  # both tasks, interleaved in one shard folder
+    assert report["speech_data"]["speech"]["per_task"] == {"asr": 8, "qa": 8}
     out = tmp_path / "out"
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     plots = ("text-backbone", "image-encoder", "image-stages", "video-stage", "speech-stages")
@@ -127,7 +128,7 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, c
     assert json.loads(capsys.readouterr().out)["tokens"] <= 6
 
     # ... and to a spoken question (a recording the speech phase synthesised), through `mm ask --audio`.
-    spoken = sorted((out / "raw" / "speech-qa").glob("*.wav"))[0]
+    spoken = sorted((out / "raw" / "speech").glob("qa-*.wav"))[0]
     argv = ["ask", "--model", str(out / "model"), "--audio", str(spoken), "--max-new-tokens", "6", "--json"]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] <= 6
