@@ -566,6 +566,7 @@ class MultimodalModel(nn.Module):
                 last_video_row=None if video is None else video_cross_attention_mask[:, -1:],
             )
             prefill = [True]
+            head = self.backbone.greedy_head if temperature == 0 else self.backbone.head
 
             def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                 first = prefill[0]
@@ -587,7 +588,7 @@ class MultimodalModel(nn.Module):
                     video=state.video,
                     video_cross_attention_mask=video_cross_attention_mask if first else state.last_video_row,
                 )
-                return self.backbone.head(h[:, -1])
+                return head(h[:, -1])
 
             stops = self.config.text.eos_token_ids if stop_token_ids is None else stop_token_ids
             yield from stream_tokens(

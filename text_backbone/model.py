@@ -25,6 +25,7 @@ from torch import nn
 from mm.text_backbone.config import TextConfig
 from mm.text_backbone.digest import state_digest
 from mm.text_backbone.generation import stream_tokens
+from mm.text_backbone.greedy_head import ScreenedHead
 from mm.text_backbone.kv_cache import KVCache
 from mm.text_backbone.layers import AttentionContext, DecoderLayer, RMSNorm
 from mm.text_backbone.rope import rope_cos_sin, rope_frequencies
@@ -189,6 +190,21 @@ class TextBackbone(nn.Module):
         """Final norm and output projection: ``[..., d]`` hidden states to ``[..., V]`` logits."""
         return F.linear(self.norm(h), self.output_weight)
 
+    def greedy_head(self, h: torch.Tensor) -> torch.Tensor:
+        """:meth:`head` for greedy decoding, ``[b, d]`` to ``[b, V]``: the same argmax, with the
+        rows that cannot hold it set to ``-inf``. With fp32 weights on the CPU the vocabulary is
+        screened in fp16 and only candidate rows are computed in fp32
+        (:class:`~mm.text_backbone.greedy_head.ScreenedHead`, built on first use: an fp16 copy of
+        the output matrix); elsewhere it is :meth:`head`."""
+        weight = self.output_weight
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or h.ndim != 2:
+            return self.head(h)
+        screen = self.__dict__.get("_greedy_screen")
+        if screen is None or screen.key != ScreenedHead.key_of(weight):
+            screen = ScreenedHead(weight)
+            self.__dict__["_greedy_screen"] = screen  # not a module or parameter: no state_dict entry
+        return screen.logits(self.norm(h), weight)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -200,6 +216,25 @@ class TextBackbone(nn.Module):
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits ``[b, s, V]`` (``[b, 1, V]`` with ``last_only``) for ``input_ids [b, s]`` or ``inputs_embeds``."""
+        h = self.hidden_states(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+        )
+        return self.head(h[:, -1:] if last_only else h)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The last layer's output ``[b, s, d]`` before the final norm (arguments as :meth:`forward`)."""
         h, ctx = self.prepare(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -209,9 +244,7 @@ class TextBackbone(nn.Module):
         )
         for layer in self.layers:
             h = layer(h, ctx)
-        if last_only:
-            h = h[:, -1:]
-        return self.head(h)
+        return h
 
     # ------------------------------------------------------------------ generation
     def stream(
@@ -230,9 +263,10 @@ class TextBackbone(nn.Module):
         ``stop_token_ids=None`` stops at the checkpoint's end-of-turn ids; ``()`` never stops early.
         """
         cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        head = self.greedy_head if temperature == 0 else self.head
 
         def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return self(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]
+            return head(self.hidden_states(ids, attention_mask=mask, cache=cache)[:, -1])
 
         with torch.inference_mode():
             yield from stream_tokens(

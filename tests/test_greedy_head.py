@@ -1,0 +1,103 @@
+"""The screened greedy head: the fp32 argmax always, fp16 screening only where its error bound holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mm.text_backbone import TextBackbone, TextConfig
+from mm.text_backbone.greedy_head import ScreenedHead
+
+
+def _matrix(v=5000, d=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(v, d, generator=g) * 0.05
+    w[17] = w[4000]  # an exact tie: the argmax is the first of the two, as in the full projection
+    w[18] = w[4001] * (1 + 2e-4)  # near ties, closer than fp16 can tell apart
+    w[19] = w[4002] * (1 - 2e-4)
+    w[20, :5] = 1e-6  # fp16 subnormals
+    return w
+
+
+def test_the_argmax_is_the_fp32_argmax_and_only_candidates_are_computed():
+    w = _matrix()
+    screen = ScreenedHead(w)
+    assert screen.exact  # PyTorch's CPU fp16 products sum in fp32
+    g = torch.Generator().manual_seed(1)
+    hs = [torch.randn(4, 128, generator=g) * s for s in (0.1, 1.0, 10.0, 100.0)]
+    hs += [w[[4000, 4001, 4002, 20]] * 50]  # rows pointing at the tied / near-tied / subnormal rows
+    for h in hs:
+        full = F.linear(h, w)
+        out = screen.logits(h, w)
+        assert torch.equal(out.argmax(-1), full.argmax(-1))
+        kept = torch.isfinite(out)
+        assert kept.any(0).sum() < 200  # a handful of rows, not the vocabulary
+        torch.testing.assert_close(out[kept], full[kept], rtol=1e-6, atol=1e-6)
+        assert torch.all(out[~kept] == float("-inf"))
+        # Every row that beats the kept rows' best lower bound was kept: the true top rows are in.
+        top = full.topk(1, dim=-1).indices
+        assert kept.gather(1, top).all()
+    assert screen.screened == len(hs)
+
+
+def test_where_the_bound_does_not_hold_it_is_the_full_projection(monkeypatch):
+    w = _matrix()
+    h = torch.randn(2, 128)
+    monkeypatch.setattr(ScreenedHead, "accumulates_in_fp32", staticmethod(lambda d: False))
+    assert torch.equal(ScreenedHead(w).logits(h, w), F.linear(h, w))  # fp16 sums could not be bounded
+    monkeypatch.undo()
+    huge = h * 1e6  # past fp16's range
+    assert torch.equal(ScreenedHead(w).logits(huge, w), F.linear(huge, w))
+    few = ScreenedHead(w, max_candidates=0)  # too many survivors
+    assert torch.equal(few.logits(h, w), F.linear(h, w)) and few.screened == 0
+    screen = ScreenedHead(w)
+    w.mul_(2)  # changed in place: the fp16 copy is stale
+    with pytest.raises(ValueError, match="weight changed"):
+        screen.logits(h, w)
+    with pytest.raises(ValueError, match="fp32"):
+        ScreenedHead(w.bfloat16())
+
+
+def _backbone(**overrides):
+    torch.manual_seed(0)
+    cfg = dict(
+        vocab_size=2000,
+        embed_dim=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_dim=128,
+        max_seq_len=256,
+    )
+    bb = TextBackbone(TextConfig(**{**cfg, **overrides})).eval()
+    with torch.no_grad():
+        for p in bb.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return bb
+
+
+def test_greedy_generation_uses_the_screen_and_gives_the_full_heads_tokens():
+    bb = _backbone()
+    ids = torch.randint(3, 2000, (2, 9))
+    new = bb.generate(ids, max_new_tokens=12, stop_token_ids=())
+    assert bb.__dict__["_greedy_screen"].screened == 12  # prefill and every decoded token
+    seq = ids
+    with torch.no_grad():
+        for _ in range(12):  # the plain way: full logits of the whole sequence, no cache
+            seq = torch.cat([seq, bb(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(new, seq[:, 9:])
+    # Weights changed in place: the screen is rebuilt and follows them.
+    with torch.no_grad():
+        bb.lm_head.weight.mul_(-1)
+    again = bb.generate(ids, max_new_tokens=3, stop_token_ids=())
+    with torch.no_grad():
+        assert torch.equal(again[:, 0], bb(ids)[:, -1].argmax(-1))
+
+
+def test_outside_fp32_on_the_cpu_it_is_the_plain_head():
+    bb = _backbone().to(torch.bfloat16)
+    h = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(bb.greedy_head(h), bb.head(h))
+    assert "_greedy_screen" not in bb.__dict__
+    assert "_greedy_screen" not in str(list(bb.state_dict()))  # never part of a checkpoint
