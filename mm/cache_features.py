@@ -242,38 +242,22 @@ def read_features(data: bytes) -> tuple[torch.Tensor, dict[str, Any] | None]:
 
 
 def features_preprocessor(model, num_frames: int | None = None) -> Preprocessor:
-    """The preprocessor a video stage of ``model`` decodes clips with (as the trainer builds it).
-
-    The model's saved settings, with ``num_frames`` frames per clip when given (else the saved
-    number, or 16), tiles padded to the image encoder's when its tile count differs.
+    """The preprocessor a video stage of ``model`` decodes clips with (the trainer's
+    :func:`~mm.trainer.stage_preprocessor`): the model's saved settings, with ``num_frames`` frames
+    per clip when given (else the saved number, or 16), tiles padded to the image encoder's when
+    its tile count differs.
     """
-    import dataclasses
-
     from mm.datasets.video import VideoConfig
-    from mm.encoders import ImageEncoderConfig
-    from mm.preprocessing import Preprocessor
+    from mm.trainer import stage_preprocessor
 
     pre = model.preprocessor
     if pre is None or pre.image_processor is None:
         raise ValueError("the model was saved without a tokenizer and image preprocessing settings")
     if model.video_aggregator is None:
         raise ValueError("the model has no video adapter: cached frame features would have no use")
-    video = pre.video or VideoConfig()
-    if num_frames is not None:
-        video = dataclasses.replace(video, num_frames=num_frames)
-    image, enc = pre.image_processor, model.config.image_encoder
-    tiles = None
-    if isinstance(enc, ImageEncoderConfig) and image.max_tiles != enc.max_num_tiles:
-        tiles = (enc.max_num_tiles, enc.supported_aspect_ratios)
-    return Preprocessor(
-        pre.tokenizer,
-        image,
-        mask_mode=pre.mask_mode,
-        max_seq_len=pre.max_seq_len,
-        max_images=pre.max_images,
-        encoder_tiles=tiles,
-        video=video,
-    )
+    if num_frames is None:
+        num_frames = (pre.video or VideoConfig()).num_frames
+    return stage_preprocessor(model, max_seq_len=pre.max_seq_len, num_frames=num_frames)
 
 
 @dataclass

@@ -79,7 +79,7 @@ from mm.train_state import (
     shard_like,
 )
 
-__all__ = ["BackboneChanged", "StageResult", "Trainer", "shard_model"]
+__all__ = ["BackboneChanged", "StageResult", "Trainer", "shard_model", "stage_preprocessor"]
 
 logger = logging.getLogger(__name__)
 
@@ -305,53 +305,12 @@ class Trainer:
         return previous
 
     def _preprocessor(self, model: MultimodalModel, stage: Stage) -> Preprocessor:
-        from mm.datasets.image_processing import ImageProcessor
-        from mm.encoders import ImageEncoderConfig
-
-        pre = model.preprocessor
-        if pre is None:
-            raise RecipeError("the model has no preprocessor (tokenizer and preprocessing settings)")
-        image = pre.image_processor
-        if stage.image is not None:
-            enc_size = getattr(model.image_encoder, "image_size", stage.image.tile_size)
-            if stage.image.tile_size != enc_size:
-                raise RecipeError(
-                    f"stage {stage.name!r} asks for {stage.image.tile_size} px tiles; the image encoder takes {enc_size}"
-                )
-            base = image.to_dict() if image is not None else {}
-            image = ImageProcessor.from_dict(
-                {**base, "tile_size": stage.image.tile_size, "max_tiles": stage.image.max_tiles}
-            )
-        enc = model.config.image_encoder
-        tiles = None
-        if isinstance(enc, ImageEncoderConfig) and image is not None and image.max_tiles != enc.max_num_tiles:
-            tiles = (enc.max_num_tiles, enc.supported_aspect_ratios)
-        video = pre.video
-        if stage.video is not None:
-            from mm.datasets.video import VideoConfig
-
-            video = dataclasses.replace(pre.video or VideoConfig(), num_frames=stage.video.num_frames)
-        audio, audio_tokens = pre.audio, pre.audio_tokens
-        speech = model.config.speech
-        if speech is not None and audio is None:
-            from mm.datasets.audio import AudioConfig
-
-            audio = AudioConfig(n_mels=speech.encoder.input_dim)
-            audio_tokens = AudioTokens(
-                stack=speech.encoder.stack,
-                conv_kernel=speech.adapter.conv_kernel,
-                conv_stride=speech.adapter.conv_stride,
-            )
-        return Preprocessor(
-            pre.tokenizer,
-            image,
-            mask_mode=pre.mask_mode,
+        return stage_preprocessor(
+            model,
             max_seq_len=stage.max_seq_len,
-            max_images=pre.max_images,
-            encoder_tiles=tiles,
-            video=video,
-            audio=audio,
-            audio_tokens=audio_tokens,
+            image=stage.image,
+            num_frames=None if stage.video is None else stage.video.num_frames,
+            stage_name=stage.name,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -673,3 +632,71 @@ def summary_table(results: Sequence[StageResult]) -> str:
 
 def write_results(results: Sequence[StageResult], path: str | Path) -> None:
     Path(path).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+
+
+def stage_preprocessor(
+    model: MultimodalModel,
+    *,
+    max_seq_len: int,
+    image: Any = None,
+    num_frames: int | None = None,
+    stage_name: str = "",
+) -> Preprocessor:
+    """The preprocessor a stage decodes and tokenises its samples with: the model's saved settings,
+    with the stage's tile settings (``image``, a recipe's image settings) and frames per clip when
+    given, tiles padded to the image encoder's when their counts differ, and audio features for a
+    model with a speech encoder. ``mm data cache-features`` builds its clips' preprocessor here too,
+    so cached features match what the stage would decode.
+    """
+    from mm.datasets.image_processing import ImageProcessor
+    from mm.encoders import ImageEncoderConfig
+
+    pre = model.preprocessor
+    if pre is None:
+        raise RecipeError("the model has no preprocessor (tokenizer and preprocessing settings)")
+    processor = pre.image_processor
+    if image is not None:
+        enc_size = getattr(model.image_encoder, "image_size", image.tile_size)
+        if image.tile_size != enc_size:
+            raise RecipeError(
+                f"stage {stage_name!r} asks for {image.tile_size} px tiles; the image encoder takes {enc_size}"
+            )
+        base = processor.to_dict() if processor is not None else {}
+        processor = ImageProcessor.from_dict(
+            {**base, "tile_size": image.tile_size, "max_tiles": image.max_tiles}
+        )
+    enc = model.config.image_encoder
+    tiles = None
+    if (
+        isinstance(enc, ImageEncoderConfig)
+        and processor is not None
+        and processor.max_tiles != enc.max_num_tiles
+    ):
+        tiles = (enc.max_num_tiles, enc.supported_aspect_ratios)
+    video = pre.video
+    if num_frames is not None:
+        from mm.datasets.video import VideoConfig
+
+        video = dataclasses.replace(pre.video or VideoConfig(), num_frames=num_frames)
+    audio, audio_tokens = pre.audio, pre.audio_tokens
+    speech = model.config.speech
+    if speech is not None and audio is None:
+        from mm.datasets.audio import AudioConfig
+
+        audio = AudioConfig(n_mels=speech.encoder.input_dim)
+        audio_tokens = AudioTokens(
+            stack=speech.encoder.stack,
+            conv_kernel=speech.adapter.conv_kernel,
+            conv_stride=speech.adapter.conv_stride,
+        )
+    return Preprocessor(
+        pre.tokenizer,
+        processor,
+        mask_mode=pre.mask_mode,
+        max_seq_len=max_seq_len,
+        max_images=pre.max_images,
+        encoder_tiles=tiles,
+        video=video,
+        audio=audio,
+        audio_tokens=audio_tokens,
+    )
