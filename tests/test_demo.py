@@ -31,7 +31,7 @@ MICRO = DemoSettings(
 )
 VIDEO_MICRO = VideoDemoSettings(train_clips=8, eval_clips=4, steps=2)
 SPEECH_MICRO = SpeechDemoSettings(
-    asr_train=8, qa_train=8, asr_eval=4, qa_eval=4, pretrain_steps=2, sft_steps=2
+    asr_train=8, qa_train=8, asr_eval=4, qa_eval=4, pretrain_steps=2, asr_steps=2, qa_steps=2
 )
 
 
@@ -72,22 +72,30 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, c
         "image-anneal",
         "video-adapter",
         "speech-pretrain",
-        "speech-sft",
+        "speech-asr",
+        "speech-qa",
     ]
-    assert [s["steps"] for s in report["stages"]] == [4, 3, 4, 3, 2, 2, 2]
+    assert [s["steps"] for s in report["stages"]] == [4, 3, 4, 3, 2, 2, 2, 2]
     assert report["video_qa_chance"] == 0.25 and 0.0 <= report["video_qa_accuracy"] <= 1.0
     assert report["video_qa_eval_samples"] == 4 and report["video_data"]["cached_videos"] == 8
     assert report["speech_eval_samples"] == {"asr": 4, "qa": 4} and report["speech_wer"] >= 0.0
     assert 0.25 <= report["speech_qa_chance"] <= 1.0 and 0.0 <= report["speech_qa_accuracy"] <= 1.0
-    assert report["speech_data"]["speech"]["samples"] == 16  # both tasks, interleaved in one shard folder
-    assert report["speech_data"]["speech"]["per_task"] == {"asr": 8, "qa": 8}
+    assert {k: v["samples"] for k, v in report["speech_data"].items()} == {"speech-asr": 8, "speech-qa": 8}
+    assert report["speech_text_repeat_wer"] >= 0.0 and len(report["speech_text_repeat_examples"]) == 4
     out = tmp_path / "out"
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     plots = ("text-backbone", "image-encoder", "image-stages", "video-stage", "speech-stages")
     for f in ("report.md", *(f"plots/{p}.png" for p in plots)):
         assert (out / f).is_file(), f
     # Every stage wrote its loss curve, metrics and a checkpoint; the data went through shards.
-    for stage in ("image-pretrain", "image-anneal", "video-adapter", "speech-pretrain", "speech-sft"):
+    for stage in (
+        "image-pretrain",
+        "image-anneal",
+        "video-adapter",
+        "speech-pretrain",
+        "speech-asr",
+        "speech-qa",
+    ):
         assert (out / "runs" / stage / "loss.png").is_file()
     assert "video QA accuracy" in (out / "report.md").read_text()
     assert report["data"]["qa"]["samples"] == 48 and report["data"]["captions"]["samples"] == 24
@@ -128,7 +136,7 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, c
     assert json.loads(capsys.readouterr().out)["tokens"] <= 6
 
     # ... and to a spoken question (a recording the speech phase synthesised), through `mm ask --audio`.
-    spoken = sorted((out / "raw" / "speech").glob("qa-*.wav"))[0]
+    spoken = sorted((out / "raw" / "speech-qa").glob("qa-*.wav"))[0]
     argv = ["ask", "--model", str(out / "model"), "--audio", str(spoken), "--max-new-tokens", "6", "--json"]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] <= 6
@@ -140,3 +148,14 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, c
     ids = torch.tensor([model.preprocessor.tokenizer.encode("A red circle in the top left.", bos=True)])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, model.backbone(ids))
+
+
+def test_demo_refuses_contradicting_requirements_before_training(tmp_path, capsys):
+    from mm.cli import main
+
+    out = tmp_path / "never-written"
+    assert main(["demo", "--out", str(out), "--require-speech-qa-accuracy", "0.5"]) == 2
+    assert "--require-speech-qa-accuracy needs --speech" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--no-video", "--require-video-accuracy", "0.4"]) == 2
+    assert "contradict" in capsys.readouterr().err
+    assert not out.exists()

@@ -106,6 +106,7 @@ def test_report_sections_appear_only_with_a_speech_phase():
         "speech_wer_chance": 0.8,
         "speech_wer_heldout_phrasing": 0.3,
         "speech_asr_exact": 0.5,
+        "speech_text_repeat_wer": 1.0,
         "speech_qa_accuracy": 0.75,
         "speech_qa_chance": 0.3,
         "speech_qa_heldout_phrasing": 0.7,
@@ -119,4 +120,5 @@ def test_report_sections_appear_only_with_a_speech_phase():
     text = speech_markdown(r)
     assert "**0.250** (chance 0.80" in text and "**0.750** (chance 0.30)" in text
     assert "| qa | What colour is fire? | red. | red. |" in text
+    assert "repeating the words as text, word error rate | 1.000 |" in text
     assert [label for label, _ in speech_summary_rows(r)][0].startswith("speech recognition WER")
