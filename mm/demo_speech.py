@@ -41,18 +41,21 @@ voice (:mod:`mm.speech_synth`; varied speed and noise seed):
 
 **What limits it.** Spoken questions need one decision (which thing was named) that the text model
 already links to its answer ("The sky is blue."), so the adapter only has to make the thing's name
-heard: trained alone they reach 0.81-0.84 on held-out utterances in 400 steps (three seeds, a hand
-harness over the same model and data). Recognition needs the frozen model to *repeat* what it
-hears, byte by byte, and the demo's tiny text model cannot repeat even text: its
-``speech_text_repeat_wer`` is about 1. The speech path (input embeddings only, as in the paper)
-cannot teach it; the paper's text model is an instruct model that can. A tiny model learns to
-repeat only late: with half its documents replaced by "Repeat after me in English." turns over
-such sentences it repeated 0 of 40 at 1,200 steps, 8 at 1,000 (another run) and 40 of 40 at
-2,000 (4 minutes more than the quick demo's 150 steps). Speech recognition through that model
-does learn in a hand harness (word error rate 0.41 after 800 steps of recognition alone, 0.52
-mixed with questions; chance 0.77), but three quick runs of the demo's trainer on it ended at
-0.82-0.91 with spoken QA at 0.34-0.35 (its facts got less training), so it is not shipped yet.
-Mixed into the same batches as the questions,
+heard: trained alone they reached 0.81-0.84 on held-out utterances in 400 steps (three seeds, a
+hand harness over the same model, on an earlier data set with three phrasings per task).
+Recognition needs the frozen model to *repeat* what it hears, byte by byte, and the demo's tiny
+text model cannot repeat even text: its ``speech_text_repeat_wer`` is about 1. The speech path
+(input embeddings only, as in the paper) cannot teach it; the paper's text model is an instruct
+model that can. A tiny model learns to repeat only late: pre-trained with "Repeat after me in
+English." turns in place of some documents, it repeated none of 40 such sentences after 150-1,200
+steps (15-50% of the documents; sentences from the corpus, from these templates or random words),
+8 of 40 after 1,000 steps and 40 of 40 after 2,000 (half the documents, these templates; 4
+minutes more than the quick demo's 150 steps). Recognition through that model can learn: in the
+harness, mixed with questions in every batch, word error rate 0.51 with spoken QA 0.84 after
+1,500 steps, 0.60 with 0.78-0.81 after 1,000 (two runs; chance 0.77 and 0.30), but from other
+initialisations of the speech encoder and adapter the same data ended at 0.79-0.91 and 0.34-0.36
+after 500-1,000 steps (five runs, through the demo's trainer or the harness, which agree from the
+same start), so it is not shipped yet. Mixed into the same batches as the questions,
 recognition's long, unlearnable answers dominated the token-mean loss and held spoken QA at
 0.46-0.61; the two tasks therefore train in turn. Measured with a probe (the Conformer plus a
 linear classifier over pooled frames, 400 steps), the encoder itself tells the ten things apart:
