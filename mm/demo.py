@@ -648,26 +648,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not ok:
         print("mm demo: the backbone changed — this is a bug in mm", file=sys.stderr)
         return 1
-    if args.require_accuracy is not None and report["image_qa_accuracy"] < args.require_accuracy:
-        print(
-            f"mm demo: image QA accuracy {report['image_qa_accuracy']:.3f} is below the required "
-            f"{args.require_accuracy:.3f}",
-            file=sys.stderr,
-        )
-        return 1
-    if args.require_video_accuracy is not None and report["video_qa_accuracy"] < args.require_video_accuracy:
-        print(
-            f"mm demo: video QA accuracy {report['video_qa_accuracy']:.3f} is below the required "
-            f"{args.require_video_accuracy:.3f} (chance {report['video_qa_chance']:.3f})",
-            file=sys.stderr,
-        )
-        return 1
-    required = args.require_speech_qa_accuracy
-    if required is not None and report["speech_qa_accuracy"] < required:
-        print(
-            f"mm demo: spoken QA accuracy {report['speech_qa_accuracy']:.3f} is below the required "
-            f"{required:.3f} (chance {report['speech_qa_chance']:.3f})",
-            file=sys.stderr,
-        )
-        return 1
+    for required, what, key in (
+        (args.require_accuracy, "image QA", "image_qa"),
+        (args.require_video_accuracy, "video QA", "video_qa"),
+        (args.require_speech_qa_accuracy, "spoken QA", "speech_qa"),
+    ):
+        if required is not None and report[f"{key}_accuracy"] < required:
+            print(
+                f"mm demo: {what} accuracy {report[f'{key}_accuracy']:.3f} is below the required "
+                f"{required:.3f} (chance {report[f'{key}_chance']:.3f})",
+                file=sys.stderr,
+            )
+            return 1
     return 0
