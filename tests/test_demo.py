@@ -28,10 +28,11 @@ MICRO = DemoSettings(
     eval_samples=8,
     pretrain_steps=4,
     anneal_steps=3,
+    speech_text_steps=5,  # with speech, the text model trains this long (with "Repeat after me" turns)
 )
 VIDEO_MICRO = VideoDemoSettings(train_clips=8, eval_clips=4, steps=2)
 SPEECH_MICRO = SpeechDemoSettings(
-    asr_train=8, qa_train=8, asr_eval=4, qa_eval=4, pretrain_steps=2, asr_steps=2, qa_steps=2
+    asr_train=8, qa_train=8, asr_eval=4, qa_eval=4, pretrain_steps=2, sft_steps=2
 )
 
 
@@ -72,15 +73,15 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, c
         "image-anneal",
         "video-adapter",
         "speech-pretrain",
-        "speech-asr",
-        "speech-qa",
+        "speech-sft",
     ]
-    assert [s["steps"] for s in report["stages"]] == [4, 3, 4, 3, 2, 2, 2, 2]
+    assert [s["steps"] for s in report["stages"]] == [5, 3, 4, 3, 2, 2, 2]
     assert report["video_qa_chance"] == 0.25 and 0.0 <= report["video_qa_accuracy"] <= 1.0
     assert report["video_qa_eval_samples"] == 4 and report["video_data"]["cached_videos"] == 8
     assert report["speech_eval_samples"] == {"asr": 4, "qa": 4} and report["speech_wer"] >= 0.0
     assert 0.25 <= report["speech_qa_chance"] <= 1.0 and 0.0 <= report["speech_qa_accuracy"] <= 1.0
-    assert {k: v["samples"] for k, v in report["speech_data"].items()} == {"speech-asr": 8, "speech-qa": 8}
+    assert report["speech_data"]["speech"]["samples"] == 16  # both tasks, interleaved in one shard folder
+    assert report["speech_data"]["speech"]["per_task"] == {"asr": 8, "qa": 8}
     assert report["speech_text_repeat_wer"] >= 0.0 and len(report["speech_text_repeat_examples"]) == 4
     out = tmp_path / "out"
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
@@ -130,7 +131,7 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, c
     assert json.loads(capsys.readouterr().out)["tokens"] <= 6
 
     # ... and to a spoken question (a recording the speech phase synthesised), through `mm ask --audio`.
-    spoken = sorted((out / "raw" / "speech-qa").glob("qa-*.wav"))[0]
+    spoken = sorted((out / "raw" / "speech").glob("qa-*.wav"))[0]
     argv = ["ask", "--model", str(out / "model"), "--audio", str(spoken), "--max-new-tokens", "6", "--json"]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] <= 6
@@ -150,6 +151,30 @@ def test_demo_refuses_contradicting_requirements_before_training(tmp_path, capsy
     out = tmp_path / "never-written"
     assert main(["demo", "--out", str(out), "--require-speech-qa-accuracy", "0.5"]) == 2
     assert "--require-speech-qa-accuracy needs --speech" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--require-speech-wer", "0.6"]) == 2
+    assert "--require-speech-wer needs --speech" in capsys.readouterr().err
     assert main(["demo", "--out", str(out), "--no-video", "--require-video-accuracy", "0.4"]) == 2
     assert "contradict" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_repeat_turns_give_the_words_and_answer_with_them():
+    import random
+
+    from mm.demo import _token_stream, repeat_turn
+    from mm.demo_speech import ASR_PROMPT
+    from mm.text_backbone import ByteTokenizer
+
+    tok = ByteTokenizer()
+    rng = random.Random(0)
+    for _ in range(20):
+        text = tok.decode(repeat_turn(tok, rng))
+        said = text.split(f"{ASR_PROMPT} ", 1)[1].split("<|eot_id|>", 1)[0]
+        assert said[0].isupper() and said.endswith(".")
+        assert text.endswith(f"<|start_header_id|>assistant<|end_header_id|>\n\n{said}<|eot_id|>")
+    docs = ["A red circle is at the top left.\nWhat colour is the circle? red"] * 40
+    plain = _token_stream(docs, tok, seed=1)
+    assert torch.equal(plain, _token_stream(docs, tok, repeat_share=0.0, seed=1))
+    assert ASR_PROMPT not in tok.decode(plain.tolist())
+    mixed = tok.decode(_token_stream(docs, tok, repeat_share=0.5, seed=1).tolist())
+    assert 5 <= mixed.count(ASR_PROMPT) <= 35 and "What colour is the circle?" in mixed
