@@ -682,8 +682,9 @@ def add_demo_parser(sub) -> None:
         "--speech",
         action="store_true",
         help=(
-            "also run the speech stages on speech synthesised offline (experimental; the text model "
-            "then also learns to repeat text, which recognition through it needs; see the report)"
+            "also run the speech stages on speech synthesised offline (experimental; about 7 minutes "
+            "more with --quick, as the text model then also learns to repeat text, which recognition "
+            "through it needs; see the report)"
         ),
     )
     p.set_defaults(func=_cmd_demo)
