@@ -10,7 +10,7 @@ English." turns (:func:`mm.demo.repeat_turn`): recognition through a frozen text
 better than the text model repeating the words as text, and the paper's text model is an instruct
 model that can. Its perplexity on the held-out documents is then higher (4.19 against 3.15 in the
 quick run: half of what it read were such turns), and the image and video figures move with it
-(quick run, seed 0: image QA 0.925, video QA 0.675).
+(quick run, seed 0: image QA 0.925, video QA 0.708).
 
 Starting from the model the video phase saved, on speech synthesised offline with hibari's bundled
 voice (:mod:`mm.speech_synth`; varied speed and noise seed):
