@@ -706,23 +706,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not ok:
         print("mm demo: the backbone changed — this is a bug in mm", file=sys.stderr)
         return 1
-    for required, what, key in (
-        (args.require_accuracy, "image QA", "image_qa"),
-        (args.require_video_accuracy, "video QA", "video_qa"),
-        (args.require_speech_qa_accuracy, "spoken QA", "speech_qa"),
-    ):
-        if required is not None and report[f"{key}_accuracy"] < required:
-            print(
-                f"mm demo: {what} accuracy {report[f'{key}_accuracy']:.3f} is below the required "
-                f"{required:.3f} (chance {report[f'{key}_chance']:.3f})",
-                file=sys.stderr,
-            )
-            return 1
-    if args.require_speech_wer is not None and report["speech_wer"] > args.require_speech_wer:
-        print(
-            f"mm demo: recognition word error rate {report['speech_wer']:.3f} is above the required "
-            f"{args.require_speech_wer:.3f} (chance {report['speech_wer_chance']:.3f})",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    unmet = unmet_requirements(args, report)
+    for message in unmet:
+        print(f"mm demo: {message}", file=sys.stderr)
+    return 1 if unmet else 0
+
+
+#: ``mm demo``'s ``--require-*`` options: (option's dest, what it checks, the report's figure, the
+#: report's chance level of it, whether lower is better).
+_REQUIREMENTS = (
+    ("require_accuracy", "image QA accuracy", "image_qa_accuracy", "image_qa_chance", False),
+    ("require_video_accuracy", "video QA accuracy", "video_qa_accuracy", "video_qa_chance", False),
+    ("require_speech_qa_accuracy", "spoken QA accuracy", "speech_qa_accuracy", "speech_qa_chance", False),
+    ("require_speech_wer", "recognition word error rate", "speech_wer", "speech_wer_chance", True),
+)
+
+
+def unmet_requirements(args: argparse.Namespace, report: dict[str, Any]) -> list[str]:
+    """What the demo's report fails of the ``--require-*`` options given (empty when it meets them)."""
+    unmet = []
+    for dest, what, key, chance, lower_is_better in _REQUIREMENTS:
+        required = getattr(args, dest)
+        if required is None:
+            continue
+        value = report[key]
+        if value > required if lower_is_better else value < required:
+            side = "above the allowed" if lower_is_better else "below the required"
+            unmet.append(f"{what} {value:.3f} is {side} {required:.3f} (chance {report[chance]:.3f})")
+    return unmet

@@ -187,3 +187,30 @@ def test_repeat_turns_give_the_words_and_answer_with_them():
     )
     mixed = tok.decode(_token_stream(docs, tok, repeat_share=0.5, seed=1).tolist())
     assert 5 <= mixed.count(ASR_PROMPT) <= 35 and "What colour is the circle?" in mixed
+
+
+def test_demo_requirements_name_each_unmet_figure_with_its_chance():
+    from mm.cli import build_parser
+    from mm.demo import unmet_requirements
+
+    report = {
+        "image_qa_accuracy": 0.9,
+        "image_qa_chance": 0.25,
+        "video_qa_accuracy": 0.4,
+        "video_qa_chance": 0.25,
+        "speech_qa_accuracy": 0.7,
+        "speech_qa_chance": 0.3,
+        "speech_wer": 0.62,
+        "speech_wer_chance": 0.77,
+    }
+    argv = ["demo", "--speech", "--require-accuracy", "0.75", "--require-video-accuracy", "0.45"]
+    args = build_parser().parse_args(
+        [*argv, "--require-speech-qa-accuracy", "0.6", "--require-speech-wer", "0.5"]
+    )
+    assert unmet_requirements(args, report) == [
+        "video QA accuracy 0.400 is below the required 0.450 (chance 0.250)",
+        "recognition word error rate 0.620 is above the allowed 0.500 (chance 0.770)",
+    ]
+    met = build_parser().parse_args([*argv[:4], "--require-speech-wer", "0.62"])  # equal is met
+    assert unmet_requirements(met, report) == []
+    assert unmet_requirements(build_parser().parse_args(["demo"]), report) == []
