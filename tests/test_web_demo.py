@@ -1,8 +1,10 @@
 """The ``/demo`` page of `mm serve` in a real browser: headless Chromium driven by selenium.
 
-The test picks a generated WAV through the page's file input; the page converts it to 16 kHz mono
+One test picks a generated WAV through the page's file input; the page converts it to 16 kHz mono
 WAV, sends an ``input_audio`` request asking for a spoken answer, shows the answer and gives the
-audio element the spoken WAV. Selenium talks to the system's chromedriver (no driver download).
+audio element the spoken WAV. Another records from the microphone: Chromium's fake capture device
+plays a generated tone into ``getUserMedia``, the page records it with ``MediaRecorder`` (webm/opus,
+lossy), converts it and asks. Selenium talks to the system's chromedriver (no driver download).
 """
 
 from __future__ import annotations
@@ -31,18 +33,40 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def browser():
+def _chromium(*flags: str):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", *flags):
         options.add_argument(flag)
     options.add_argument("--autoplay-policy=no-user-gesture-required")
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = _chromium()
+    yield driver
+    driver.quit()
+
+
+MIC_HZ = 660.0  # the tone the fake microphone plays
+
+
+@pytest.fixture(scope="module")
+def mic_browser(tmp_path_factory):
+    """Chromium whose microphone is a fake device playing a WAV file (permission granted)."""
+    tone = tmp_path_factory.mktemp("mic") / "tone.wav"
+    tone.write_bytes(wav(MIC_HZ, seconds=2.0, rate=48000))
+    driver = _chromium(
+        "--use-fake-ui-for-media-stream",  # grants the microphone without a prompt
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={tone}",
+    )
     yield driver
     driver.quit()
 
@@ -100,3 +124,57 @@ def test_the_page_shows_the_servers_error_for_a_file_it_cannot_use(browser, page
     assert "max_seconds" in browser.find_element(By.ID, "error").text
     assert browser.find_element(By.ID, "answer").text == ""
     assert page_server.healthy()
+
+
+# Records what the page sends, so the test can ask the reference model the same thing.
+_KEEP_REQUESTS = """
+window.sentBodies = [];
+const realFetch = window.fetch;
+window.fetch = (url, init) => { window.sentBodies.push(init.body); return realFetch(url, init); };
+"""
+
+
+def test_the_page_records_from_the_microphone_and_answers(mic_browser, page_server, speech_model_dir):
+    import json
+    import time
+
+    import numpy as np
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = mic_browser
+    browser.get(f"http://127.0.0.1:{page_server.port}/demo")
+    browser.execute_script(_KEEP_REQUESTS)
+    assert browser.find_element(By.ID, "stop").get_attribute("disabled")
+    browser.find_element(By.ID, "record").click()
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.ID, "stop").is_enabled() or d.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == ""
+    assert "recording" in browser.find_element(By.ID, "status").text
+    time.sleep(1.2)
+    browser.find_element(By.ID, "stop").click()
+    wait.until(lambda d: d.find_element(By.ID, "answer").text or d.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == ""
+    assert browser.find_element(By.ID, "record").is_enabled()
+    shown = browser.find_element(By.ID, "answer").get_attribute("textContent")
+
+    # The request carried the recording: 16 kHz mono 16-bit WAV, about as long as the recording,
+    # and the fake microphone's tone is its strongest frequency.
+    bodies = browser.execute_script("return window.sentBodies;")
+    assert len(bodies) == 1
+    (part,) = [p for p in json.loads(bodies[0])["messages"][0]["content"] if p["type"] == "input_audio"]
+    sent = base64.b64decode(part["input_audio"]["data"])
+    info = sf.info(io.BytesIO(sent))
+    assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+    samples, _ = sf.read(io.BytesIO(sent), dtype="float32")
+    assert 0.5 < samples.shape[0] / 16000 < 3.0
+    spectrum = np.abs(np.fft.rfft(samples))
+    peak_hz = np.argmax(spectrum) * 16000 / samples.shape[0]
+    assert abs(peak_hz - MIC_HZ) < 10, peak_hz
+
+    # The answer shown is the model's answer to exactly that audio.
+    ref = MultimodalModel.from_pretrained(speech_model_dir).eval()
+    parts = [{"type": "audio", "audio": sent}]
+    assert shown == chat(ref, [{"role": "user", "content": parts}], max_new_tokens=LIMITS.max_tokens)
+    src = browser.find_element(By.ID, "answer-audio").get_attribute("src")
+    assert src.startswith("data:audio/wav;base64,")
