@@ -66,11 +66,14 @@ class DemoSettings:
     pretrain_steps: int
     anneal_steps: int
     #: With speech, the text model trains this many steps with ``speech_repeat_share`` of its
-    #: documents replaced by "Repeat after me" turns (:func:`repeat_turn`): a tiny model needs
-    #: that long to learn to repeat (measured with half the documents such turns: 8 of 40
-    #: sentences repeated after 1,000 steps, 40 of 40 after 2,000).
+    #: documents replaced by "Repeat after me" turns and ``speech_translate_share`` by "Translate
+    #: the following sentence into French." turns (:func:`sentence_turn`): a tiny model needs
+    #: that long to learn to repeat (measured with half the documents repeat turns: 8 of 40
+    #: sentences repeated after 1,000 steps, 40 of 40 after 2,000; with 30% repeat and 30%
+    #: translation turns, 40 of 40 repeated and 40 of 40 translated after 2,000).
     speech_text_steps: int = 2000
-    speech_repeat_share: float = 0.5
+    speech_repeat_share: float = 0.3
+    speech_translate_share: float = 0.3
 
 
 FULL = DemoSettings(
@@ -130,43 +133,56 @@ def chat_document(doc: str, tokenizer, rng: random.Random) -> list[int] | None:
     return format_chat(tokenizer, messages, add_generation_prompt=False).ids
 
 
-def repeat_turn(tokenizer, rng: random.Random) -> list[int]:
-    """A "Repeat after me in English." chat turn: the user gives a short description of a coloured
-    shape, the assistant repeats it and ends its turn.
+def sentence_turn(tokenizer, rng: random.Random, task: str = "asr") -> list[int]:
+    """A chat turn about a short description of a coloured shape: for ``task="asr"`` the user says
+    "Repeat after me in English. <sentence>" and the assistant repeats the sentence; for
+    ``task="ast"`` the user says "Translate the following sentence into French. <sentence>" and the
+    assistant answers in French (:func:`mm.demo_speech.to_french`). Either way it ends its turn.
 
-    Recognition through a frozen text model can be no better than the text model repeating what
-    it reads (speech reaches it only as input embeddings), and the paper's text model is an
-    instruct model that can. A tiny model learns to repeat only from such turns: the sentences
-    use every phrasing and colour-shape pair of :data:`mm.demo_speech.ASR_TEMPLATES`, as text;
-    what the speech stages hold out (pairs, phrasings, voices) is held out from *speech*.
+    Recognition and translation through a frozen text model can be no better than the text model
+    doing the same with the words as text (speech reaches it only as input embeddings), and the
+    paper's text model is an instruct model that can. A tiny model learns that only from such
+    turns: the sentences use every phrasing and colour-shape pair of
+    :data:`mm.demo_speech.ASR_TEMPLATES`, as text; what the speech stages hold out (pairs,
+    phrasings, voices) is held out from *speech*.
     """
     from mm.datasets.synthetic import COLOURS, SHAPES
-    from mm.demo_speech import ASR_PROMPT, ASR_TEMPLATES
+    from mm.demo_speech import ASR_PROMPT, ASR_TEMPLATES, AST_PROMPT, to_french
     from mm.text_backbone.chat_format import format_chat
 
+    if task not in ("asr", "ast"):
+        raise ValueError(f"task must be 'asr' or 'ast', got {task!r}")
     template = rng.choice(ASR_TEMPLATES.train + ASR_TEMPLATES.heldout)
-    text = template.format(colour=rng.choice(COLOURS), shape=rng.choice(SHAPES))
+    colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
+    text = template.format(colour=colour, shape=shape)
     text = text[0].upper() + text[1:]
-    messages = [{"role": "user", "content": f"{ASR_PROMPT} {text}"}, {"role": "assistant", "content": text}]
+    prompt, answer = (ASR_PROMPT, text) if task == "asr" else (AST_PROMPT, to_french(template, colour, shape))
+    messages = [{"role": "user", "content": f"{prompt} {text}"}, {"role": "assistant", "content": answer}]
     return format_chat(tokenizer, messages, add_generation_prompt=False).ids
 
 
 def _token_stream(
-    docs: list[str], tokenizer, *, chat_share: float = 0.5, repeat_share: float = 0.0, seed: int = 0
+    docs: list[str],
+    tokenizer,
+    *,
+    chat_share: float = 0.5,
+    repeat_share: float = 0.0,
+    translate_share: float = 0.0,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """The pre-training token stream: ``repeat_share`` of the documents replaced by a
-    :func:`repeat_turn`, the others as plain text, about ``chat_share`` of those with a question
-    line as a chat turn instead (:func:`chat_document`)."""
+    """The pre-training token stream: ``repeat_share`` of the documents replaced by a repeat turn
+    and ``translate_share`` by a translation turn (:func:`sentence_turn`), the others as plain
+    text, about ``chat_share`` of those with a question line as a chat turn instead
+    (:func:`chat_document`)."""
     rng = random.Random(seed)
+    turns = repeat_share + translate_share
     ids: list[int] = []
     for doc in docs:
         r = rng.random()
-        if r < repeat_share:
-            ids.extend(repeat_turn(tokenizer, rng))
+        if r < turns:
+            ids.extend(sentence_turn(tokenizer, rng, "asr" if r < repeat_share else "ast"))
             continue
-        turn = (
-            chat_document(doc, tokenizer, rng) if r < repeat_share + chat_share * (1 - repeat_share) else None
-        )
+        turn = chat_document(doc, tokenizer, rng) if r < turns + chat_share * (1 - turns) else None
         ids.extend(turn if turn is not None else tokenizer.encode(doc, bos=True, eos=True))
     return torch.tensor(ids, dtype=torch.long)
 
@@ -181,14 +197,18 @@ def train_text_backbone(
     seed: int,
     progress: bool,
     repeat_share: float = 0.0,
+    translate_share: float = 0.0,
 ):
     """Natively pre-train a :class:`~mm.text_backbone.TextBackbone` on ``docs`` (next-token LM;
-    ``repeat_share`` of the documents replaced by :func:`repeat_turn` chat turns)."""
+    ``repeat_share`` / ``translate_share`` of the documents replaced by :func:`sentence_turn` chat
+    turns)."""
     from mm.text_backbone import ByteTokenizer, TextBackbone
 
     torch.manual_seed(seed)
     tokenizer = ByteTokenizer()
-    stream = _token_stream(docs, tokenizer, repeat_share=repeat_share, seed=seed)
+    stream = _token_stream(
+        docs, tokenizer, repeat_share=repeat_share, translate_share=translate_share, seed=seed
+    )
     model = TextBackbone(config)
     for name, p in model.named_parameters():  # small init: a stable start for a tiny model
         if p.ndim >= 2:
@@ -393,6 +413,7 @@ def run_demo(
         docs,
         steps=settings.speech_text_steps if hear else settings.text_steps,
         repeat_share=settings.speech_repeat_share if hear else 0.0,
+        translate_share=settings.speech_translate_share if hear else 0.0,
         batch=settings.text_batch,
         seq_len=settings.text_seq_len,
         seed=seed,
@@ -677,14 +698,21 @@ def add_demo_parser(sub) -> None:
         metavar="W",
         help="with --speech: exit non-zero unless the held-out recognition word error rate is at most W (for CI)",
     )
+    p.add_argument(
+        "--require-speech-bleu",
+        type=float,
+        default=None,
+        metavar="B",
+        help="with --speech: exit non-zero unless the held-out speech translation BLEU (0-100) reaches B (for CI)",
+    )
     p.add_argument("--no-video", action="store_true", help="skip the video stage")
     p.add_argument(
         "--speech",
         action="store_true",
         help=(
-            "also run the speech stages on speech synthesised offline (experimental; about 7 minutes "
-            "more with --quick, as the text model then also learns to repeat text, which recognition "
-            "through it needs; see the report)"
+            "also run the speech stages on speech synthesised offline (experimental; about 12 minutes "
+            "more with --quick, as the text model then also learns to repeat and translate text, which "
+            "recognition and translation through it need; see the report)"
         ),
     )
     p.set_defaults(func=_cmd_demo)
@@ -697,6 +725,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for flag, value in (
         ("--require-speech-qa-accuracy", args.require_speech_qa_accuracy),
         ("--require-speech-wer", args.require_speech_wer),
+        ("--require-speech-bleu", args.require_speech_bleu),
     ):
         if value is not None and not args.speech:
             print(f"mm demo: {flag} needs --speech", file=sys.stderr)
@@ -719,6 +748,7 @@ _REQUIREMENTS = (
     ("require_video_accuracy", "video QA accuracy", "video_qa_accuracy", "video_qa_chance", False),
     ("require_speech_qa_accuracy", "spoken QA accuracy", "speech_qa_accuracy", "speech_qa_chance", False),
     ("require_speech_wer", "recognition word error rate", "speech_wer", "speech_wer_chance", True),
+    ("require_speech_bleu", "speech translation BLEU", "speech_bleu", "speech_bleu_chance", False),
 )
 
 

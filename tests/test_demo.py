@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from mm.demo import DemoSettings, run_demo
@@ -32,7 +33,7 @@ MICRO = DemoSettings(
 )
 VIDEO_MICRO = VideoDemoSettings(train_clips=8, eval_clips=4, steps=2)
 SPEECH_MICRO = SpeechDemoSettings(
-    asr_train=8, qa_train=8, asr_eval=4, qa_eval=4, pretrain_steps=2, sft_steps=2
+    asr_train=8, qa_train=8, asr_eval=4, qa_eval=4, ast_train=4, ast_eval=3, pretrain_steps=2, sft_steps=2
 )
 
 
@@ -78,10 +79,15 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, c
     assert [s["steps"] for s in report["stages"]] == [5, 3, 4, 3, 2, 2, 2]
     assert report["video_qa_chance"] == 0.25 and 0.0 <= report["video_qa_accuracy"] <= 1.0
     assert report["video_qa_eval_samples"] == 4 and report["video_data"]["cached_videos"] == 8
-    assert report["speech_eval_samples"] == {"asr": 4, "qa": 4} and report["speech_wer"] >= 0.0
+    assert report["speech_eval_samples"] == {"asr": 4, "ast": 3, "qa": 4} and report["speech_wer"] >= 0.0
     assert 0.25 <= report["speech_qa_chance"] <= 1.0 and 0.0 <= report["speech_qa_accuracy"] <= 1.0
-    assert report["speech_data"]["speech"]["samples"] == 16  # both tasks, interleaved in one shard folder
-    assert report["speech_data"]["speech"]["per_task"] == {"asr": 8, "qa": 8}
+    assert (
+        report["speech_data"]["speech"]["samples"] == 20
+    )  # the three tasks, interleaved in one shard folder
+    assert report["speech_data"]["speech"]["per_task"] == {"asr": 8, "ast": 4, "qa": 8}
+    assert 0.0 <= report["speech_bleu"] <= 100.0 and 0.0 <= report["speech_bleu_chance"] <= 100.0
+    assert len(report["speech_text_translate_examples"]) == 3
+    assert [e["task"] for e in report["speech_examples"]] == ["asr"] * 4 + ["ast"] * 3 + ["qa"] * 4
     assert report["speech_text_repeat_wer"] >= 0.0 and len(report["speech_text_repeat_examples"]) == 4
     out = tmp_path / "out"
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
@@ -153,40 +159,55 @@ def test_demo_refuses_contradicting_requirements_before_training(tmp_path, capsy
     assert "--require-speech-qa-accuracy needs --speech" in capsys.readouterr().err
     assert main(["demo", "--out", str(out), "--require-speech-wer", "0.6"]) == 2
     assert "--require-speech-wer needs --speech" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--require-speech-bleu", "30"]) == 2
+    assert "--require-speech-bleu needs --speech" in capsys.readouterr().err
     assert main(["demo", "--out", str(out), "--no-video", "--require-video-accuracy", "0.4"]) == 2
     assert "contradict" in capsys.readouterr().err
     assert not out.exists()
 
 
-def test_repeat_turns_give_the_words_and_answer_with_them():
+def test_sentence_turns_repeat_or_translate_the_words_and_answer_with_them():
     import random
 
     from mm.datasets.synthetic import COLOURS, SHAPES
-    from mm.demo import _token_stream, repeat_turn
-    from mm.demo_speech import ASR_PROMPT, ASR_TEMPLATES
+    from mm.demo import _token_stream, sentence_turn
+    from mm.demo_speech import ASR_PROMPT, AST_PROMPT, FRENCH_TEMPLATES, to_french
     from mm.text_backbone import ByteTokenizer
 
-    sentences = {
-        (t.format(colour=c, shape=s)[0].upper() + t.format(colour=c, shape=s)[1:])
-        for t in ASR_TEMPLATES.train + ASR_TEMPLATES.heldout
+    def capital(text):
+        return text[0].upper() + text[1:]
+
+    french = {
+        capital(t.format(colour=c, shape=s)): to_french(t, c, s)
+        for t in FRENCH_TEMPLATES
         for c in COLOURS
         for s in SHAPES
     }
     tok = ByteTokenizer()
     rng = random.Random(0)
-    for _ in range(20):
-        text = tok.decode(repeat_turn(tok, rng))
-        said = text.split(f"{ASR_PROMPT} ", 1)[1].split("<|eot_id|>", 1)[0]
-        assert said in sentences
-        assert text.endswith(f"<|start_header_id|>assistant<|end_header_id|>\n\n{said}<|eot_id|>")
-    docs = ["A red circle is at the top left.\nWhat colour is the circle? red"] * 40
-    plain = _token_stream(docs, tok, seed=1)
-    assert ASR_PROMPT not in tok.decode(plain.tolist())
+    for task, prompt in (("asr", ASR_PROMPT), ("ast", AST_PROMPT)):
+        for _ in range(20):
+            text = tok.decode(sentence_turn(tok, rng, task))
+            said = text.split(f"{prompt} ", 1)[1].split("<|eot_id|>", 1)[0]
+            answer = said if task == "asr" else french[said]  # every turn says one of the sentences
+            assert text.endswith(f"<|start_header_id|>assistant<|end_header_id|>\n\n{answer}<|eot_id|>")
+    with pytest.raises(ValueError, match="task must be"):
+        sentence_turn(tok, rng, "qa")
+    docs = ["A red circle is at the top left.\nWhat colour is the circle? red"] * 80
+    plain = tok.decode(_token_stream(docs, tok, seed=1).tolist())
+    assert ASR_PROMPT not in plain and AST_PROMPT not in plain
     assert torch.equal(
         _token_stream(docs, tok, repeat_share=0.5, seed=1), _token_stream(docs, tok, repeat_share=0.5, seed=1)
     )
     mixed = tok.decode(_token_stream(docs, tok, repeat_share=0.5, seed=1).tolist())
-    assert 5 <= mixed.count(ASR_PROMPT) <= 35 and "What colour is the circle?" in mixed
+    assert (
+        20 <= mixed.count(ASR_PROMPT) <= 60
+        and "What colour is the circle?" in mixed
+        and AST_PROMPT not in mixed
+    )
+    both = tok.decode(_token_stream(docs, tok, repeat_share=0.3, translate_share=0.3, seed=1).tolist())
+    assert 10 <= both.count(ASR_PROMPT) <= 40 and 10 <= both.count(AST_PROMPT) <= 40
+    assert "What colour is the circle?" in both
 
 
 def test_demo_requirements_name_each_unmet_figure_with_its_chance():
@@ -202,14 +223,25 @@ def test_demo_requirements_name_each_unmet_figure_with_its_chance():
         "speech_qa_chance": 0.3,
         "speech_wer": 0.62,
         "speech_wer_chance": 0.77,
+        "speech_bleu": 35.0,
+        "speech_bleu_chance": 9.5,
     }
     argv = ["demo", "--speech", "--require-accuracy", "0.75", "--require-video-accuracy", "0.45"]
     args = build_parser().parse_args(
-        [*argv, "--require-speech-qa-accuracy", "0.6", "--require-speech-wer", "0.5"]
+        [
+            *argv,
+            "--require-speech-qa-accuracy",
+            "0.6",
+            "--require-speech-wer",
+            "0.5",
+            "--require-speech-bleu",
+            "40",
+        ]
     )
     assert unmet_requirements(args, report) == [
         "video QA accuracy 0.400 is below the required 0.450 (chance 0.250)",
         "recognition word error rate 0.620 is above the allowed 0.500 (chance 0.770)",
+        "speech translation BLEU 35.000 is below the required 40.000 (chance 9.500)",
     ]
     met = build_parser().parse_args([*argv[:4], "--require-speech-wer", "0.62"])  # equal is met
     assert unmet_requirements(met, report) == []

@@ -12,12 +12,18 @@ from mm.datasets.synthetic import HELDOUT_COLOUR_SHAPE
 from mm.demo_speech import (
     ASR_PROMPT,
     ASR_TEMPLATES,
+    AST_PROMPT,
     COLOUR_FACTS,
+    FRENCH_TEMPLATES,
     QA_TEMPLATES,
+    bleu_tokens,
+    chance_bleu,
     chance_wer,
+    corpus_bleu,
     make_speech_samples,
     qa_correct,
     speech_messages,
+    to_french,
     word_error_rate,
     word_errors,
 )
@@ -62,6 +68,73 @@ def test_recognition_holds_out_colour_shape_pairs_and_phrasings():
     assert len({(s.speed, s.seed) for s in train + evals}) == 80  # every utterance is said differently
     assert make_speech_samples(20, "asr", split="eval", seed=0) == evals  # deterministic
     assert make_speech_samples(20, "asr", split="eval", seed=1) != evals
+
+
+def test_translation_says_the_recognition_sentences_and_answers_in_french():
+    assert set(FRENCH_TEMPLATES) == set(ASR_TEMPLATES.train + ASR_TEMPLATES.heldout)
+    # the colour follows the noun and agrees with its gender, as do the articles
+    assert to_french("The {colour} {shape}.", "green", "cross") == "La croix verte."
+    assert to_french("The {colour} {shape}.", "green", "circle") == "Le cercle vert."
+    assert to_french("My {shape} is {colour}.", "blue", "cross") == "Ma croix est bleue."
+    assert to_french("This is a {colour} {shape}.", "yellow", "square") == "C'est un carré jaune."
+    assert to_french("One {colour} {shape}.", "red", "cross") == "Une seule croix rouge."
+    with pytest.raises(ValueError, match="no French for the sentence form"):
+        to_french("Two {colour} {shape}s.", "red", "cross")
+
+    train = make_speech_samples(60, "ast", split="train", seed=0)
+    evals = make_speech_samples(20, "ast", split="eval", seed=0)
+    assert all(_pair(s) not in HELDOUT_COLOUR_SHAPE for s in train)
+    assert all(_pair(s) in HELDOUT_COLOUR_SHAPE for s in evals)
+    for s in train + evals:
+        template = next(
+            t
+            for t in FRENCH_TEMPLATES
+            if t.format(colour=_pair(s)[0], shape=_pair(s)[1]).lower() == s.text.lower()
+        )
+        assert s.answer == to_french(template, *_pair(s))
+        assert (template in ASR_TEMPLATES.heldout) == s.heldout_phrasing
+    assert sum(s.heldout_phrasing for s in evals) == 10
+    content = speech_messages(train[0], "x.wav")[0]["content"]
+    assert [p["type"] for p in content] == ["text", "audio"] and content[0]["text"] == AST_PROMPT
+    # other seeds than recognition's: the same split says other utterances
+    asr = make_speech_samples(60, "asr", split="train", seed=0)
+    assert [(s.speed, s.seed) for s in asr] != [(s.speed, s.seed) for s in train]
+
+
+def test_bleu_matches_sacrebleu():
+    import random
+
+    import sacrebleu
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    said = "C'est un carré, 3.5 (x-1) 3-4."
+    assert bleu_tokens(said) == ["C'est", "un", "carré", ",", "3.5", "(", "x-1", ")", "3", "-", "4", "."]
+    tokenize = Tokenizer13a()
+    rng = random.Random(0)
+    french = [s.answer for s in make_speech_samples(40, "ast", split="train", seed=0)]
+    words = [*{w for s in french for w in s.split()}, "a,b", "1.5", "x-1", "3-4", "(hi)", "&amp;", "$5"]
+    for _ in range(300):
+        n = rng.randint(1, 10)
+        refs = [
+            rng.choice(french) if rng.random() < 0.5 else " ".join(rng.sample(words, rng.randint(1, 7)))
+            for _ in range(n)
+        ]
+        hyps = [
+            " ".join(rng.sample(words, rng.randint(0, 7))) if rng.random() < 0.5 else rng.choice(french)
+            for _ in range(n)
+        ]
+        for text in refs + hyps:
+            assert bleu_tokens(text) == tokenize(text).split(), text
+        assert corpus_bleu(refs, hyps) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-9)
+    assert corpus_bleu(french, french) == pytest.approx(100.0)
+    assert corpus_bleu(["Le cercle rouge."], ["Une croix verte"]) == 0.0  # nothing matches
+    assert corpus_bleu(["Le cercle rouge."], [""]) == 0.0
+    with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
+        corpus_bleu(["a", "b"], ["a"])
+    refs = ["La croix verte.", "Le cercle bleu."]
+    assert chance_bleu(refs, ["La croix verte.", "Le carré jaune."]) == pytest.approx(
+        max(corpus_bleu(refs, [t] * 2) for t in ("La croix verte.", "Le carré jaune."))
+    )
 
 
 def test_spoken_questions_ask_about_known_facts_in_held_out_phrasings():
@@ -121,4 +194,23 @@ def test_report_sections_appear_only_with_a_speech_phase():
     assert "**0.250** (chance 0.80" in text and "**0.750** (chance 0.30)" in text
     assert "| qa | What colour is fire? | red. | red. |" in text
     assert "repeating the words as text, word error rate | 1.000 |" in text
-    assert [label for label, _ in speech_summary_rows(r)][0].startswith("speech recognition WER")
+    assert "BLEU" not in text and "4 recognition, 4 questions" in text
+    labels = [label for label, _ in speech_summary_rows(r)]
+    assert labels[0].startswith("speech recognition WER") and not any("BLEU" in x for x in labels)
+    # with a translation task
+    r.update(
+        speech_bleu=41.25,
+        speech_bleu_chance=12.5,
+        speech_bleu_heldout_phrasing=30.0,
+        speech_ast_exact=0.25,
+        speech_text_translate_bleu=97.0,
+        speech_eval_samples={"asr": 4, "ast": 3, "qa": 4},
+    )
+    text = speech_markdown(r)
+    assert "| speech translation BLEU | **41.2** (chance 12.5) |" in text
+    assert (
+        "translating the words as text, BLEU | 97.0 |" in text
+        and "4 recognition, 3 translation, 4 questions" in text
+    )
+    rows = dict(speech_summary_rows(r))
+    assert rows["speech translation BLEU (held-out pairs)"].startswith("41.2  (chance 12.5")
