@@ -2,9 +2,10 @@
 
 One self-contained HTML page (no scripts or styles from elsewhere, so it works offline). The user
 records from the microphone (``MediaRecorder``) or picks an audio file, optionally types a text
-prompt (such as "Repeat after me in English."), and the page sends one Chat Completions request
-to the same server: an ``input_audio`` part and ``modalities: ["text", "audio"]``. It shows the
-answer and plays the spoken answer from the message's ``audio`` field.
+prompt (such as "Repeat after me in English." or "Translate the following sentence into
+French."), and the page sends one Chat Completions request to the same server: an ``input_audio``
+part and ``modalities: ["text", "audio"]``. It shows the answer and plays the spoken answer from
+the message's ``audio`` field.
 
 Browsers record webm/ogg and users pick any format, while ``input_audio`` takes wav or mp3 (as
 OpenAI's does), so the page decodes the audio with the Web Audio API, renders it to mono 16 kHz
@@ -44,7 +45,10 @@ shown and spoken.</p>
 <fieldset>
   <legend>Text before the speech (optional)</legend>
   <input id="prompt" type="text" size="40" list="prompts" placeholder="e.g. Repeat after me in English.">
-  <datalist id="prompts"><option value="Repeat after me in English."></option></datalist>
+  <datalist id="prompts">
+    <option value="Repeat after me in English."></option>
+    <option value="Translate the following sentence into French."></option>
+  </datalist>
   <label><input id="speak" type="checkbox" checked> say the answer</label>
 </fieldset>
 <p id="status"></p>

@@ -21,6 +21,7 @@ from test_speech_server import LIMITS, save_speech_model, wav
 
 from mm import MultimodalModel
 from mm.chat import chat
+from mm.demo_speech import TASK_PROMPTS
 from mm.server import create_app
 from mm.speech_synth import TTS_SAMPLE_RATE
 
@@ -96,6 +97,9 @@ def test_the_page_answers_a_picked_file_and_plays_the_spoken_answer(
     (tmp_path / "question.wav").write_bytes(raw)
     browser.get(f"http://127.0.0.1:{page_server.port}/demo")
     assert browser.find_element(By.ID, "model").text == MODEL_ID
+    # the prompt box offers the demo's task prompts (recognition and translation)
+    offered = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#prompts option")]
+    assert offered == list(TASK_PROMPTS.values())
     browser.find_element(By.ID, "prompt").send_keys("Repeat after me in English.")
     browser.find_element(By.ID, "file").send_keys(str(tmp_path / "question.wav"))
     wait = WebDriverWait(browser, 60)
