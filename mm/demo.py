@@ -722,13 +722,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.require_video_accuracy is not None and args.no_video:
         print("mm demo: --require-video-accuracy and --no-video contradict each other", file=sys.stderr)
         return 2
-    for flag, value in (
-        ("--require-speech-qa-accuracy", args.require_speech_qa_accuracy),
-        ("--require-speech-wer", args.require_speech_wer),
-        ("--require-speech-bleu", args.require_speech_bleu),
-    ):
-        if value is not None and not args.speech:
-            print(f"mm demo: {flag} needs --speech", file=sys.stderr)
+    for dest, *_ in _REQUIREMENTS:  # the speech figures exist only with --speech
+        if dest.startswith("require_speech_") and getattr(args, dest) is not None and not args.speech:
+            print(f"mm demo: --{dest.replace('_', '-')} needs --speech", file=sys.stderr)
             return 2
     report = run_demo(args.out, quick=args.quick, seed=args.seed, video=not args.no_video, speech=args.speech)
     ok = report["backbone_unchanged"] and report["text_ppl_before"] == report["text_ppl_after"]
