@@ -3,8 +3,13 @@
 A ViT-H/14 run over the tiles of an image: 14×14 patch convolution, a class token per tile, a
 gated patch-position embedding plus a gated per-aspect-ratio tile-position embedding, aspect-ratio
 embeddings before and after the local transformer, a local transformer (32 layers at full size)
-whose features are also taken from several intermediate layers (paper: 4th, 8th, 16th, 24th and
-31st), then 8 gated "global" self-attention layers over all tiles of an image. Every patch ends up
+whose features are also taken from several intermediate layers, then 8 gated "global"
+self-attention layers over all tiles of an image. The paper names the 4th, 8th, 16th, 24th and 31st
+layers; Meta's reference (llama-models ``ImageTransformer.forward``, what the released weights were
+trained with) keeps the *inputs* of local layers 3, 7, 15, 23 and 30 (0-based), i.e. the outputs
+of layers 2, 6, 14, 22 and 29. ``intermediate_layers`` holds those indices and means the same here.
+(Hugging Face transformers 4.45 agreed; its 5.x vision encoder collects the *outputs* of the listed
+layers instead, one layer too deep for every released checkpoint.) Every patch ends up
 with ``width * (len(intermediate_layers) + 1)`` features (1280 × 6 = 7680 at full size); the
 projection to the language model's width belongs to the multimodal model, not to this module.
 
@@ -45,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["ImageEncoder", "ImageEncoderConfig", "resize_image_encoder", "resize_patch_grid"]
 
-# Tile grids (tiles across, tiles down) of Llama 3.2 Vision for at most 4 tiles. Aspect-ratio id
+# Tile grids (rows, cols), i.e. (tiles down, tiles across), of Llama 3.2 Vision for at most 4 tiles. Aspect-ratio id
 # ``i + 1`` names entry ``i``; id 0 means "no image".
 _LLAMA32_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
 
@@ -68,8 +73,10 @@ class ImageEncoderConfig:
         mlp_dim: hidden width of every MLP.
         norm_eps: LayerNorm epsilon inside the layers.
         max_num_tiles: tiles per image ``t`` (inputs always carry exactly this many).
-        intermediate_layers: 0-based indices of local layers whose outputs join the features.
-        supported_aspect_ratios: tile grids ``(across, down)``; aspect-ratio id ``i + 1`` is entry ``i``.
+        intermediate_layers: 0-based indices of local layers whose *inputs* join the features
+            (Meta's ``return_intermediate``: index 3 is the output of layer 2).
+        supported_aspect_ratios: tile grids ``(rows, cols)`` (tiles down, tiles across); aspect-ratio
+            id ``i + 1`` is entry ``i``.
         num_channels: image channels.
     """
 
@@ -129,13 +136,13 @@ class ImageEncoderConfig:
         """Rows of the aspect-ratio tables: one per supported grid, plus id 0 (no image)."""
         return len(self.supported_aspect_ratios) + 1
 
-    def aspect_ratio_id(self, tiles_across: int, tiles_down: int) -> int:
+    def aspect_ratio_id(self, rows: int, cols: int) -> int:
         """The id of a tile grid (what the image processor writes into ``aspect_ratio_ids``)."""
         try:
-            return self.supported_aspect_ratios.index((tiles_across, tiles_down)) + 1
+            return self.supported_aspect_ratios.index((rows, cols)) + 1
         except ValueError:
             raise ValueError(
-                f"tile grid {(tiles_across, tiles_down)} is not among {self.supported_aspect_ratios}"
+                f"tile grid {(rows, cols)} is not among {self.supported_aspect_ratios}"
             ) from None
 
     # ------------------------------------------------------------------ dicts
@@ -431,9 +438,9 @@ class ImageEncoder(nn.Module):
         taken = set(cfg.intermediate_layers)
         kept: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
-            x = self._run(layer, x, mask)
-            if i in taken:
+            if i in taken:  # the layer's input, as Meta's reference keeps it
                 kept[i] = x
+            x = self._run(layer, x, mask)
         x = self.ln_post(x)
         x = rearrange(x, "bn (t l) d -> bn t l d", t=t)
         x = self.post_tile_aspect_embedding(x, ids)

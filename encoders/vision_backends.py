@@ -14,7 +14,10 @@ For open_clip and timm, each tile is encoded on its own (no tile embeddings, no 
 only real tiles (``aspect_ratio_mask == 1``) are computed, and padding tiles come back as zeros.
 Their features are ``[final | layers[0] | layers[1] | …]`` along the last axis, each ``d`` wide:
 ``final`` is the last block's output passed through the model's final norm (open_clip ``ln_post``,
-timm ``norm``), ``layers[i]`` the raw output of block ``layers[i]`` (0-based).
+timm ``norm``), ``layers[i]`` the raw output of block ``layers[i]`` (0-based). Note that this is
+the *output* of the block, whereas the Llama 3 encoder's ``intermediate_layers`` name the layers
+whose *input* is kept (Meta's convention): Llama 3's intermediate layer ``i`` corresponds to a
+backend ``layers`` entry ``i - 1``.
 
 Nothing here reaches the network: model names are resolved from the libraries' built-in registries,
 weights are only ever read from a local file, and names or tags that would download are refused.

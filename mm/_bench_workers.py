@@ -170,7 +170,23 @@ def _load(impl: str, folder: str, dtype: torch.dtype, device: torch.device):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    return MllamaForConditionalGeneration.from_pretrained(folder, **_hf_dtype_kwargs(dtype)).to(device)
+    model = MllamaForConditionalGeneration.from_pretrained(folder, **_hf_dtype_kwargs(dtype)).to(device)
+    _hf_vision_as_released(model)
+    return model
+
+
+def _hf_vision_as_released(model) -> None:
+    """Let transformers >= 5 compute what the folder means, so both sides run the same function.
+
+    ``intermediate_layers_indices`` name the vision layers whose *inputs* join the features (Meta's
+    reference, transformers 4.45); transformers 5.x's vision encoder collects their *outputs*. The
+    in-memory index list is shifted by one; the work done is the same either way.
+    """
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        vision, _, _ = _hf_parts(model)
+        vision.intermediate_layers_indices = [i - 1 for i in vision.intermediate_layers_indices]
 
 
 def _hf_parts(model):

@@ -35,6 +35,30 @@ def make_hf_llama(path, *, dtype=torch.float32, max_shard_size=None, seed=0, **o
     return model.float()
 
 
+def hf_vision_as_released(model):
+    """Make a transformers Mllama model compute what released Llama 3.2 Vision checkpoints mean.
+
+    ``intermediate_layers_indices`` name the vision layers whose *inputs* join the features (Meta's
+    reference ``ImageTransformer.forward``, and transformers 4.45, whose ``hidden_states`` tuple
+    starts with the embeddings). transformers 5.x's rewritten ``MllamaVisionEncoder`` collects the
+    *outputs* of those layers instead, one layer too deep; for the parity tests its in-memory index
+    list is shifted by one, so that it computes the released function. Returns ``model``.
+    """
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return model
+    vision = model if hasattr(model, "intermediate_layers_indices") else None
+    if vision is None:
+        inner = model.model if hasattr(model, "model") and hasattr(model.model, "vision_model") else model
+        vision = inner.vision_model
+    indices = list(vision.intermediate_layers_indices)
+    if min(indices) < 1:
+        raise ValueError(f"transformers 5.x cannot express the input of vision layer 0 ({indices})")
+    vision.intermediate_layers_indices = [i - 1 for i in indices]
+    return model
+
+
 def make_hf_mllama(
     path=None,
     *,
@@ -47,7 +71,8 @@ def make_hf_mllama(
     """Write (when ``path``) a random tiny ``MllamaForConditionalGeneration`` and return it (eval, fp32).
 
     Every parameter is perturbed, the tanh gates included, so that no branch is trivially zero.
-    Tiles are 28 px (2x2 patches of 14 px + class token).
+    Tiles are 28 px (2x2 patches of 14 px + class token). The returned model computes the released
+    semantics of its vision feature layers (:func:`hf_vision_as_released`).
     """
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
@@ -90,7 +115,7 @@ def make_hf_mllama(
                 p.add_(torch.randn_like(p) * 0.02)
     if path is not None:
         model.save_pretrained(path)
-    return model
+    return hf_vision_as_released(model)
 
 
 def random_images(sizes, seed=0):

@@ -9,6 +9,7 @@ import socket
 
 import pytest
 import torch
+from mm_testing import hf_vision_as_released
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -37,7 +38,7 @@ TINY = ImageEncoderConfig(
     num_heads=4,
     mlp_dim=64,
     norm_eps=1e-3,  # unlike the 1e-5 of ln_pre / ln_post, so mixing them up shows
-    intermediate_layers=(2, 0),  # out of order on purpose: the output keeps this order
+    intermediate_layers=(3, 1),  # out of order on purpose: the output keeps this order
 )
 
 # Two samples × three images × four tiles: several aspect ratios, padding tiles, and an image slot
@@ -72,7 +73,7 @@ def _hf_vision_model(config: ImageEncoderConfig, attn_implementation: str = "sdp
     with torch.no_grad():  # gates start at 0 or π/4 and norms at 1: make every tensor matter
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-    return model
+    return hf_vision_as_released(model)
 
 
 # ---------------------------------------------------------------------------- parity
@@ -114,6 +115,7 @@ def test_loads_a_saved_mllama_checkpoint(tmp_path):
         for p in model.model.vision_model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
     model.save_pretrained(tmp_path)
+    hf_vision_as_released(model)
 
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from mm_testing import make_hf_llama, make_hf_mllama, random_images
+from mm_testing import hf_vision_as_released, make_hf_llama, make_hf_mllama, random_images
 
 from mm import ModelConfig, MultimodalModel
 from mm.datasets import ImageProcessor, batch_cross_attention_mask
@@ -62,7 +62,7 @@ def mllama_dir(tmp_path_factory):
 def hf_mllama(mllama_dir):
     from transformers import MllamaForConditionalGeneration
 
-    return MllamaForConditionalGeneration.from_pretrained(mllama_dir).eval()
+    return hf_vision_as_released(MllamaForConditionalGeneration.from_pretrained(mllama_dir).eval())
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_export_loads_in_transformers_with_the_same_logits(ours, hf_mllama, tmp_
     from transformers import MllamaForConditionalGeneration
 
     ours.export_hf(tmp_path / "export")
-    back = MllamaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    back = hf_vision_as_released(MllamaForConditionalGeneration.from_pretrained(tmp_path / "export").eval())
     ref_state = hf_mllama.state_dict()
     for k, v in back.state_dict().items():
         assert torch.equal(v, ref_state[k]), k
