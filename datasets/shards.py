@@ -58,6 +58,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mm.text_backbone.chat_format import ROLES
+
 __all__ = [
     "AUDIO_EXTENSIONS",
     "DEFAULT_CAPTION_PROMPTS",
@@ -98,7 +100,6 @@ FEATURES_EXTENSION = "safetensors"
 # Members that hold pickles (webdataset's default decoder would unpickle them): never decoded.
 PICKLE_EXTENSIONS = frozenset({"pyd", "pkl", "pickle", "pt", "pth"})
 TEXT_FIELDS = frozenset({"json", "txt"})
-ROLES = ("system", "user", "assistant")
 DEFAULT_CAPTION_PROMPTS: Mapping[str, str] = {
     "image": "Describe the image.",
     "video": "Describe the video.",

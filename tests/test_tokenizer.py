@@ -26,6 +26,13 @@ from mm.text_backbone.tokenizer import (
     load_tokenizer,
 )
 
+_TEXT_SPECIALS = (
+    *LLAMA3_SPECIAL_TOKENS[:11],
+    *(f"<|reserved_special_token_{i}|>" for i in range(2, 247)),
+)
+"""256 special tokens without ``<|image|>`` (mm's former table): the text block of a Llama 3.2
+Vision style ``tokenizer.json``, which puts ``<|image|>`` after it."""
+
 SAMPLES = [
     "Hello world! How's it going? I'm fine, they'll see; we'd've DONE it.",
     "   leading spaces and trailing   ",
@@ -170,18 +177,24 @@ def test_tiktoken_special_ids_follow_llama3_layout(ranks_file):
     tok = TiktokenTokenizer(ranks_file)
     n = len(ranks_file.read_bytes().splitlines())
     assert tok.vocab_size == n + 256
-    # Llama 3.1: 128000 bos, 128001 end_of_text, 128004 pad, 128006/7 headers, 128008 eom,
-    # 128009 eot, 128010 python_tag, then reserved 2..246 up to 128255.
+    # Meta (llama-models): 128000 bos, 128001 end_of_text, 128004 pad, 128006/7 headers, 128008
+    # eom, 128009 eot, 128010 python_tag, 128011 <|image|>, then reserved 2..245 up to 128255.
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (n, n + 1, n + 4)
     assert (tok.start_header_id, tok.end_header_id, tok.eom_id, tok.eot_id) == tuple(
         n + k for k in (6, 7, 8, 9)
     )
     assert tok.special_id("<|step_id|>") == n + 5
     assert tok.special_id("<|python_tag|>") == n + 10
-    assert tok.special_id("<|reserved_special_token_2|>") == n + 11
-    assert tok.special_id("<|reserved_special_token_246|>") == n + 255
+    assert tok.special_id("<|reserved_special_token_2|>") == n + 12
+    assert tok.special_id("<|reserved_special_token_245|>") == n + 255
+    assert "<|reserved_special_token_246|>" not in tok.special_tokens
     assert tok.stop_ids == (n + 1, n + 8, n + 9)
     assert (tok.image_id, tok.video_id, tok.audio_id) == (n + 256, n + 257, n + 258)
+    # Meta's <|image|> id aliases the placeholder: decoded as its name, encoded as the placeholder.
+    assert tok.special_id("<|image|>") == tok.special_tokens["<|image|>"] == n + 256
+    assert tok.base_special_tokens["<|image|>"] == n + 11
+    assert tok.is_special(n + 11) and tok.decode([n + 11, n + 256]) == "<|image|><|image|>"
+    assert tok.encode("<|image|>", allow_special=True) == [n + 256]
 
 
 def test_tiktoken_matches_transformers_converter(ranks_file, hf_reference):
@@ -194,9 +207,11 @@ def test_tiktoken_matches_transformers_converter(ranks_file, hf_reference):
         merges_used.update(i for i in expected if i >= 256)
         hf_reference.encode_special_tokens = False
         expected_special = hf_reference.encode(text, add_special_tokens=False).ids
-        # <|image|> is no Llama 3 text token: the reference spells it out, mm gives the placeholder.
-        if "<|image|>" not in text:
-            assert tok.encode(text, allow_special=True) == expected_special, text
+        # The reference numbers <|image|> as Meta does (n + 11); mm gives the model's placeholder.
+        image_at = tok.base_special_tokens["<|image|>"]
+        assert tok.encode(text, allow_special=True) == [
+            tok.image_id if i == image_at else i for i in expected_special
+        ], text
         assert tok.decode(expected_special) == hf_reference.decode(
             expected_special, skip_special_tokens=False
         )
@@ -210,6 +225,7 @@ def test_hf_tokenizer_from_converted_json_equals_tiktoken(ranks_file, hf_referen
     tik = TiktokenTokenizer(ranks_file)
     assert hf.vocab_size == tik.vocab_size
     assert hf.special_tokens == tik.special_tokens
+    assert hf.base_special_tokens == tik.base_special_tokens  # <|image|> aliased at the same id
     for text in SAMPLES:
         for allow in (False, True):
             assert hf.encode(text, allow_special=allow, bos=True) == tik.encode(
@@ -289,21 +305,33 @@ def test_hf_tokenizer_trained_bytelevel_bpe(tmp_path):
 
 def test_hf_tokenizer_placeholder_defined_in_file(tmp_path):
     # Llama 3.2 Vision style: <|image|> right after the 256 text specials -> agrees with mm.
-    backend, base = _train_hf([*LLAMA3_SPECIAL_TOKENS, "<|image|>"])
+    backend, base = _train_hf([*_TEXT_SPECIALS, "<|image|>"])
     backend.save(str(tmp_path / "tokenizer.json"))
     tok = HFTokenizer(tmp_path)
     assert tok.vocab_size == base + 256
     assert tok.image_id == backend.token_to_id("<|image|>")
     assert tok.encode("<|image|>", allow_special=True) == [tok.image_id]
     assert tok.image_id not in tok.encode("<|image|>")
+    assert "<|image|>" not in tok.base_special_tokens
 
-    # <|image|> inside the special block (as Meta's later tokenizer.py numbers it): a conflict.
-    conflicting, _ = _train_hf([*LLAMA3_SPECIAL_TOKENS[:11], "<|image|>", *LLAMA3_SPECIAL_TOKENS[11:]])
-    conflicting.save(str(tmp_path / "bad.json"))
-    with pytest.raises(ValueError, match=r"<\|image\|>"):
-        HFTokenizer(tmp_path / "bad.json")
+    # <|image|> inside the special block (Meta's table): an alias of the placeholder, as in
+    # TiktokenTokenizer.
+    meta_layout, _ = _train_hf(list(LLAMA3_SPECIAL_TOKENS))
+    meta_layout.save(str(tmp_path / "meta.json"))
+    tok = HFTokenizer(tmp_path / "meta.json")
+    assert tok.vocab_size == base + 256
+    assert tok.base_special_tokens["<|image|>"] == meta_layout.token_to_id("<|image|>") == base + 11
+    assert tok.special_id("<|image|>") == tok.image_id == base + 256
+    assert tok.encode("a<|image|>", allow_special=True)[-1] == tok.image_id
+    assert tok.decode([base + 11]) == "<|image|>" and tok.is_special(base + 11)
 
-    ordinary, _ = _train_hf([*LLAMA3_SPECIAL_TOKENS, "<|image|>"], image_special=False)
+    # Defined past the base vocabulary, but not at mm's placeholder id (vocab_size + 1): a conflict.
+    swapped, _ = _train_hf([*_TEXT_SPECIALS, "<|video|>", "<|image|>"])
+    swapped.save(str(tmp_path / "swapped.json"))
+    with pytest.raises(ValueError, match=r"defines <\|image\|> as id"):
+        HFTokenizer(tmp_path / "swapped.json")
+
+    ordinary, _ = _train_hf([*_TEXT_SPECIALS, "<|image|>"], image_special=False)
     ordinary.save(str(tmp_path / "ordinary.json"))
     with pytest.raises(ValueError, match="must be special"):
         HFTokenizer(tmp_path / "ordinary.json")
@@ -421,7 +449,11 @@ def test_chat_format_blocks_injection():
 @pytest.mark.parametrize(
     ("messages", "match"),
     [
-        ([{"role": "tool", "content": "x"}], "tool"),
+        ([{"role": "robot", "content": "x"}], "robot"),
+        ([{"role": "user", "content": "x", "eom": True}], "eom_id"),
+        ([{"role": "assistant", "content": "x", "eom": 1}], "bool"),
+        ([{"role": "assistant", "content": "x", "tool_calls": [{"tool_name": "f"}]}], "tool calls"),
+        ([{"role": "user", "content": "x", "context": "doc"}], "context"),
         ([{"role": "user", "content": [{"type": "pdf"}]}], "pdf"),
         ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "int"),
         ([{"role": "user", "content": 3.5}], "float"),

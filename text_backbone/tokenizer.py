@@ -3,7 +3,8 @@
 Three kinds share one interface, :class:`Tokenizer`:
 
 * :class:`TiktokenTokenizer` reads Meta's ``tokenizer.model`` (a tiktoken BPE ranks file) and
-  adds the 256 Llama 3 special tokens right after the ranks (128000..128255 for the real file).
+  adds the 256 Llama 3 special tokens right after the ranks (128000..128255 for the real file),
+  named and numbered as Meta's reference (``llama-models``) does; its ids equal Meta's for any text.
 * :class:`HFTokenizer` reads a Hugging Face ``tokenizer.json`` with the ``tokenizers`` library.
 * :class:`ByteTokenizer` needs no file: 256 UTF-8 bytes plus 16 special tokens, for tiny models,
   tests and the demo.
@@ -11,9 +12,16 @@ Three kinds share one interface, :class:`Tokenizer`:
 Every kind has the same three media placeholders *after* its base vocabulary: ``<|image|>`` =
 ``vocab_size``, ``<|video|>`` = ``vocab_size + 1``, ``<|audio|>`` = ``vocab_size + 2``. They are not
 rows of the backbone's embedding: the multimodal model consumes them (Llama 3.2 Vision likewise
-puts ``<|image|>`` at 128256, one past the text vocabulary). Special-token strings in text become
-special ids only when the caller asks for it (``allow_special=True``), so user text can never
-inject ``<|eot_id|>`` or a placeholder.
+puts ``<|image|>`` at 128256, one past the text vocabulary). A placeholder that the base vocabulary
+numbers too (Meta's table has ``<|image|>`` = 128011, which its chat format rewrites to 128256
+before the model) is an *alias*: the base id decodes to the name and counts as special, but
+encoding the name, :meth:`Tokenizer.special_id` and :attr:`Tokenizer.special_tokens` give the
+placeholder id; :attr:`Tokenizer.base_special_tokens` keeps the base vocabulary's own numbering.
+
+Special-token strings in text become special ids only when the caller asks for it
+(``allow_special=True``), so user text can never inject ``<|eot_id|>`` or a placeholder; by default
+they are encoded as ordinary characters, and ``disallowed_special`` turns them into an error
+(:class:`SpecialTokenError`) instead.
 
 Reference: "The Llama 3 Herd of Models" (2024), section 3.2 (128K-token vocabulary built on
 tiktoken) and section 4.1.1 (special header and turn tokens of the chat format).
@@ -28,7 +36,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from mm._io import atomic_write_bytes, atomic_write_json
@@ -40,6 +48,7 @@ __all__ = [
     "LLAMA3_PATTERN",
     "LLAMA3_SPECIAL_TOKENS",
     "PLACEHOLDERS",
+    "SpecialTokenError",
     "StreamDecoder",
     "TiktokenTokenizer",
     "Tokenizer",
@@ -68,10 +77,18 @@ _LLAMA3_NAMED = (
     "<|eot_id|>",
     "<|python_tag|>",
 )
-LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = _LLAMA3_NAMED + tuple(
-    f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(_LLAMA3_NAMED))
+LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = (
+    *_LLAMA3_NAMED,
+    "<|image|>",
+    *(f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(_LLAMA3_NAMED) - 1)),
 )
-"""The 256 Llama 3.1 special tokens in id order (Meta's ``tokenizer.model``: from 128000)."""
+"""The 256 Llama 3 special tokens in id order, from ``len(ranks)`` (128000 for Meta's
+``tokenizer.model``), as Meta's reference numbers them (``llama-models`` 0.3.0, Llama 3.2):
+``<|image|>`` is the twelfth (128011), then ``<|reserved_special_token_2|>`` .. ``_245|>``.
+
+Hugging Face's Llama 3.1 ``tokenizer.json`` names the same ids differently from 128005 on
+(``<|reserved_special_token_2|>`` at 128005, ``_3|>`` at 128011, up to ``_247|>`` at 128255); only
+the names differ, not the ids of the tokens the chat format uses."""
 
 BYTE_SPECIAL_TOKENS: tuple[str, ...] = _LLAMA3_NAMED + tuple(
     f"<|reserved_special_token_{i}|>" for i in range(2, 7)
@@ -79,10 +96,27 @@ BYTE_SPECIAL_TOKENS: tuple[str, ...] = _LLAMA3_NAMED + tuple(
 """The 16 special tokens of :class:`ByteTokenizer`, ids 256..271."""
 
 # Meta splits very long inputs before tiktoken (openai/tiktoken#195: BPE over one huge piece is
-# quadratic, and inputs past ~400K characters could panic). Splits happen only at these lengths.
+# quadratic, and inputs past ~400K characters could panic); mm cuts at exactly the same places.
 _MAX_ENCODE_CHARS = 400_000
 _MAX_RUN_CHARS = 25_000
-_RUNS = re.compile(r"\s+|\S+")
+# A run of more than _MAX_RUN_CHARS whitespace or non-whitespace characters, matched from its first
+# character only (the lookbehinds make every other start fail at once: the scan stays linear).
+# Python's \s is exactly str.isspace, the test Meta applies per character.
+_LONG_RUN = re.compile(rf"(?<!\S)\S{{{_MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{_MAX_RUN_CHARS + 1},}}")
+
+
+class SpecialTokenError(ValueError):
+    """Text holds the string of a special token that the caller refused (``disallowed_special``).
+
+    Attributes:
+        token: the special token found first (leftmost).
+        position: its character offset in the text.
+    """
+
+    def __init__(self, message: str, *, token: str, position: int) -> None:
+        super().__init__(message)
+        self.token = token
+        self.position = position
 
 
 class Tokenizer(abc.ABC):
@@ -94,25 +128,32 @@ class Tokenizer(abc.ABC):
 
     Args:
         vocab_size: size of the base vocabulary, the backbone's embedding rows; placeholders excluded.
-        special_tokens: special token string -> id, all below ``vocab_size``.
+        special_tokens: special token string -> id, all below ``vocab_size``. A placeholder name among
+            them (Meta's ``<|image|>`` = 128011) makes that id an alias of the placeholder.
     """
 
     def __init__(self, *, vocab_size: int, special_tokens: Mapping[str, int]) -> None:
         self.vocab_size = int(vocab_size)
         for name, idx in special_tokens.items():
-            if name in PLACEHOLDERS:
-                raise ValueError(f"{name} is a placeholder, not a special token of the base vocabulary")
             if not 0 <= idx < self.vocab_size:
                 raise ValueError(f"special token {name} has id {idx}, outside [0, {self.vocab_size})")
-        self._special: dict[str, int] = dict(special_tokens)
-        self._special.update({name: self.vocab_size + k for k, name in enumerate(PLACEHOLDERS)})
-        self._special_names: dict[int, str] = {idx: name for name, idx in self._special.items()}
+        placeholders = {name: self.vocab_size + k for k, name in enumerate(PLACEHOLDERS)}
+        self._base_special: dict[str, int] = dict(special_tokens)
+        self._special: dict[str, int] = {**self._base_special, **placeholders}
+        # Base ids standing for a placeholder: decoded as its name, replaced by its id when encoding.
+        self._aliases: dict[int, int] = {
+            idx: placeholders[name] for name, idx in special_tokens.items() if name in placeholders
+        }
+        self._special_names: dict[int, str] = {idx: name for name, idx in self._base_special.items()}
+        self._special_names.update({idx: name for name, idx in placeholders.items()})
         self._placeholder_split = re.compile("(" + "|".join(map(re.escape, PLACEHOLDERS)) + ")")
+        self._all_special_pattern: re.Pattern[str] | None = None
 
     # ------------------------------------------------------------------ subclass hooks
     @abc.abstractmethod
     def _encode_text(self, text: str, allow_special: bool) -> list[int]:
-        """Encode text holding no placeholders (when ``allow_special``); no bos/eos."""
+        """Encode one piece of text, no bos/eos. The base :meth:`_encode` hands it text without lone
+        surrogates and, when ``allow_special``, without placeholders."""
 
     @abc.abstractmethod
     def _decode_run(self, ids: list[int]) -> str:
@@ -128,7 +169,13 @@ class Tokenizer(abc.ABC):
 
     # ------------------------------------------------------------------ encode / decode
     def encode(
-        self, text: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False
+        self,
+        text: str,
+        *,
+        bos: bool = False,
+        eos: bool = False,
+        allow_special: bool = False,
+        disallowed_special: str | Collection[str] = (),
     ) -> list[int]:
         """Token ids of ``text``.
 
@@ -137,23 +184,71 @@ class Tokenizer(abc.ABC):
             bos: prepend ``<|begin_of_text|>``.
             eos: append ``<|end_of_text|>``.
             allow_special: map special-token strings (``<|eot_id|>``, ``<|image|>``, ...) to their
-                ids. Off by default: the strings are then encoded as ordinary text.
+                ids (a placeholder to its placeholder id). Off by default: the strings are then
+                encoded as ordinary text.
+            disallowed_special: special-token strings that make the text an error instead, as in
+                tiktoken and Meta's ``Tokenizer.encode``: ``"all"`` (every special token and
+                placeholder, none when ``allow_special``) or a collection of names (checked even
+                when ``allow_special``). The default ``()`` refuses nothing.
+
+        Raises:
+            SpecialTokenError: (a ``ValueError``) the text holds a disallowed special token; the
+                message and ``.token`` name the leftmost one.
+            ValueError: ``disallowed_special`` names something that is not a special token here.
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        text = _replace_lone_surrogates(text)
+        refused = self._disallowed_pattern(disallowed_special, allow_special)
+        if refused is not None and (found := refused.search(text)) is not None:
+            raise SpecialTokenError(
+                f"the text holds the special token {found.group()!r} at character {found.start()}, "
+                "which disallowed_special refuses",
+                token=found.group(),
+                position=found.start(),
+            )
         ids = [self.bos_id] if bos else []
-        if allow_special:
-            for k, piece in enumerate(self._placeholder_split.split(text)):
-                if k % 2:  # odd pieces are the captured placeholders
-                    ids.append(self._special[piece])
-                elif piece:
-                    ids.extend(self._encode_text(piece, True))
-        elif text:
-            ids.extend(self._encode_text(text, False))
+        if text:
+            ids.extend(self._encode(text, allow_special))
         if eos:
             ids.append(self.eos_id)
         return ids
+
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
+        """Ids of non-empty ``text``, no bos/eos: placeholders cut out (when allowed), the rest by
+        :meth:`_encode_text`."""
+        text = _replace_lone_surrogates(text)
+        if not allow_special:
+            return self._encode_text(text, False)
+        ids: list[int] = []
+        for k, piece in enumerate(self._placeholder_split.split(text)):
+            if k % 2:  # odd pieces are the captured placeholders
+                ids.append(self._special[piece])
+            elif piece:
+                ids.extend(self._encode_text(piece, True))
+        return ids
+
+    def _disallowed_pattern(
+        self, disallowed_special: str | Collection[str], allow_special: bool
+    ) -> re.Pattern[str] | None:
+        """The regex of the special-token strings to refuse, or None when nothing is refused."""
+        if isinstance(disallowed_special, str):
+            if disallowed_special != "all":
+                raise ValueError(
+                    f"disallowed_special must be 'all' or a collection of special tokens, "
+                    f"got {disallowed_special!r}"
+                )
+            if allow_special:  # tiktoken: "all" means every special token that is not allowed
+                return None
+            if self._all_special_pattern is None:
+                self._all_special_pattern = _alternation(self._special)
+            return self._all_special_pattern
+        names = set(disallowed_special)
+        unknown = sorted(names - self._special.keys(), key=str)
+        if unknown:
+            raise ValueError(
+                f"disallowed_special names {unknown}, not special tokens of this {type(self).__name__}"
+            )
+        return _alternation(names) if names else None
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         """The text of ``ids``; special tokens and placeholders appear as their strings unless skipped."""
@@ -186,18 +281,32 @@ class Tokenizer(abc.ABC):
     # ------------------------------------------------------------------ special tokens
     @property
     def special_tokens(self) -> dict[str, int]:
-        """Every special token and placeholder, string -> id (a copy)."""
+        """Every special token and placeholder, string -> the id the model consumes (a copy).
+
+        A placeholder is always reported with its placeholder id (``<|image|>`` = ``vocab_size``),
+        also where the base vocabulary numbers it too (see :attr:`base_special_tokens`).
+        """
         return dict(self._special)
 
+    @property
+    def base_special_tokens(self) -> dict[str, int]:
+        """The special tokens as the base vocabulary numbers them, string -> id (a copy).
+
+        For Meta's ``tokenizer.model`` this equals ``llama_models``' ``Tokenizer.special_tokens``,
+        ``<|image|>`` = 128011 included; placeholders after the base vocabulary are not in it.
+        """
+        return dict(self._base_special)
+
     def special_id(self, name: str) -> int:
-        """The id of the special token or placeholder ``name`` (e.g. ``"<|eot_id|>"``)."""
+        """The id of the special token or placeholder ``name`` (e.g. ``"<|eot_id|>"``); for a
+        placeholder, its placeholder id."""
         try:
             return self._special[name]
         except KeyError:
             raise KeyError(f"{name!r} is not a special token of this {type(self).__name__}") from None
 
     def is_special(self, token_id: int) -> bool:
-        """Whether ``token_id`` is a special token or a placeholder."""
+        """Whether ``token_id`` is a special token, a placeholder or a base id aliasing one."""
         return int(token_id) in self._special_names
 
     @property
@@ -292,7 +401,11 @@ class TiktokenTokenizer(Tokenizer):
     """Meta's Llama 3 ``tokenizer.model``: tiktoken BPE ranks (lines ``base64(token) rank``).
 
     The ranks are the ids of the base vocabulary; the 256 :data:`LLAMA3_SPECIAL_TOKENS` follow
-    them, and ``vocab_size`` is ``len(ranks) + 256`` (128256 for Llama 3).
+    them, and ``vocab_size`` is ``len(ranks) + 256`` (128256 for Llama 3). Everything matches Meta's
+    reference ``Tokenizer`` (``llama-models``): the special-token table (:attr:`base_special_tokens`),
+    and the ids of any text, also past 400K characters, where both cut the text at the same places
+    before BPE. One deliberate difference: ``<|image|>`` (128011 in Meta's table) encodes, with
+    ``allow_special``, to the placeholder ``vocab_size``, the id Meta's chat format gives the model.
 
     Args:
         path: the ranks file, or a folder holding ``tokenizer.model``.
@@ -317,15 +430,30 @@ class TiktokenTokenizer(Tokenizer):
         specials = {name: num_base + k for k, name in enumerate(LLAMA3_SPECIAL_TOKENS)}
         super().__init__(vocab_size=num_base + len(specials), special_tokens=specials)
         self._ranks = ranks
+        # tiktoken also learns <|video|> and <|audio|>: with allow_special one call then finds every
+        # special string, and the text is cut once, as a whole, exactly as Meta cuts it.
+        extra = {name: idx for name, idx in self._special.items() if name not in specials}
         self._encoding = tiktoken.Encoding(
-            name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+            name=path.name,
+            pat_str=LLAMA3_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens={**specials, **extra},
         )
 
-    def _encode_text(self, text: str, allow_special: bool) -> list[int]:
-        allowed = "all" if allow_special else set()
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
+        # Meta cuts the whole string, special-token strings included, before tiktoken sees it; and
+        # tiktoken replaces lone surrogates itself, in each piece, as it does for Meta.
         ids: list[int] = []
         for piece in _split_long(text):
-            ids.extend(self._encoding.encode(piece, allowed_special=allowed, disallowed_special=()))
+            ids.extend(self._encode_text(piece, allow_special))
+        return ids
+
+    def _encode_text(self, text: str, allow_special: bool) -> list[int]:
+        if not allow_special:
+            return self._encoding.encode_ordinary(text)
+        ids = self._encoding.encode(text, allowed_special="all", disallowed_special=())
+        if not self._aliases.keys().isdisjoint(ids):  # Meta's <|image|> id -> the placeholder
+            ids = [self._aliases.get(i, i) for i in ids]
         return ids
 
     def _decode_run(self, ids: list[int]) -> str:
@@ -342,27 +470,31 @@ class TiktokenTokenizer(Tokenizer):
 
 
 def _split_long(text: str) -> Iterator[str]:
-    """Cut ``text`` into pieces of at most ``_MAX_ENCODE_CHARS`` characters, none holding a run of
-    more than ``_MAX_RUN_CHARS`` whitespace or non-whitespace characters.
+    """Cut ``text`` where Meta's ``Tokenizer.encode`` cuts it before BPE.
 
-    Text within both limits is yielded whole, so its tokens are exactly tiktoken's. Longer text is
-    cut between runs (and inside over-long runs), which may change the tokens at a cut.
+    Meta takes chunks of ``_MAX_ENCODE_CHARS`` characters, at fixed offsets (even inside a word or
+    a special-token string), and inside each chunk cuts every run of whitespace (``str.isspace``)
+    or of non-whitespace characters after each ``_MAX_RUN_CHARS`` of its characters; a run starts
+    afresh at a chunk's start. Same pieces, same ids. Text of at most ``_MAX_RUN_CHARS`` characters
+    cannot be cut and is yielded whole without a scan (the common case); longer text is scanned by
+    one regex for over-long runs, not character by character.
     """
-    if len(text) <= _MAX_RUN_CHARS:  # cannot hold a long run: the common case, no scan
+    if len(text) <= _MAX_RUN_CHARS:
         yield text
         return
-    start = 0  # start of the piece being gathered
-    for match in _RUNS.finditer(text):
-        run_start, run_end = match.span()
-        if run_end - start > _MAX_ENCODE_CHARS and run_start > start:
-            yield text[start:run_start]
-            start = run_start
-        while run_end - run_start > _MAX_RUN_CHARS:
-            cut = run_start + _MAX_RUN_CHARS
-            yield text[start:cut]
-            start = run_start = cut
-    if start < len(text):
-        yield text[start:]
+    for offset in range(0, len(text), _MAX_ENCODE_CHARS):
+        chunk = text[offset : offset + _MAX_ENCODE_CHARS]
+        start = 0  # start of the piece being gathered
+        for run in _LONG_RUN.finditer(chunk):
+            for cut in range(run.start() + _MAX_RUN_CHARS, run.end(), _MAX_RUN_CHARS):
+                yield chunk[start:cut]
+                start = cut
+        yield chunk[start:]
+
+
+def _alternation(names: Iterable[str]) -> re.Pattern[str]:
+    """A regex finding any of ``names`` (longest first where one starts another)."""
+    return re.compile("|".join(map(re.escape, sorted(names, key=lambda n: (-len(n), n)))))
 
 
 # ---------------------------------------------------------------------------------------- Hugging Face
@@ -370,8 +502,10 @@ class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizer.json``, read with the ``tokenizers`` library.
 
     ``vocab_size`` is one past the largest id that is not a placeholder. Special ids are found by
-    content among the file's special added tokens. A file that defines a placeholder itself (Llama
-    3.2 Vision has ``<|image|>`` = 128256) must give it mm's id, ``vocab_size + k``.
+    content among the file's special added tokens. A file that defines a placeholder itself as a
+    special token gives it either mm's id, ``vocab_size + k`` (Llama 3.2 Vision has ``<|image|>`` =
+    128256), or an id inside the base vocabulary, which then aliases the placeholder (Meta's table
+    converted to ``tokenizer.json`` has ``<|image|>`` = 128011), as in :class:`TiktokenTokenizer`.
 
     Args:
         path: the ``tokenizer.json`` file, or a folder holding it.
@@ -400,17 +534,15 @@ class HFTokenizer(Tokenizer):
         for k, name in enumerate(PLACEHOLDERS):
             if name not in vocab:
                 continue
-            if vocab[name] != vocab_size + k:
+            if vocab[name] >= vocab_size and vocab[name] != vocab_size + k:
                 raise ValueError(
                     f"{path} defines {name} as id {vocab[name]}, but mm places it at vocab_size + {k} "
-                    f"= {vocab_size + k}"
+                    f"= {vocab_size + k} (or accepts an alias inside the base vocabulary)"
                 )
             token = added.get(vocab[name])
             if token is None or not token.special:
                 raise ValueError(f"{path} defines {name} as an ordinary token; it must be special")
-        specials = {
-            tok.content: idx for idx, tok in added.items() if tok.special and tok.content not in PLACEHOLDERS
-        }
+        specials = {tok.content: idx for idx, tok in added.items() if tok.special and idx < vocab_size}
         super().__init__(vocab_size=vocab_size, special_tokens=specials)
         self._byte_level = _uses_byte_level(json.loads(text).get("decoder"))
         self._added_content = {idx: tok.content for idx, tok in added.items()}
