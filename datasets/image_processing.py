@@ -22,6 +22,14 @@ its torchvision backend, which the name ``MllamaImageProcessor`` resolves to) fo
   padding slot is also marked 1 (the encoder then never sees a fully masked image). Unused tiles
   and padding slots have all-zero pixels.
 
+``backend="pil"`` computes instead exactly what Meta's reference transform computes (llama-models
+``VariableSizeImageTransform``, what the released weights were trained with): the same grid and
+size, resized by PIL (``Image.resize``, bilinear), padded with black, then ``x / 255``, minus the
+mean, divided by the std in float32. The two backends pick the same grids and sizes; PIL's and
+torchvision's antialiased resizes differ by one 8-bit level on a few percent of the values of a
+resized image, and the two normalisation orders by float rounding (~2e-7). Models imported from
+Llama 3.2 Vision use ``"pil"``; ``"torchvision"`` (Hugging Face's default backend) is the default.
+
 Unlike the reference, a batch may hold samples without images anywhere (transformers 5.24's
 torchvision backend fails when the first sample has none and sizes ``aspect_ratio_ids``/``mask``
 wrongly when a later one has none), and a batch without any image gives tensors with ``n = 0``.
@@ -69,6 +77,7 @@ _INTERPOLATION = {
     "bicubic": InterpolationMode.BICUBIC,
 }
 _PIL_RESAMPLE_CODES = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
+BACKENDS = ("torchvision", "pil")
 
 # Hugging Face preprocessor-config keys that carry no processing choice.
 _HF_METADATA_KEYS = frozenset({"image_processor_type", "processor_class", "auto_map", "_processor_class"})
@@ -160,6 +169,8 @@ class ImageProcessor:
             decoding) are refused with an :class:`~mm.datasets.images.ImageError`.
         resample: Resize interpolation: ``"bilinear"`` (the released models), ``"bicubic"`` or
             ``"nearest"``.
+        backend: ``"torchvision"`` (Hugging Face's ``MllamaImageProcessor``) or ``"pil"`` (Meta's
+            reference transform); see the module docstring.
     """
 
     def __init__(
@@ -171,6 +182,7 @@ class ImageProcessor:
         std: Sequence[float] = CLIP_STD,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         resample: str = "bilinear",
+        backend: str = "torchvision",
     ) -> None:
         for name, value in (
             ("tile_size", tile_size),
@@ -186,6 +198,9 @@ class ImageProcessor:
             raise ValueError(f"std must be positive, got {std}")
         if resample not in _INTERPOLATION:
             raise ValueError(f"resample must be one of {sorted(_INTERPOLATION)}, got {resample!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.tile_size = tile_size
         self.max_tiles = max_tiles
         self.mean = mean
@@ -216,12 +231,13 @@ class ImageProcessor:
             "std": list(self.std),
             "max_image_pixels": self.max_image_pixels,
             "resample": self.resample,
+            "backend": self.backend,
         }
 
     @classmethod
     def from_dict(cls, settings: Mapping[str, Any]) -> ImageProcessor:
         """Build from :meth:`to_dict` output; missing keys take defaults, unknown keys are an error."""
-        allowed = {"tile_size", "max_tiles", "mean", "std", "max_image_pixels", "resample"}
+        allowed = {"tile_size", "max_tiles", "mean", "std", "max_image_pixels", "resample", "backend"}
         unknown = sorted(set(settings) - allowed)
         if unknown:
             raise ValueError(f"unknown ImageProcessor settings {unknown}; allowed: {sorted(allowed)}")
@@ -310,13 +326,21 @@ class ImageProcessor:
         new_h, new_w = fit_to_canvas(
             height, width, canvas_height=rows * size, canvas_width=cols * size, tile_size=size
         )
+        if self.backend == "pil":  # PIL returns a copy when the size does not change
+            rgb = rgb.resize((new_w, new_h), resample=_PIL_RESAMPLE_CODES[self.resample])
         pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # [3, h, w]
-        pixels = tvF.resize(
-            pixels, [new_h, new_w], interpolation=_INTERPOLATION[self.resample], antialias=True
-        )
+        if self.backend == "torchvision":
+            pixels = tvF.resize(
+                pixels, [new_h, new_w], interpolation=_INTERPOLATION[self.resample], antialias=True
+            )
         canvas = torch.zeros(3, rows * size, cols * size, dtype=torch.uint8)
         canvas[:, :new_h, :new_w] = pixels  # pad bottom and right with 0 before normalising
-        normalised = (canvas.to(torch.float32) - self._mean_255) / self._std_255
+        if self.backend == "pil":  # Meta: ToTensor (x / 255), then Normalize (- mean, / std)
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+            normalised = canvas.to(torch.float32).div(255).sub_(mean).div_(std)
+        else:
+            normalised = (canvas.to(torch.float32) - self._mean_255) / self._std_255
         tiles = rearrange(normalised, "c (r h) (k w) -> (r k) c h w", r=rows, k=cols)  # [k, 3, H, W]
         return tiles, (rows, cols)
 

@@ -197,8 +197,7 @@ class _Row:
 
 
 def _stop_ids(model) -> frozenset[int]:
-    ids = model.config.text.eos_token_ids or model.preprocessor.tokenizer.stop_ids
-    return frozenset(int(i) for i in ids)
+    return frozenset(int(i) for i in model.stop_token_ids)
 
 
 def _preprocessor(model):
@@ -302,11 +301,18 @@ def generate_deltas(
         steps.close()
 
 
-def _options(options: GenerationOptions | None, kwargs: dict[str, Any]) -> GenerationOptions:
+def _options(model, options: GenerationOptions | None, kwargs: dict[str, Any]) -> GenerationOptions:
+    """The caller's options; those left out come from the model's generation defaults, if it has any."""
     if options is not None:
         if kwargs:
             raise TypeError("pass either options= or keyword options, not both")
         return options
+    defaults = getattr(model, "generation_defaults", None)
+    if defaults is not None:
+        saved = {"temperature": defaults.temperature, "top_p": defaults.top_p}
+        if defaults.max_new_tokens is not None:
+            saved["max_new_tokens"] = defaults.max_new_tokens
+        kwargs = {**saved, **kwargs}
     return GenerationOptions(**kwargs)
 
 
@@ -324,7 +330,7 @@ def complete_batch(
     ``top_p``, ``seed``, ``stop``). With greedy decoding every answer equals the one the
     conversation gets alone.
     """
-    opts = _options(options, kwargs)
+    opts = _options(model, options, kwargs)
     samples = [encode_conversation(model, c, media_policy=media_policy) for c in conversations]
     if not samples:
         return []
@@ -355,6 +361,8 @@ def chat(model: MultimodalModel, messages: Messages, **kwargs: Any) -> str:
         **kwargs: ``max_new_tokens=256``, ``temperature=0.0``, ``top_p=1.0``, ``seed=None``,
             ``stop=None`` (a string or a list of strings), ``media_policy`` (:class:`mm.media.MediaPolicy`,
             for fetching ``http(s)`` image URLs), or ``options=`` a :class:`GenerationOptions`.
+            Options left out take the model's saved generation defaults where it has them (an
+            imported folder's ``generation_config.json``), else the defaults above.
 
     Example:
         >>> model.chat([{"role": "user", "content": [{"type": "image", "image": "cat.png"},
@@ -381,7 +389,7 @@ def chat_stream(
     The pieces join to exactly what :func:`chat` returns. Inputs are checked before the first
     piece: a bad message raises when the generator is first advanced.
     """
-    opts = _options(options, kwargs)
+    opts = _options(model, options, kwargs)
     sample = encode_conversation(model, messages, media_policy=media_policy)
     for step in generate_deltas(model, [sample], [opts]):
         for _, delta in step:
@@ -425,9 +433,16 @@ def add_ask_parser(subparsers) -> argparse.ArgumentParser:
         help="also say the answer into this WAV file (24 kHz, offline, hibari-tts's bundled voice)",
     )
     p.add_argument("--system", default=None, help="a system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: the model's saved default, else 256"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0 is greedy; default: the model's saved default, else 0",
+    )
+    p.add_argument("--top-p", type=float, default=None, help="default: the model's saved default, else 1")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -460,13 +475,15 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     from mm.model import MultimodalModel
 
     try:
-        options = GenerationOptions(
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            stop=tuple(args.stop),
-        )
+        given = {
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "seed": args.seed,
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        given["stop"] = tuple(args.stop)
+        GenerationOptions(**given)  # bad options fail before the model is read
         if not args.question and not args.audio:
             raise ValueError("give a QUESTION, or ask it aloud with --audio FILE")
         if args.speak is not None:
@@ -474,6 +491,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
             get_synthesizer()  # fail before answering if speech output cannot work
         model = MultimodalModel.from_pretrained(args.model).eval()
+        options = _options(model, None, given)  # what was not given: the model's saved defaults
         messages = ask_messages(args.question, args.image, args.system, videos=args.video, audios=args.audio)
         start = time.perf_counter()
         if args.json:

@@ -40,6 +40,8 @@ def save_multimodal(model, path: str | os.PathLike, *, copy_backbone: bool = Fal
     with atomic_dir(path) as tmp:
         if preprocessor is not None:
             extra = {"preprocessing": preprocessor.save(tmp), **extra}
+        if getattr(model, "generation_defaults", None) is not None:
+            extra = {"generation": model.generation_defaults.to_dict(), **extra}
         if copy_backbone:
             model.backbone.save_pretrained(tmp / "backbone")
             ref = {"path": "backbone", "format": "hf", "digest": digest}
@@ -80,6 +82,10 @@ def load_backbone_ref(folder: Path, ref: dict, *, dtype: torch.dtype | None) -> 
         from mm.mllama import load_mllama_backbone
 
         backbone = load_mllama_backbone(where, dtype=None)
+    elif fmt == "meta_vision":
+        from mm.meta_layout import load_meta_backbone
+
+        backbone = load_meta_backbone(where, dtype=None)
     else:
         backbone = TextBackbone.from_pretrained(where)
     found = backbone.digest()
@@ -96,7 +102,16 @@ def load_backbone_ref(folder: Path, ref: dict, *, dtype: torch.dtype | None) -> 
 def load_multimodal(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None):
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} has no config.json")
+        if (path / "params.json").is_file():
+            from mm.meta_layout import is_meta_vision_folder, load_meta
+
+            if not is_meta_vision_folder(path):
+                raise CheckpointError(
+                    f"{path} holds Meta's layout of a text-only model (params.json has no vision_chunk_size): "
+                    "use MultimodalModel.from_backbone(path, preset) to attach fresh adapters"
+                )
+            return load_meta(cls, path, dtype=dtype)
+        raise CheckpointError(f"{path} has neither config.json (mm, Hugging Face) nor params.json (Meta)")
     meta = read_json(path / "config.json")
     model_type = meta.get("model_type")
     if model_type == "mllama":
@@ -125,5 +140,12 @@ def load_multimodal(cls, path: str | os.PathLike, *, dtype: torch.dtype | None =
         from mm.preprocessing import Preprocessor
 
         model.preprocessor = Preprocessor.load(path, meta["preprocessing"])
+    if meta.get("generation") is not None:
+        from mm.generation_defaults import GenerationDefaults
+
+        try:
+            model.generation_defaults = GenerationDefaults.from_dict(meta["generation"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}/config.json 'generation': {e}") from None
     model.saved_meta = meta
     return model

@@ -181,6 +181,9 @@ def load_mllama(cls, path: Path, *, dtype: torch.dtype | None, device: torch.dev
     model.load_state_dict(loaded, strict=True, assign=True)
     model.backbone.source = {"path": str(path.resolve()), "format": "mllama"}
     model.backbone.freeze()
+    from mm.folder_preprocessing import hf_folder_preprocessing
+
+    model.preprocessor, model.generation_defaults = hf_folder_preprocessing(path, config)
     return model
 
 
@@ -280,3 +283,28 @@ def export_mllama(model, path: str | os.PathLike) -> None:
     with atomic_dir(path) as tmp:
         save_file(out, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        _export_preprocessing(model, tmp)
+
+
+def _export_preprocessing(model, folder: Path) -> None:
+    """The tokenizer, ``preprocessor_config.json`` and ``generation_config.json`` of a model that has them.
+
+    A tiktoken tokenizer is written as ``original/tokenizer.model`` (where Meta's Hugging Face
+    folders keep it); mm reads it back from there, transformers needs a ``tokenizer.json``.
+    """
+    from mm.text_backbone.tokenizer import TiktokenTokenizer
+
+    pre = getattr(model, "preprocessor", None)
+    if pre is not None:
+        if isinstance(pre.tokenizer, TiktokenTokenizer):
+            (folder / "original").mkdir(exist_ok=True)
+            pre.tokenizer.save(folder / "original")
+        else:
+            pre.tokenizer.save(folder)
+        if pre.image_processor is not None:
+            (folder / "preprocessor_config.json").write_text(
+                json.dumps(pre.image_processor.to_hf_config(), indent=2) + "\n"
+            )
+    defaults = getattr(model, "generation_defaults", None)
+    if defaults is not None:
+        (folder / "generation_config.json").write_text(json.dumps(defaults.to_hf(), indent=2) + "\n")

@@ -124,9 +124,11 @@ class MultimodalModel(nn.Module):
         self.speech_adapter = None
         if config.speech is not None:
             self.speech_encoder, self.speech_adapter = build_speech_modules(config)
-        # Tokenizer, image settings and mask policy saved with the model (see mm.preprocessing);
-        # set by from_pretrained when the folder has them, or by the user / trainer.
+        # Tokenizer, image settings and mask policy saved with the model (see mm.preprocessing),
+        # and how it generates when a caller does not say (mm.generation_defaults); set by
+        # from_pretrained when the folder has them, or by the user / trainer.
         self.preprocessor = None
+        self.generation_defaults = None
         # Recompute backbone layers in the backward pass instead of storing their activations
         # (gradients still flow through the frozen layers to reach earlier adapters).
         self.activation_checkpointing = False
@@ -181,7 +183,12 @@ class MultimodalModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> MultimodalModel:
-        """Read mm's own saved folder or a Hugging Face Llama 3.2 Vision (``mllama``) folder."""
+        """Read mm's own saved folder, a Hugging Face Llama 3.2 Vision (``mllama``) folder, or Meta's
+        layout (``consolidated.*.pth`` + ``params.json`` + ``tokenizer.model``).
+
+        Imported folders come back ready to answer: their tokenizer, image settings, multi-image rule
+        and stop tokens are read from the files beside the weights.
+        """
         from mm.checkpoint import load_multimodal
 
         return load_multimodal(cls, path, dtype=dtype)
@@ -202,6 +209,26 @@ class MultimodalModel(nn.Module):
         from mm.mllama import export_mllama
 
         export_mllama(self, path)
+
+    def export_meta(self, path: str | os.PathLike, *, num_shards: int = 1) -> None:
+        """Write Meta's layout (``params.json``, ``consolidated.NN.pth``, ``tokenizer.model``), which
+        llama-models' ``CrossAttentionTransformer`` loads with the same logits."""
+        from mm.meta_layout import export_meta
+
+        export_meta(self, path, num_shards=num_shards)
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Token ids that end an answer: the saved generation defaults', else the text config's
+        ``eos_token_ids``, else the tokenizer's stop tokens (empty when none is known)."""
+        defaults = self.generation_defaults
+        if defaults is not None and defaults.stop_token_ids is not None:
+            return defaults.stop_token_ids
+        if self.config.text.eos_token_ids:
+            return self.config.text.eos_token_ids
+        if self.preprocessor is not None:
+            return self.preprocessor.tokenizer.stop_ids
+        return ()
 
     def swap_backbone(self, backbone: TextBackbone) -> None:
         """Put another text model of the same architecture under the adapters (the paper's hot-swap
@@ -590,7 +617,7 @@ class MultimodalModel(nn.Module):
                 )
                 return head(h[:, -1])
 
-            stops = self.config.text.eos_token_ids if stop_token_ids is None else stop_token_ids
+            stops = self.stop_token_ids if stop_token_ids is None else stop_token_ids
             yield from stream_tokens(
                 step,
                 input_ids,

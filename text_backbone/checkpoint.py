@@ -37,6 +37,11 @@ from mm.text_backbone.key_maps import (
 
 __all__ = [
     "CheckpointError",
+    "merge_meta_shards",
+    "meta_checkpoint_files",
+    "read_meta_shards",
+    "split_meta_shards",
+    "write_meta_shards",
     "detect_layout",
     "iter_safetensors",
     "load_backbone",
@@ -101,30 +106,83 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Pat
             raise CheckpointError(f"cannot read {file}: {e}") from None
 
 
-def _iter_meta(path: Path, config: TextConfig) -> Iterator[tuple[str, torch.Tensor, Path]]:
+def meta_checkpoint_files(path: Path) -> list[Path]:
+    """Meta's weight files in a folder: ``consolidated.pth`` or ``consolidated.NN.pth`` shards in order."""
     files = sorted(path.glob("consolidated.*.pth"))
+    single = path / "consolidated.pth"
+    if single.is_file():
+        if files:
+            raise CheckpointError(f"{path} holds both consolidated.pth and consolidated.NN.pth files")
+        files = [single]
     if not files:
         raise CheckpointError(f"{path} has params.json but no consolidated.*.pth files")
+    return files
+
+
+def read_meta_shards(path: Path) -> tuple[list[Path], list[dict[str, torch.Tensor]]]:
+    """The model-parallel shards of a Meta folder, each a dictionary of tensors (memory-mapped).
+
+    ``torch.load(weights_only=True, mmap=True)``: nothing but tensors is ever unpickled. Every shard
+    must hold the same tensor names.
+    """
+    files = meta_checkpoint_files(path)
     shards = []
     for file in files:
         try:
-            shards.append(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises several types for a damaged or hostile file
             raise CheckpointError(f"cannot read {file} as a tensor-only checkpoint: {e}") from None
-        if not isinstance(shards[-1], dict):
+        if not isinstance(shard, dict) or not all(torch.is_tensor(v) for v in shard.values()):
             raise CheckpointError(f"{file} does not hold a dictionary of tensors")
+        shards.append(shard)
     names = list(shards[0])
     for file, shard in zip(files[1:], shards[1:]):
         if set(shard) != set(names):
             diff = sorted(set(shard) ^ set(names))[:5]
             raise CheckpointError(f"{file} holds different tensor names from {files[0]}: {diff}")
-    for name in names:
+    return files, shards
+
+
+def merge_meta_shards(
+    files: list[Path], shards: list[dict[str, torch.Tensor]], shard_dim: Callable[[str], int | None]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, whole tensor)`` for every tensor, model-parallel parts joined along ``shard_dim(name)``.
+
+    ``shard_dim`` raises ``KeyError`` for a name it does not know (reported as an unexpected tensor)
+    and returns ``None`` for tensors every shard holds whole.
+    """
+    for name in shards[0]:
         try:
-            dim = meta_shard_dim(name)
+            dim = shard_dim(name)
         except KeyError:
             raise CheckpointError(f"unexpected tensor {name!r} in {files[0]}") from None
         parts = [shard[name] for shard in shards]
-        t = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+        yield name, parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def split_meta_shards(
+    state: Mapping[str, torch.Tensor], num_shards: int, shard_dim: Callable[[str], int | None]
+) -> list[dict[str, torch.Tensor]]:
+    """The inverse of :func:`merge_meta_shards`: ``num_shards`` model-parallel shards of ``state``."""
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
+    for name, t in state.items():
+        dim = shard_dim(name)
+        if dim is not None and t.shape[dim] % num_shards:
+            raise ValueError(f"{name} {tuple(t.shape)} does not split into {num_shards} equal parts")
+        for i in range(num_shards):
+            shards[i][name] = t.clone() if dim is None else t.chunk(num_shards, dim=dim)[i].clone()
+    return shards
+
+
+def write_meta_shards(folder: Path, shards: list[dict[str, torch.Tensor]]) -> None:
+    """``consolidated.NN.pth`` files (``torch.save``: tensors only)."""
+    for i, shard in enumerate(shards):
+        torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+
+
+def _iter_meta(path: Path, config: TextConfig) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    files, shards = read_meta_shards(path)
+    for name, t in merge_meta_shards(files, shards, meta_shard_dim):
         mm_name = meta_to_mm(name)
         if mm_name.endswith("q_proj.weight"):
             t = permute_from_meta(t, config.num_heads)
@@ -230,12 +288,12 @@ def load_backbone(cls, path: str | os.PathLike, *, dtype: torch.dtype | None, de
 def _meta_vocab(path: Path, params: dict) -> int | None:
     if int(params.get("vocab_size", -1)) > 0:
         return None
-    # Older params.json files give -1: the vocabulary is the embedding's row count.
-    first = sorted(path.glob("consolidated.*.pth"))
-    if not first:
-        return None
-    sd = torch.load(first[0], map_location="cpu", weights_only=True, mmap=True)
-    return int(sd["tok_embeddings.weight"].shape[0])
+    # Older params.json files give -1: the vocabulary is the embedding's row count (Llama 3 splits
+    # the embedding along the vocabulary across model-parallel shards).
+    files, shards = read_meta_shards(path)
+    if "tok_embeddings.weight" not in shards[0]:
+        raise CheckpointError(f"{files[0]} has no tok_embeddings.weight")
+    return sum(int(shard["tok_embeddings.weight"].shape[0]) for shard in shards)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -282,6 +340,6 @@ def save_backbone(model, path: str | os.PathLike, *, layout: str, max_shard_byte
                 elif name.endswith("k_proj.weight"):
                     t = permute_to_meta(t, config.num_kv_heads)
                 out[mm_to_meta(name)] = t.clone()
-            torch.save(out, tmp / "consolidated.00.pth")
+            write_meta_shards(tmp, [out])
         else:
             raise ValueError(f"unknown layout {layout!r}; use 'hf' or 'meta'")

@@ -236,6 +236,8 @@ class TextConfig:
 
         Meta derives the MLP width from ``dim``, ``ffn_dim_multiplier`` and ``multiple_of``; we write
         ``multiple_of = intermediate_dim`` and a multiplier that reproduces ``intermediate_dim`` exactly.
+        ``max_seq_len`` is not written: Meta's ``Llama3.build`` passes it at run time beside the
+        file's keys (``ModelArgs(max_seq_len=..., **params)``), so a file holding it cannot be loaded.
         """
         base = int(2 * 4 * self.embed_dim / 3)
         out: dict[str, Any] = {
@@ -249,7 +251,6 @@ class TextConfig:
             "norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta,
             "use_scaled_rope": self.rope_scaling is not None,
-            "max_seq_len": self.max_seq_len,
         }
         if self.rope_scaling is not None:
             out.update(

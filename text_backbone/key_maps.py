@@ -63,7 +63,10 @@ _MM_LAYER = {v: k for k, v in _META_LAYER.items()}
 _MM_TOP = {v: k for k, v in _META_TOP.items()}
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
-# Dimension along which Meta's model-parallel shards split each tensor (None: replicated).
+# Dimension along which Meta's model-parallel shards split each tensor (None: replicated): fairscale's
+# ColumnParallelLinear splits the output rows (0), RowParallelLinear the input columns (1), and
+# Llama 3's VocabParallelEmbedding the vocabulary rows (0; Llama 2's ParallelEmbedding split the
+# width instead).
 META_SHARD_DIM = {
     "attention.wq.weight": 0,
     "attention.wk.weight": 0,
@@ -74,7 +77,7 @@ META_SHARD_DIM = {
     "feed_forward.w2.weight": 1,
     "attention_norm.weight": None,
     "ffn_norm.weight": None,
-    "tok_embeddings.weight": 1,
+    "tok_embeddings.weight": 0,
     "output.weight": 0,
     "norm.weight": None,
 }
