@@ -1,0 +1,71 @@
+"""Official metrics of the benchmarks ``mm eval`` runs: pure functions, strings in, floats out.
+
+Each follows its benchmark's own scorer; the module docstrings name the file and function, and list every
+place mm departs from it and why.
+
+* :mod:`mm.eval.vqa` — VQAv2 and TextVQA accuracy (ten human answers, leave-one-out) and their normalisers.
+* :mod:`mm.eval.anls` — DocVQA ANLS.
+* :mod:`mm.eval.chartqa` — ChartQA relaxed accuracy.
+* :mod:`mm.eval.choice` — option-letter extraction (MMMU rules; Video-MME prefixes) and its score.
+* :mod:`mm.eval.speech` — WER with Whisper's English normaliser, and sacreBLEU.
+* :mod:`mm.eval.aggregate` — dataset score = mean of per-sample scores.
+
+Conventions: the prediction comes first, the gold answer(s) second; per-sample scores lie in [0, 1], WER is
+a fraction and BLEU is on 0-100. Importing this package loads neither torch nor the speech libraries
+(``jiwer``, ``sacrebleu`` and ``whisper_normalizer`` are imported on first use).
+"""
+
+from __future__ import annotations
+
+from mm.eval.aggregate import mean_score
+from mm.eval.anls import ANLS_THRESHOLD, anls, levenshtein_distance
+from mm.eval.chartqa import MAX_RELATIVE_CHANGE, relaxed_correctness
+from mm.eval.choice import (
+    VIDEO_ANSWER_PREFIXES,
+    choice_accuracy,
+    extract_choice,
+    extract_video_choice,
+    extract_videomme_official,
+    option_letters,
+)
+from mm.eval.speech import (
+    corpus_bleu,
+    corpus_wer,
+    normalize_transcript,
+    sample_wer,
+    sentence_bleu,
+    word_errors,
+)
+from mm.eval.vqa import (
+    normalize_textvqa_answer,
+    normalize_vqa_answer,
+    textvqa_accuracy,
+    vqa_accuracy,
+    vqa_soft_accuracy,
+)
+
+__all__ = [
+    "ANLS_THRESHOLD",
+    "MAX_RELATIVE_CHANGE",
+    "VIDEO_ANSWER_PREFIXES",
+    "anls",
+    "choice_accuracy",
+    "corpus_bleu",
+    "corpus_wer",
+    "extract_choice",
+    "extract_video_choice",
+    "extract_videomme_official",
+    "levenshtein_distance",
+    "mean_score",
+    "normalize_textvqa_answer",
+    "normalize_transcript",
+    "normalize_vqa_answer",
+    "option_letters",
+    "relaxed_correctness",
+    "sample_wer",
+    "sentence_bleu",
+    "textvqa_accuracy",
+    "vqa_accuracy",
+    "vqa_soft_accuracy",
+    "word_errors",
+]
