@@ -20,7 +20,7 @@ One mm sample is one key with
   kind: image ``jpg jpeg png webp``, video ``mp4 webm mkv mov``, audio ``flac wav mp3 ogg``.
   A video may instead be a *features member* ``FIELD.safetensors`` (e.g. ``0.mp4.safetensors``):
   the frame tokens the frozen image encoder computed for video ``FIELD`` once, written by
-  ``mm data cache-features`` (:mod:`mm.cache_features`); it counts as a video.
+  ``mm data cache-features`` (:mod:`mm.training.cache_features`); it counts as a video.
 
 A plain caption pair may instead be ``KEY.json = {"caption": str}`` (optionally ``"prompt": str``)
 plus exactly one media member (``KEY.jpg``). Readers turn it into messages: user [media, prompt],

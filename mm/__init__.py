@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "MultimodalModel": "mm.model",
     "MultimodalOutput": "mm.model",
-    "ModelConfig": "mm.config",
+    "ModelConfig": "mm.model.config",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -14,7 +14,7 @@ __all__ = ["main"]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from mm.info import describe, format_table
+    from mm.model.info import describe, format_table
 
     try:
         info = describe(args.preset)
@@ -34,8 +34,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mm.recipe import RecipeError, load_recipe
-    from mm.trainer import BackboneChanged, Trainer, summary_table
+    from mm.training.recipe import RecipeError, load_recipe
+    from mm.training.trainer import BackboneChanged, Trainer, summary_table
 
     try:
         recipe = load_recipe(args.recipe)
@@ -66,7 +66,7 @@ def _cmd_data_pack(args: argparse.Namespace) -> int:
 
 
 def _cmd_average(args: argparse.Namespace) -> int:
-    from mm.average import average_models
+    from mm.checkpoint.average import average_models
     from mm.text_backbone.checkpoint import CheckpointError
 
     try:
@@ -85,15 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from mm.chat import add_ask_parser
-    from mm.demo import add_demo_parser
-    from mm.server import add_serve_parser
+    from mm.demo.run import add_demo_parser
+    from mm.serving.app import add_serve_parser
+    from mm.serving.ask import add_ask_parser
 
     add_demo_parser(sub)
     add_ask_parser(sub)
     add_serve_parser(sub)
 
-    from mm.bench import add_bench_parser
+    from mm.bench.run import add_bench_parser
 
     add_bench_parser(sub)
 
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--shard-size", default="64MB", help="target shard size (e.g. 64MB, 1GiB)")
     q.add_argument("--overwrite", action="store_true", help="replace an earlier pack in OUT")
     q.set_defaults(func=_cmd_data_pack)
-    from mm.cache_features import add_cache_features_parser
+    from mm.training.cache_features import add_cache_features_parser
 
     add_cache_features_parser(data_sub)
 

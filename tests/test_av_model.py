@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from mm import ModelConfig, MultimodalModel
-from mm.components import set_trainable, trainable_components
 from mm.datasets import AudioConfig, ImageProcessor, VideoConfig
-from mm.preprocessing import AudioTokens, Preprocessor
+from mm.datasets.preprocessing import AudioTokens, Preprocessor
+from mm.model.components import set_trainable, trainable_components
+from mm.model.video import encode_video_frames
 from mm.text_backbone import ByteTokenizer
-from mm.video_path import encode_video_frames
 
 FRAMES = 8
 
@@ -123,7 +123,7 @@ def test_cached_frame_features_give_the_loss_of_pixels(model):
 
 def test_group_size_sets_the_number_of_aggregated_frames(model):
     frames = torch.randn(1, 1, FRAMES, 4, 5, 128)  # [b, v, f, t, p, d]
-    from mm.video_path import video_tokens
+    from mm.model.video import video_tokens
 
     assert video_tokens(model, frames).shape == (1, 1, (FRAMES // 4) * 4 * 5, 128)  # model default: 4 -> 1
     assert video_tokens(model, frames, group_size=2).shape == (1, 1, (FRAMES // 2) * 4 * 5, 128)
@@ -209,7 +209,7 @@ def test_video_stage_trains_only_the_video_adapter(model):
 
 
 def test_paper_presets_have_the_papers_video_and_speech_sizes():
-    from mm.info import describe
+    from mm.model.info import describe
 
     c8 = {c["name"]: c["params"] for c in describe("llama3-8b")["components"]}
     c70 = {c["name"]: c["params"] for c in describe("llama3-70b")["components"]}

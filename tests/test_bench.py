@@ -14,16 +14,16 @@ import sys
 
 import pytest
 
-from mm.bench import SIZES, WRITTEN_MARKER, _reusable_checkpoint, run_worker, train_step_flops
+from mm.bench.run import SIZES, WRITTEN_MARKER, _reusable_checkpoint, run_worker, train_step_flops
 
 TINY = SIZES["tiny"]
 
 
 def _tiny_bench(out, workdir, *extra: str) -> subprocess.CompletedProcess:
-    """``python -m mm.bench --size tiny`` writing ``out``, its checkpoint in ``workdir``; must succeed."""
+    """``python -m mm.bench.run --size tiny`` writing ``out``, its checkpoint in ``workdir``; must succeed."""
     command = ["--size", "tiny", "--out", str(out), "--workdir", str(workdir), *extra]
     proc = subprocess.run(
-        [sys.executable, "-m", "mm.bench", *command], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "mm.bench.run", *command], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -125,7 +125,7 @@ def test_a_failing_worker_is_reported_not_raised(tmp_path):
 
 
 def test_missing_transformers_is_said_clearly():
-    code = "import sys; sys.modules['transformers'] = None; from mm.bench import main; sys.exit(main([]))"
+    code = "import sys; sys.modules['transformers'] = None; from mm.bench.run import main; sys.exit(main([]))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "needs Hugging Face transformers" in proc.stderr
@@ -135,8 +135,8 @@ def test_11b_size_is_llama_3_2_11b_vision_for_both_implementations():
     import torch
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
-    from mm.mllama import mllama_config
-    from mm.model import MultimodalModel
+    from mm.checkpoint.mllama import mllama_config
+    from mm.model.multimodal import MultimodalModel
 
     size = SIZES["11b"]
     config = MllamaConfig(
@@ -155,7 +155,7 @@ def test_11b_size_is_llama_3_2_11b_vision_for_both_implementations():
 def test_bench_subcommand_registers_on_the_mm_command():
     import argparse
 
-    from mm.bench import add_bench_parser
+    from mm.bench.run import add_bench_parser
 
     parser = argparse.ArgumentParser(prog="mm")
     add_bench_parser(parser.add_subparsers(dest="command", required=True))

@@ -1,4 +1,4 @@
-"""The Python chat API (mm.chat), its media normalisation (mm.media) and `mm ask`, on a tiny random model.
+"""The Python chat API (mm.model.chat), its media normalisation (mm.datasets.media) and `mm ask`, on a tiny random model.
 
 Answers of a random model are junk; these tests check the mechanics against an independent path:
 the text must be what ``model.generate`` + ``tokenizer.decode`` give, streaming must join to the
@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 
 from mm import ModelConfig, MultimodalModel
-from mm.chat import (
+from mm.datasets import ImageProcessor
+from mm.datasets.media import MediaError, MediaPolicy, normalize_messages
+from mm.datasets.preprocessing import Preprocessor
+from mm.model.chat import (
     GenerationOptions,
     _StopFilter,
-    add_ask_parser,
-    ask_messages,
     chat,
     chat_batch,
     chat_stream,
@@ -29,9 +30,7 @@ from mm.chat import (
     encode_conversation,
     generate_deltas,
 )
-from mm.datasets import ImageProcessor
-from mm.media import MediaError, MediaPolicy, normalize_messages
-from mm.preprocessing import Preprocessor
+from mm.serving.ask import add_ask_parser, ask_messages
 from mm.text_backbone import ByteTokenizer
 
 STOPS = (257, 264, 265)  # the tiny preset's stop ids: <|end_of_text|>, <|eom_id|>, <|eot_id|>

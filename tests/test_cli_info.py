@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from mm.info import describe
+from mm.model.info import describe
 
 
 def _mm(*args: str) -> str:
@@ -73,7 +73,7 @@ def test_published_vision_counts():
     for preset, quoted in (("llama3.2-11b-vision", 10.643), ("llama3.2-90b-vision", 88.566)):
         cfg = ModelConfig.preset(preset)
         small = cfg.replace(image_encoder=cfg.image_encoder.replace(image_size=448))
-        from mm.model import MultimodalModel
+        from mm.model.multimodal import MultimodalModel
 
         with torch.device("meta"):
             count = sum(p.numel() for p in MultimodalModel(small).parameters())

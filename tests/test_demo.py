@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from mm.demo import DemoSettings, run_demo
-from mm.demo_speech import SpeechDemoSettings
-from mm.demo_video import VideoDemoSettings
+from mm.demo.run import DemoSettings, run_demo
+from mm.demo.speech import SpeechDemoSettings
+from mm.demo.video import VideoDemoSettings
 
 MICRO = DemoSettings(
     text_docs=60,
@@ -102,7 +102,7 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, c
     assert report["data"]["qa"]["samples"] == 48 and report["data"]["captions"]["samples"] == 24
 
     # The saved model answers through `mm ask` (the README's second command).
-    from mm.datasets.synthetic import make_image_qa
+    from mm.demo.data import make_image_qa
 
     (sample,) = make_image_qa(1, split="eval", seed=5)
     sample.image.save(tmp_path / "q.png")
@@ -169,9 +169,9 @@ def test_demo_refuses_contradicting_requirements_before_training(tmp_path, capsy
 def test_sentence_turns_repeat_or_translate_the_words_and_answer_with_them():
     import random
 
-    from mm.datasets.synthetic import COLOURS, SHAPES
-    from mm.demo import _token_stream, sentence_turn
-    from mm.demo_speech import ASR_PROMPT, AST_PROMPT, FRENCH_TEMPLATES, to_french
+    from mm.demo.data import COLOURS, SHAPES
+    from mm.demo.run import _token_stream, sentence_turn
+    from mm.demo.speech import ASR_PROMPT, AST_PROMPT, FRENCH_TEMPLATES, to_french
     from mm.text_backbone import ByteTokenizer
 
     def capital(text):
@@ -212,7 +212,7 @@ def test_sentence_turns_repeat_or_translate_the_words_and_answer_with_them():
 
 def test_demo_requirements_name_each_unmet_figure_with_its_chance():
     from mm.cli import build_parser
-    from mm.demo import unmet_requirements
+    from mm.demo.run import unmet_requirements
 
     report = {
         "image_qa_accuracy": 0.9,

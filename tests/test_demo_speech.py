@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from mm.datasets.synthetic import HELDOUT_COLOUR_SHAPE
-from mm.demo_speech import (
+from mm.demo.data import HELDOUT_COLOUR_SHAPE
+from mm.demo.speech import (
     ASR_PROMPT,
     ASR_TEMPLATES,
     AST_PROMPT,
@@ -171,7 +171,7 @@ def test_scoring_and_chance_levels():
 
 
 def test_report_sections_appear_only_with_a_speech_phase():
-    from mm.demo_speech import speech_markdown, speech_summary_rows
+    from mm.demo.speech import speech_markdown, speech_summary_rows
 
     assert speech_markdown({"image_qa_accuracy": 0.9}) == "" and speech_summary_rows({}) == []
     r = {

@@ -29,8 +29,8 @@ import json, sys
 import torch
 sys.path.insert(0, __TESTS__)
 from mm_testing import colour_conversations
-from mm.recipe import parse_recipe
-from mm.trainer import Trainer
+from mm.training.recipe import parse_recipe
+from mm.training.trainer import Trainer
 
 batch, accum, out, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 text_only = [

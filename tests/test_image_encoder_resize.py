@@ -14,7 +14,7 @@ from mm.encoders.image_encoder import (
     resize_image_encoder,
     resize_patch_grid,
 )
-from mm.presets import TINY_IMAGE_ENCODER
+from mm.model.presets import TINY_IMAGE_ENCODER
 
 
 def _encoder(config: ImageEncoderConfig = TINY_IMAGE_ENCODER, seed: int = 0) -> ImageEncoder:

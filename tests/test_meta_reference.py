@@ -21,7 +21,7 @@ from meta_reference import build_reference, meta_generate, meta_logits, save_met
 from PIL import Image
 
 from mm import MultimodalModel
-from mm.meta_layout import meta_model_config
+from mm.checkpoint.meta import meta_model_config
 
 TOL = dict(atol=1e-4, rtol=0)
 
@@ -254,7 +254,7 @@ def test_shard_split_dims_are_fairscales(monkeypatch):
     from llama_models.llama3.multimodal.model import CrossAttentionTransformer
     from meta_reference import model_parallel, reference_args
 
-    from mm.meta_layout import meta_shard_dim
+    from mm.checkpoint.meta import meta_shard_dim
     from mm.text_backbone.key_maps import meta_shard_dim as text_shard_dim
 
     model_parallel()
@@ -308,7 +308,7 @@ def test_generation_after_two_images_is_where_mm_departs_from_meta(reference, ou
     multi-image prompt see no image. mm keeps what the prompt's last token saw (as transformers does,
     and as training does, where the span runs to the end). Pinned here: Meta's tokens equal mm's when
     mm's generated tokens are made blind, and mm's own answer is that of the seeing model."""
-    from mm.preprocessing import EncodedSample
+    from mm.datasets.preprocessing import EncodedSample
 
     parts = [("user", [_image(80, 60, 4), "The first.", _image(60, 120, 5), "Tell me."])]
     expected = meta_generate(reference[0], [_meta_dialog(parts)], max_gen_len=5)[0]

@@ -10,7 +10,7 @@ from mm_testing import hf_vision_as_released, make_hf_llama, make_hf_mllama, ran
 
 from mm import ModelConfig, MultimodalModel
 from mm.datasets import ImageProcessor, batch_cross_attention_mask
-from mm.presets import TINY_IMAGE_ENCODER
+from mm.model.presets import TINY_IMAGE_ENCODER
 from mm.text_backbone import CheckpointError, TextBackbone
 
 IMAGE = 300  # <|image|> = text vocabulary size in these tiny models

@@ -1,9 +1,9 @@
-"""`mm serve` (mm.server) driven by the official `openai` client, and URL fetching (mm.media).
+"""`mm serve` (mm.serving.app) driven by the official `openai` client, and URL fetching (mm.datasets.media).
 
 Servers run on 127.0.0.1 with a free port: uvicorn in a background thread serving a tiny model
 saved to a temporary folder and loaded back, as `mm serve` does; one test starts the real command.
-Expected answers come from `mm.chat` on a separately loaded copy of the same model (test_chat
-checks `mm.chat` against `model.generate`).
+Expected answers come from `mm.model.chat` on a separately loaded copy of the same model (test_chat
+checks `mm.model.chat` against `model.generate`).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import uvicorn
 from PIL import Image
 
 from mm import ModelConfig, MultimodalModel
-from mm.chat import chat, encode_conversation
 from mm.datasets import ImageProcessor
-from mm.media import MediaError, MediaPolicy, blocked_address_reason, fetch_url
-from mm.preprocessing import Preprocessor
-from mm.server import ServerLimits, add_serve_parser, create_app
+from mm.datasets.media import MediaError, MediaPolicy, blocked_address_reason, fetch_url
+from mm.datasets.preprocessing import Preprocessor
+from mm.model.chat import chat, encode_conversation
+from mm.serving.app import ServerLimits, add_serve_parser, create_app
 from mm.text_backbone import ByteTokenizer
 
 MODEL_ID = "tiny-test"
@@ -156,7 +156,7 @@ def text(t):
 
 
 def mm_form(messages):
-    """The same conversation with PIL images, for mm.chat on the reference model."""
+    """The same conversation with PIL images, for mm.model.chat on the reference model."""
     out = []
     for m in messages:
         content = m["content"]
@@ -422,14 +422,14 @@ VIDEO_LIMITS = ServerLimits(
 
 
 def clip_frames(seed, size=28, frames=VIDEO_FRAMES):
-    from mm.datasets import make_video_qa
+    from mm.demo.data import make_video_qa
 
     (sample,) = make_video_qa(1, split="train", seed=seed, num_frames=frames, size=size)
     return sample.frames
 
 
 def mp4(frames, tmp_path, name="clip.mp4"):
-    from mm.datasets import write_mp4
+    from mm.demo.data import write_mp4
 
     return write_mp4(frames, tmp_path / name).read_bytes()
 
@@ -710,7 +710,7 @@ def test_mm_serve_command(model_dir, ref):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code = (
-        "import argparse, sys; from mm.server import add_serve_parser; p = argparse.ArgumentParser(); "
+        "import argparse, sys; from mm.serving.app import add_serve_parser; p = argparse.ArgumentParser(); "
         "add_serve_parser(p.add_subparsers(dest='c')); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
     )
     cmd = [

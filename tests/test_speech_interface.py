@@ -16,11 +16,12 @@ import soundfile as sf
 import torch
 
 from mm import ModelConfig, MultimodalModel
-from mm.chat import add_ask_parser, ask_messages, complete
 from mm.datasets import AudioConfig
 from mm.datasets.audio import num_frames
-from mm.preprocessing import AudioTokens, Preprocessor
-from mm.speech_synth import TTS_SAMPLE_RATE, get_synthesizer, wav_bytes
+from mm.datasets.preprocessing import AudioTokens, Preprocessor
+from mm.model.chat import complete
+from mm.serving.ask import add_ask_parser, ask_messages
+from mm.serving.speech_out import TTS_SAMPLE_RATE, get_synthesizer, wav_bytes
 from mm.text_backbone import ByteTokenizer
 
 STOPS = (257, 264, 265)  # the tiny preset's stop ids: <|end_of_text|>, <|eom_id|>, <|eot_id|>

@@ -1,7 +1,7 @@
 """Speech through `mm serve`: OpenAI's ``input_audio`` parts in, spoken answers out
 (``modalities: ["text", "audio"]``), driven by the official `openai` client.
 
-The served model is tiny and random with the speech path; expected answers come from `mm.chat` on
+The served model is tiny and random with the speech path; expected answers come from `mm.model.chat` on
 a separately loaded copy, spoken answers from hibari's bundled voice on the same text.
 """
 
@@ -20,11 +20,11 @@ import torch
 from test_server import MODEL_ID, RunningServer, text, user_parts
 
 from mm import ModelConfig, MultimodalModel
-from mm.chat import chat
 from mm.datasets import AudioConfig
-from mm.preprocessing import AudioTokens, Preprocessor
-from mm.server import ServerLimits, create_app
-from mm.speech_synth import TTS_SAMPLE_RATE, get_synthesizer, wav_bytes
+from mm.datasets.preprocessing import AudioTokens, Preprocessor
+from mm.model.chat import chat
+from mm.serving.app import ServerLimits, create_app
+from mm.serving.speech_out import TTS_SAMPLE_RATE, get_synthesizer, wav_bytes
 from mm.text_backbone import ByteTokenizer
 
 LIMITS = ServerLimits(max_request_bytes=400_000, max_media_bytes=150_000, max_tokens=64, max_batch_size=4)

@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 
 from mm.datasets.audio import load_audio
-from mm.speech_synth import (
+from mm.serving.speech_out import (
     BUNDLED_VOICE,
     TTS_SAMPLE_RATE,
     SpeechSynthesizer,

@@ -1,4 +1,4 @@
-"""Synthetic demo data (`mm.datasets.synthetic`): what the questions say is what the pixels show.
+"""Synthetic demo data (`mm.demo.data`): what the questions say is what the pixels show.
 
 Every check reads the drawn pixels (or the decoded mp4) back with small independent helpers: a
 flood fill for connected shapes, a silhouette classifier, and a colour classifier on normalised
@@ -17,7 +17,9 @@ import pytest
 from PIL import Image
 
 from mm.datasets.shards import check_messages, pack
-from mm.datasets.synthetic import (
+from mm.datasets.video import VideoConfig, load_video
+from mm.datasets.webdata import ShardStream
+from mm.demo.data import (
     _TEXT,
     BACKGROUND,
     CHOICES,
@@ -45,8 +47,6 @@ from mm.datasets.synthetic import (
     write_mp4,
     write_video_qa_folder,
 )
-from mm.datasets.video import VideoConfig, load_video
-from mm.datasets.webdata import ShardStream
 from mm.text_backbone.tokenizer import ByteTokenizer
 
 # --------------------------------------------------------------------------- pixel helpers

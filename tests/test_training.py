@@ -17,10 +17,10 @@ import torch
 from mm_testing import colour_conversations, write_colour_folder
 
 from mm import ModelConfig, MultimodalModel
-from mm.components import COMPONENTS, component_of, set_trainable, trainable_components
-from mm.metrics import read_metrics
-from mm.recipe import RecipeError, load_recipe, parse_recipe, shipped_recipes
-from mm.trainer import BackboneChanged, Trainer
+from mm.model.components import COMPONENTS, component_of, set_trainable, trainable_components
+from mm.training.metrics import read_metrics
+from mm.training.recipe import RecipeError, load_recipe, parse_recipe, shipped_recipes
+from mm.training.trainer import BackboneChanged, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -249,8 +249,8 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
             import torch
             sys.path.insert(0, __TESTS__)
             from mm_testing import colour_conversations
-            from mm.recipe import parse_recipe
-            from mm.trainer import Trainer
+            from mm.training.recipe import parse_recipe
+            from mm.training.trainer import Trainer
             batch, out = int(sys.argv[1]), sys.argv[2]
             recipe = parse_recipe({"name": "d", "model": {"preset": "tiny", "tokenizer": "byte"}, "stages": [{
                 "name": "s1", "trainable": ["image_encoder", "image_adapter"], "data": {"shards": "mem"},
@@ -333,7 +333,7 @@ def test_speech_stages_change_only_their_components_and_keep_the_backbone(tmp_pa
     the speech encoder only and its classifiers are not saved; SFT changes encoder and adapter."""
     import dataclasses
 
-    from mm.objectives import BestRqSettings
+    from mm.training.objectives import BestRqSettings
 
     paper = load_recipe("llama3-speech")
     small = {"steps": 4, "batch_size": 4, "max_seq_len": 256, "precision": "fp32", "log_every": 1}

@@ -14,28 +14,22 @@ import pytest
 import torch
 
 from mm import ModelConfig, MultimodalModel
-from mm.cache_features import (
+from mm.datasets import ImageProcessor, VideoConfig, pack
+from mm.datasets.preprocessing import Preprocessor
+from mm.datasets.webdata import DataCounters, read_shard
+from mm.demo.data import make_video_qa, video_qa_messages, write_video_qa_folder
+from mm.model.components import trainable_components
+from mm.text_backbone import ByteTokenizer
+from mm.training.cache_features import (
     StaleFeaturesError,
     cache_features,
     features_fingerprint,
     features_preprocessor,
     read_features,
 )
-from mm.components import trainable_components
-from mm.datasets import (
-    ImageProcessor,
-    VideoConfig,
-    make_video_qa,
-    pack,
-    video_qa_messages,
-    write_video_qa_folder,
-)
-from mm.datasets.webdata import DataCounters, read_shard
-from mm.preprocessing import Preprocessor
-from mm.recipe import DataSource, parse_recipe
-from mm.text_backbone import ByteTokenizer
-from mm.train_data import StageData
-from mm.trainer import Trainer
+from mm.training.data import StageData
+from mm.training.recipe import DataSource, parse_recipe
+from mm.training.trainer import Trainer
 
 FRAMES = 8  # frames per clip, merged 4 -> 1 by the tiny-av aggregator (group_size 4)
 SIZE = 28  # the tiny-av image encoder's tile

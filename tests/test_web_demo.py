@@ -20,10 +20,10 @@ from test_server import MODEL_ID, RunningServer
 from test_speech_server import LIMITS, save_speech_model, wav
 
 from mm import MultimodalModel
-from mm.chat import chat
-from mm.demo_speech import TASK_PROMPTS
-from mm.server import create_app
-from mm.speech_synth import TTS_SAMPLE_RATE
+from mm.demo.speech import TASK_PROMPTS
+from mm.model.chat import chat
+from mm.serving.app import create_app
+from mm.serving.speech_out import TTS_SAMPLE_RATE
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

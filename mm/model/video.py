@@ -19,7 +19,7 @@ from torch import nn
 
 from mm.adapters.cross_attention import GatedCrossAttentionBlock
 from mm.adapters.temporal_aggregator import TemporalAggregator, default_aggregator_ffn_dim
-from mm.config import ModelConfig
+from mm.model.config import ModelConfig
 
 __all__ = ["build_video_modules", "encode_video_frames", "video_tokens"]
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mm.config import ModelConfig
-from mm.generation_defaults import GenerationDefaults
-from mm.preprocessing import Preprocessor
+from mm.datasets.preprocessing import Preprocessor
+from mm.model.config import ModelConfig
+from mm.model.generation import GenerationDefaults
 from mm.text_backbone.checkpoint import CheckpointError, read_json
 
 __all__ = [

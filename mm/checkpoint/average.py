@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mm.model import MultimodalModel
+from mm.model.multimodal import MultimodalModel
 from mm.text_backbone.checkpoint import CheckpointError
 
 __all__ = ["average_models"]

@@ -58,17 +58,17 @@ import torch
 from tqdm.auto import tqdm
 
 from mm._io import atomic_write_json
-from mm.components import set_trainable
-from mm.config import ModelConfig
+from mm.datasets.preprocessing import AudioTokens, Preprocessor
 from mm.encoders import ImageEncoder, resize_image_encoder
-from mm.metrics import MetricsLog
-from mm.model import MultimodalModel
-from mm.objectives import attach_objective, batch_weight, detach_objective, objective_loss_sum
-from mm.preprocessing import AudioTokens, Preprocessor
-from mm.recipe import Recipe, RecipeError, Stage
+from mm.model.components import set_trainable
+from mm.model.config import ModelConfig
+from mm.model.multimodal import MultimodalModel
 from mm.text_backbone import ByteTokenizer, TextBackbone, load_tokenizer
-from mm.train_data import StageData
-from mm.train_state import (
+from mm.training.data import StageData
+from mm.training.metrics import MetricsLog
+from mm.training.objectives import attach_objective, batch_weight, detach_objective, objective_loss_sum
+from mm.training.recipe import Recipe, RecipeError, Stage
+from mm.training.state import (
     full_optimizer_state,
     full_tensors,
     latest_checkpoint,
@@ -159,7 +159,7 @@ def _features_fingerprint(model: MultimodalModel, preprocessor: Preprocessor) ->
     """What cached frame features (``mm data cache-features``) must have been made with to be read
     in a stage of ``model``; None where there are none to read: the model takes no video, or the
     stage trains the image encoder or projector, whose frame tokens then change at every step."""
-    from mm.cache_features import features_fingerprint
+    from mm.training.cache_features import features_fingerprint
 
     if (
         model.video_aggregator is None

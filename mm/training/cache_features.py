@@ -63,8 +63,10 @@ from mm.datasets.shards import (
 )
 from mm.datasets.webdata import DataCounters, DataError, expand_shards, normalize_sample, read_shard
 
-if TYPE_CHECKING:  # mm.preprocessing pulls in torchvision; `mm --help` registers this module's parser
-    from mm.preprocessing import Preprocessor
+if (
+    TYPE_CHECKING
+):  # mm.datasets.preprocessing pulls in torchvision; `mm --help` registers this module's parser
+    from mm.datasets.preprocessing import Preprocessor
 
 __all__ = [
     "FEATURES_FORMAT",
@@ -243,12 +245,12 @@ def read_features(data: bytes) -> tuple[torch.Tensor, dict[str, Any] | None]:
 
 def features_preprocessor(model, num_frames: int | None = None) -> Preprocessor:
     """The preprocessor a video stage of ``model`` decodes clips with (the trainer's
-    :func:`~mm.trainer.stage_preprocessor`): the model's saved settings, with ``num_frames`` frames
+    :func:`~mm.training.trainer.stage_preprocessor`): the model's saved settings, with ``num_frames`` frames
     per clip when given (else the saved number, or 16), tiles padded to the image encoder's when
     its tile count differs.
     """
     from mm.datasets.video import VideoConfig
-    from mm.trainer import stage_preprocessor
+    from mm.training.trainer import stage_preprocessor
 
     pre = model.preprocessor
     if pre is None or pre.image_processor is None:
@@ -292,7 +294,7 @@ class _ShardCacher:
 
     @torch.inference_mode()
     def flush(self) -> None:
-        from mm.video_path import encode_video_frames
+        from mm.model.video import encode_video_frames
 
         items = [p for p in self.pending if p.videos]
         tokens: list[torch.Tensor] = []
@@ -395,7 +397,7 @@ def cache_features(
             already holds features, or two source shards share a file name.
         DataError: no sample could be written.
     """
-    from mm.model import MultimodalModel
+    from mm.model.multimodal import MultimodalModel
 
     started = time.perf_counter()
     if batch_size < 1:

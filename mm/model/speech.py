@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from mm.adapters.speech_adapter import SpeechAdapter, splice_audio
-from mm.config import ModelConfig
 from mm.encoders.conformer import ConformerEncoder
+from mm.model.config import ModelConfig
 
 __all__ = ["build_speech_modules", "splice_speech"]
 

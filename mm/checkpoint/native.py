@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 
 import mm
 from mm._io import atomic_dir
-from mm.components import component_of
-from mm.config import ModelConfig
+from mm.model.components import component_of
+from mm.model.config import ModelConfig
 from mm.text_backbone import TextBackbone
 from mm.text_backbone.checkpoint import CheckpointError, collect_strict, iter_safetensors, read_json
 
@@ -79,11 +79,11 @@ def load_backbone_ref(folder: Path, ref: dict, *, dtype: torch.dtype | None) -> 
     if not where.is_absolute():
         where = folder / where
     if fmt == "mllama":
-        from mm.mllama import load_mllama_backbone
+        from mm.checkpoint.mllama import load_mllama_backbone
 
         backbone = load_mllama_backbone(where, dtype=None)
     elif fmt == "meta_vision":
-        from mm.meta_layout import load_meta_backbone
+        from mm.checkpoint.meta import load_meta_backbone
 
         backbone = load_meta_backbone(where, dtype=None)
     else:
@@ -103,7 +103,7 @@ def load_multimodal(cls, path: str | os.PathLike, *, dtype: torch.dtype | None =
     path = Path(path)
     if not (path / "config.json").is_file():
         if (path / "params.json").is_file():
-            from mm.meta_layout import is_meta_vision_folder, load_meta
+            from mm.checkpoint.meta import is_meta_vision_folder, load_meta
 
             if not is_meta_vision_folder(path):
                 raise CheckpointError(
@@ -115,7 +115,7 @@ def load_multimodal(cls, path: str | os.PathLike, *, dtype: torch.dtype | None =
     meta = read_json(path / "config.json")
     model_type = meta.get("model_type")
     if model_type == "mllama":
-        from mm.mllama import load_mllama
+        from mm.checkpoint.mllama import load_mllama
 
         return load_mllama(cls, path, dtype=dtype)
     if model_type != "mm":
@@ -137,11 +137,11 @@ def load_multimodal(cls, path: str | os.PathLike, *, dtype: torch.dtype | None =
     )
     model.load_state_dict(loaded, strict=False, assign=True)
     if meta.get("preprocessing") is not None:
-        from mm.preprocessing import Preprocessor
+        from mm.datasets.preprocessing import Preprocessor
 
         model.preprocessor = Preprocessor.load(path, meta["preprocessing"])
     if meta.get("generation") is not None:
-        from mm.generation_defaults import GenerationDefaults
+        from mm.model.generation import GenerationDefaults
 
         try:
             model.generation_defaults = GenerationDefaults.from_dict(meta["generation"])

@@ -100,7 +100,7 @@ class Preprocessor:
     Attributes:
         video_features_fingerprint: what cached frame features read from shards must have been made
             with (the model's encoder digest and these frame settings; see
-            :func:`mm.cache_features.features_fingerprint`). The trainer sets it from the model;
+            :func:`mm.training.cache_features.features_fingerprint`). The trainer sets it from the model;
             while it is ``None``, features members in shards are refused. Not saved.
     """
 

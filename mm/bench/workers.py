@@ -1,9 +1,9 @@
 """What runs inside each process of ``mm bench``: one measurement of one implementation.
 
-Run as ``python -m mm._bench_workers SPEC.json``; the spec names a task (``write``, ``matmul``,
+Run as ``python -m mm.bench.workers SPEC.json``; the spec names a task (``write``, ``matmul``,
 ``train``, ``decode``), the implementation (``mm`` or ``hf``), the checkpoint folder, the size,
 device and dtype, and the file the result is written to (JSON). A failure is written as
-``{"error": ...}`` so the orchestrator (:mod:`mm.bench`) reports it for that figure and goes on.
+``{"error": ...}`` so the orchestrator (:mod:`mm.bench.run`) reports it for that figure and goes on.
 
 Shapes: b batch, s text tokens, n images per sample (1 here), t tiles, V text vocabulary.
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mm._bench_workload import SIZES, WRITTEN_MARKER, BenchSize
+from mm.bench.workload import SIZES, WRITTEN_MARKER, BenchSize
 
 __all__ = ["decode_inputs", "run_task", "train_batch"]
 
@@ -163,7 +163,7 @@ def _hf_dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
 
 def _load(impl: str, folder: str, dtype: torch.dtype, device: torch.device):
     if impl == "mm":
-        from mm.model import MultimodalModel
+        from mm.model.multimodal import MultimodalModel
 
         return MultimodalModel.from_pretrained(folder, dtype=dtype).to(device)
     from transformers import MllamaForConditionalGeneration
@@ -205,7 +205,7 @@ def _set_trainable(impl: str, model) -> list[torch.nn.Parameter]:
     neither back-propagates below the first cross-attention layer).
     """
     if impl == "mm":
-        from mm.components import set_trainable
+        from mm.model.components import set_trainable
 
         set_trainable(model, ["image_encoder", "projector.*", "image_blocks.*"])
     else:

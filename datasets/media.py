@@ -1,7 +1,7 @@
 """Media in chat requests: one place that turns every accepted form of a media part into mm's form.
 
 Llama 3 chat messages reach the model with media parts that carry the decoded media themselves
-(``{"type": "image", "image": <PIL image>}``; see :mod:`mm.preprocessing`). Callers write them in
+(``{"type": "image", "image": <PIL image>}``; see :mod:`mm.datasets.preprocessing`). Callers write them in
 several ways, and this module normalises all of them, applying one :class:`MediaPolicy`:
 
 * mm's own part ``{"type": "image", "image": PIL | path | bytes}`` (the Python API; a path is read
@@ -28,7 +28,7 @@ never hands them to a plugin that runs an external program (EPS and Ghostscript)
 Videos come the same ways: mm's part ``{"type": "video", "video": path | bytes | frames | tensor}``
 and ``{"type": "video_url", "video_url": {"url": ...}}`` (same URL rules and ``max_bytes`` as
 images; the data URI's media type, when given, must be ``video/*``). When the policy names
-``video`` settings (:func:`mm.chat.encode_conversation` fills in the model's), clips are decoded
+``video`` settings (:func:`mm.model.chat.encode_conversation` fills in the model's), clips are decoded
 here with :func:`mm.datasets.video.load_video` under its caps (duration, frame size, bytes,
 container allow-list), so a bad clip fails its own request with a message naming the part; frames
 and cached frame tokens given directly pass through to the preprocessor, which checks them.
@@ -36,7 +36,7 @@ and cached frame tokens given directly pass through to the preprocessor, which c
 Speech comes as mm's part ``{"type": "audio", "audio": path | bytes | waveform}`` or OpenAI's
 ``{"type": "input_audio", "input_audio": {"data": <base64>, "format": "wav" | "mp3"}}`` (the
 base64 is held to the same ``max_bytes`` as images; data URIs are accepted in mm's part too).
-When the policy names ``audio`` settings (:func:`mm.chat.encode_conversation` fills in the
+When the policy names ``audio`` settings (:func:`mm.model.chat.encode_conversation` fills in the
 model's), audio is decoded here with :func:`mm.datasets.audio.load_audio` under its caps
 (duration, bytes), so a bad clip fails its own request with a message naming the part; waveforms
 given directly pass through.

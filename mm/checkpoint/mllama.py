@@ -28,9 +28,9 @@ import torch
 from safetensors.torch import save_file
 
 from mm._io import atomic_dir
-from mm.config import ModelConfig
 from mm.encoders import ImageEncoderConfig
 from mm.encoders import image_encoder_keys as vision_keys
+from mm.model.config import ModelConfig
 from mm.text_backbone import TextBackbone, TextConfig
 from mm.text_backbone.checkpoint import (
     CheckpointError,
@@ -181,7 +181,7 @@ def load_mllama(cls, path: Path, *, dtype: torch.dtype | None, device: torch.dev
     model.load_state_dict(loaded, strict=True, assign=True)
     model.backbone.source = {"path": str(path.resolve()), "format": "mllama"}
     model.backbone.freeze()
-    from mm.folder_preprocessing import hf_folder_preprocessing
+    from mm.checkpoint.imported import hf_folder_preprocessing
 
     model.preprocessor, model.generation_defaults = hf_folder_preprocessing(path, config)
     return model

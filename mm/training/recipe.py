@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from mm.components import check_trainable
-from mm.objectives import BestRqSettings
+from mm.model.components import check_trainable
+from mm.training.objectives import BestRqSettings
 
 __all__ = [
     "DataSource",

@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 from mm._io import atomic_dir
-from mm.config import ModelConfig
 from mm.encoders import ImageEncoderConfig
+from mm.model.config import ModelConfig
 from mm.text_backbone import TextBackbone, TextConfig
 from mm.text_backbone import key_maps as text_keys
 from mm.text_backbone.checkpoint import (
@@ -371,7 +371,7 @@ def load_meta(cls, path: Path, *, dtype: torch.dtype | None, device: torch.devic
     The folder's ``tokenizer.model`` becomes the preprocessor's tokenizer (with Meta's tile size,
     4 tiles and Meta's multi-image rule); generation stops at the tokenizer's stop tokens.
     """
-    from mm.folder_preprocessing import meta_folder_preprocessing
+    from mm.checkpoint.imported import meta_folder_preprocessing
 
     config = _read_config(path)
     with torch.device("meta"):

@@ -7,7 +7,7 @@ speech encoder and adapter start to use the audio depends on their random initia
 Before this phase, ``mm demo --speech`` pre-trains its text model longer (2,000 steps instead of
 150 with ``--quick`` and 600 without), with 30% of its documents replaced by "Repeat after me in
 English." turns and 30% by "Translate the following sentence into French." turns
-(:func:`mm.demo.sentence_turn`): recognition and translation through a frozen text model can be no
+(:func:`mm.demo.run.sentence_turn`): recognition and translation through a frozen text model can be no
 better than the text model repeating or translating the words as text, and the paper's text model
 is an instruct model that can. Its perplexity on the held-out documents is then higher (5.08
 against 3.15 in the quick run: 60% of what it read were such turns; 4.19 with half of them repeat
@@ -15,7 +15,7 @@ turns and no translation), and the image and video figures move with it (quick r
 QA 0.905, video QA 0.800).
 
 Starting from the model the video phase saved, on speech synthesised offline with hibari's bundled
-voice (:mod:`mm.speech_synth`; varied speed and noise seed):
+voice (:mod:`mm.serving.speech_out`; varied speed and noise seed):
 
 1. **Data.** Three tasks, interleaved in one ``KEY.wav`` + ``KEY.json`` folder and packed into
    webdataset shards with :func:`mm.datasets.shards.pack` (the real data path: shards -> streaming
@@ -31,10 +31,10 @@ voice (:mod:`mm.speech_synth`; varied speed and noise seed):
      out of English.
    * *Spoken question answering*: the user's turn is only speech ("What colour is the sky?"); the
      assistant answers with one colour word ("blue."), as the backbone's text corpus answers its
-     questions; the facts are the corpus's (:func:`mm.datasets.synthetic.make_text_corpus`:
+     questions; the facts are the corpus's (:func:`mm.demo.data.make_text_corpus`:
      "The sky is blue.").
 
-   Evaluation holds out colour-shape pairs (:data:`mm.datasets.synthetic.HELDOUT_COLOUR_SHAPE`:
+   Evaluation holds out colour-shape pairs (:data:`mm.demo.data.HELDOUT_COLOUR_SHAPE`:
    no training utterance says "red triangle"), sentence templates (half the evaluation
    utterances are phrased in ways never heard in training, for all three tasks) and speaking
    speeds/seeds. Every eval word was heard in training: a model cannot transcribe a word it has
@@ -230,7 +230,7 @@ QA_TEMPLATES = _Phrasings(
 )
 """Spoken questions; ``heldout`` phrasings are said only in evaluation."""
 
-COLOUR_FACTS: dict[str, str] = {  # the keys of mm.datasets.synthetic's facts, lower-cased
+COLOUR_FACTS: dict[str, str] = {  # the keys of mm.demo.data's facts, lower-cased
     "the sky": "blue",
     "grass": "green",
     "the sun": "yellow",
@@ -312,13 +312,13 @@ def make_speech_samples(num: int, task: str, *, split: str, seed: int) -> list[S
     for half its utterances. Answers are drawn in shuffled blocks, so any run of samples is
     balanced over them.
     """
-    from mm.datasets.synthetic import COLOURS, HELDOUT_COLOUR_SHAPE, SHAPES
+    from mm.demo.data import COLOURS, HELDOUT_COLOUR_SHAPE, SHAPES
 
     if task not in ("asr", "ast", "qa") or split not in ("train", "eval"):
         raise ValueError(
             f"task must be 'asr', 'ast' or 'qa' and split 'train' or 'eval', got {task!r}, {split!r}"
         )
-    rng = random.Random(f"mm.demo_speech:{task}:{split}:{seed}")
+    rng = random.Random(f"mm.demo.speech:{task}:{split}:{seed}")
     templates = QA_TEMPLATES if task == "qa" else ASR_TEMPLATES
     if task != "qa":
         pairs = [(c, s) for c in COLOURS for s in SHAPES]
@@ -366,7 +366,7 @@ def speech_messages(sample: SpeechSample, audio: Any) -> list[dict[str, Any]]:
 
 def synthesize(samples: Sequence[SpeechSample], *, sample_rate: int = 16000) -> list[torch.Tensor]:
     """Waveforms ``[samples]`` of every utterance, at ``sample_rate`` (hibari's bundled voice)."""
-    from mm.speech_synth import get_synthesizer
+    from mm.serving.speech_out import get_synthesizer
 
     synth = get_synthesizer()
     return [synth(s.text, speed=s.speed, seed=s.seed, sample_rate=sample_rate) for s in samples]
@@ -377,7 +377,7 @@ def write_speech_folder(
 ) -> None:
     """Write ``KEY.wav`` + ``KEY.json`` per sample (mm's sample schema) for ``mm data pack``."""
     from mm._io import atomic_dir
-    from mm.speech_synth import wav_bytes
+    from mm.serving.speech_out import wav_bytes
 
     with atomic_dir(out_dir) as tmp:
         for i, (sample, wave) in enumerate(zip(samples, waves)):
@@ -478,7 +478,7 @@ def chance_bleu(references: Sequence[str], train_answers: Sequence[str]) -> floa
 
 def named_colours(text: str) -> set[str]:
     """The colour words in ``text``."""
-    from mm.datasets.synthetic import COLOURS
+    from mm.demo.data import COLOURS
 
     return set(_words(text)) & set(COLOURS)
 
@@ -566,10 +566,10 @@ def run_speech_demo(
     ``speech_qa_accuracy`` (and ``speech_qa_chance``), examples, the stages and the data.
     """
     from mm.datasets.shards import pack
-    from mm.metrics import plot_loss_curves, read_metrics
-    from mm.model import MultimodalModel
-    from mm.recipe import load_recipe
-    from mm.trainer import Trainer
+    from mm.model.multimodal import MultimodalModel
+    from mm.training.metrics import plot_loss_curves, read_metrics
+    from mm.training.recipe import load_recipe
+    from mm.training.trainer import Trainer
 
     settings = settings or (QUICK if quick else FULL)
     out = Path(out)
@@ -589,7 +589,7 @@ def run_speech_demo(
     # The tasks in one shard folder, interleaved, so every batch mixes them: trained one after the
     # other, the second task undid the first (see "What limits it").
     mixed = [s for samples in train.values() for s in samples]
-    random.Random(f"mm.demo_speech:mix:{seed}").shuffle(mixed)
+    random.Random(f"mm.demo.speech:mix:{seed}").shuffle(mixed)
     raw, shards = out / "raw" / "speech", out / "data" / "speech"
     shutil.rmtree(raw, ignore_errors=True)
     shutil.rmtree(shards, ignore_errors=True)

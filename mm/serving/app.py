@@ -4,7 +4,7 @@ Mainstream servers dropped cross-attention models like this one, so mm serves it
 
 * ``POST /v1/chat/completions``: the OpenAI Chat Completions protocol. Messages hold a string or
   ``text``, ``image_url``, ``video_url`` and ``input_audio`` parts (``data:`` URIs always;
-  ``http(s)`` only from hosts named with ``--allow-media-domain``; see :mod:`mm.media`; a video is
+  ``http(s)`` only from hosts named with ``--allow-media-domain``; see :mod:`mm.datasets.media`; a video is
   decoded under the model's video settings with the server's byte and pixel limits, ``max_videos``
   per request; ``input_audio`` is base64 wav or mp3 under the same byte limit, decoded under the
   model's audio settings, ``max_audios`` per request). With ``modalities: ["text", "audio"]`` and
@@ -17,7 +17,7 @@ Mainstream servers dropped cross-attention models like this one, so mm serves it
   ``stream_options.include_usage``.
 * ``GET /v1/models``: the one model (its id is the folder name, or ``--model-id``).
 * ``GET /health``: status, requests in flight and the published limits.
-* ``GET /demo``: a page to ask aloud (record or pick a file) and hear the answer (:mod:`mm.web_demo`).
+* ``GET /demo``: a page to ask aloud (record or pick a file) and hear the answer (:mod:`mm.serving.web_demo`).
 
 **Concurrency.** One worker thread owns the model; the event loop never runs it. Requests are
 admitted up to ``max_concurrent_requests`` (counting those being prepared, waiting and decoding;
@@ -69,7 +69,7 @@ __all__ = [
     "serve",
 ]
 
-log = logging.getLogger("mm.server")
+log = logging.getLogger("mm.serving.app")
 
 _MiB = 1024 * 1024
 _MAX_STOP_STRINGS = 4
@@ -285,7 +285,7 @@ def _speech_output(body: dict, stream: bool) -> bool:
                 code="invalid_value",
             )
         return False
-    from mm.speech_synth import VoiceError, check_voice
+    from mm.serving.speech_out import VoiceError, check_voice
 
     if not isinstance(audio, dict):
         raise RequestError(
@@ -438,7 +438,7 @@ class Engine:
             job.cancelled.set()
 
     def _run(self, batch: list[_Job]) -> None:
-        from mm.chat import generate_deltas
+        from mm.model.chat import generate_deltas
 
         live = [job for job in batch if not job.cancelled.is_set()]
         try:
@@ -553,15 +553,15 @@ def create_app(
         model_id: the id ``/v1/models`` lists and requests name.
         limits: the published limits.
         allowed_media_domains: hosts whose ``http(s)`` image URLs may be fetched.
-        media_policy: a complete :class:`mm.media.MediaPolicy` instead (tests inject resolvers).
+        media_policy: a complete :class:`mm.datasets.media.MediaPolicy` instead (tests inject resolvers).
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
-    from mm.chat import Delta, GenerationOptions, encode_conversation
-    from mm.media import MediaError, MediaPolicy
+    from mm.datasets.media import MediaError, MediaPolicy
+    from mm.model.chat import Delta, GenerationOptions, encode_conversation
 
     if getattr(model, "preprocessor", None) is None:
         raise ValueError("the model has no preprocessor (tokenizer and image settings); cannot serve it")
@@ -649,7 +649,7 @@ def create_app(
     async def demo():
         from fastapi.responses import HTMLResponse
 
-        from mm.web_demo import demo_page
+        from mm.serving.web_demo import demo_page
 
         return HTMLResponse(demo_page(model_id))
 
@@ -802,7 +802,7 @@ def _spoken(text: str, rid: str) -> dict[str, Any]:
     """OpenAI's ``message.audio``: the answer said by hibari's bundled voice, as base64 WAV."""
     import base64
 
-    from mm.speech_synth import get_synthesizer
+    from mm.serving.speech_out import get_synthesizer
 
     data = get_synthesizer().wav(text, min_seconds=0.1)
     return {
@@ -831,7 +831,7 @@ def serve(
     """Load the model saved in ``model_dir`` and serve it until interrupted."""
     import uvicorn
 
-    from mm.model import MultimodalModel
+    from mm.model.multimodal import MultimodalModel
 
     model = MultimodalModel.from_pretrained(model_dir).eval()
     app = create_app(

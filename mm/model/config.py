@@ -185,8 +185,8 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
-        """A named configuration (see ``mm.presets``): paper sizes, Llama 3.2 Vision, text models, ``tiny``."""
-        from mm.presets import MODEL_PRESETS
+        """A named configuration (see ``mm.model.presets``): paper sizes, Llama 3.2 Vision, text models, ``tiny``."""
+        from mm.model.presets import MODEL_PRESETS
 
         if name not in MODEL_PRESETS:
             raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(MODEL_PRESETS))}")

@@ -8,7 +8,7 @@ After the image stages, the demo teaches its model to watch clips (Llama 3 paper
    a training split and an evaluation split whose every clip holds a colour-shape pair never seen
    in training; write them as H.264 mp4 files with PyAV and pack the training clips into shards;
 2. run the model's frozen image encoder and projector once over the training shards
-   (:func:`mm.cache_features.cache_features`, as ``mm data cache-features``);
+   (:func:`mm.training.cache_features.cache_features`, as ``mm data cache-features``);
 3. train the ``video-adapter`` stage of the ``tiny-demo-video`` recipe on the cached shards: only
    the temporal aggregator and the video cross-attention blocks learn, 16 frames merged into 4
    ordered frames (groups of 4);
@@ -64,7 +64,7 @@ def write_video_data(
         their mp4 files.
     """
     from mm.datasets.shards import pack
-    from mm.datasets.synthetic import make_video_qa, write_video_qa_folder
+    from mm.demo.data import make_video_qa, write_video_qa_folder
 
     raw, shards = out / "raw-video", out / "data" / "video"
     for folder in (raw, shards):
@@ -98,7 +98,7 @@ def video_qa_accuracy(
         group_size: frames the aggregator merges into one (the video stage's).
         batch: questions answered together.
     """
-    from mm.datasets.synthetic import video_qa_messages
+    from mm.demo.data import video_qa_messages
 
     pre = model.preprocessor
     right: Counter[str] = Counter()
@@ -154,11 +154,11 @@ def run_video_demo(
         ``video_qa_examples``, ``stages`` (the video stage, as the demo report lists stages),
         ``video_timings`` (seconds per phase), ``video_data`` and ``model_dir`` (the trained model).
     """
-    from mm.cache_features import cache_features
-    from mm.metrics import plot_loss_curves, read_metrics
-    from mm.model import MultimodalModel
-    from mm.recipe import load_recipe
-    from mm.trainer import Trainer
+    from mm.model.multimodal import MultimodalModel
+    from mm.training.cache_features import cache_features
+    from mm.training.metrics import plot_loss_curves, read_metrics
+    from mm.training.recipe import load_recipe
+    from mm.training.trainer import Trainer
 
     settings = settings or (VIDEO_QUICK if quick else VIDEO_FULL)
     out, image_model_dir = Path(out), Path(image_model_dir).resolve()

@@ -2,14 +2,14 @@
 
 Two kinds of data:
 
-* **Shards** (the normal case): each :class:`~mm.recipe.DataSource` is a
+* **Shards** (the normal case): each :class:`~mm.training.recipe.DataSource` is a
   :class:`~mm.datasets.ShardStream` split over ranks and DataLoader workers; each micro-batch comes
   from one source, drawn by weight with a seeded generator (less padding than mixing within it); samples are decoded and tokenised by the stage's
-  :class:`~mm.preprocessing.Preprocessor` inside the workers (a corrupt sample is skipped and counted
+  :class:`~mm.datasets.preprocessing.Preprocessor` inside the workers (a corrupt sample is skipped and counted
   there; a too-long one is dropped and counted). A video whose member is a features member
   (``0.mp4.safetensors``, written by ``mm data cache-features``) arrives as its frame tokens,
   after its fingerprint was checked against the preprocessor's
-  (:class:`~mm.cache_features.StaleFeaturesError` stops the stage when they differ).
+  (:class:`~mm.training.cache_features.StaleFeaturesError` stops the stage when they differ).
 * **In memory** (a list of conversations, for the Python API and tests): every rank walks the same
   seeded permutation and takes its slice of each global batch, so ``N`` ranks see exactly the global
   batches one rank would.
@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from mm.datasets.preprocessing import EncodedSample, Preprocessor
 from mm.datasets.shards import is_features
 from mm.datasets.webdata import DataCounters, ShardStream
-from mm.preprocessing import EncodedSample, Preprocessor
-from mm.recipe import DataSource
+from mm.training.recipe import DataSource
 
 __all__ = ["StageData"]
 
@@ -67,7 +67,7 @@ def _resolve_media(
 def _checked_features(
     data: bytes, preprocessor: Preprocessor | None, sample: Mapping[str, Any], name: str
 ) -> torch.Tensor:
-    from mm.cache_features import check_fingerprint, read_features
+    from mm.training.cache_features import check_fingerprint, read_features
 
     tokens, fingerprint = read_features(data)
     where = f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')} ({name})"

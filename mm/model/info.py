@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mm.config import ModelConfig
+from mm.model.config import ModelConfig
 
 __all__ = ["describe", "format_table"]
 
@@ -39,7 +39,7 @@ def _skip_random_init() -> Iterator[None]:
 
 def describe(preset: str) -> dict[str, Any]:
     """``{"preset", "total_params", "components": [{"name", "params", "frozen", "bf16_bytes"}]}``."""
-    from mm.model import MultimodalModel
+    from mm.model.multimodal import MultimodalModel
 
     config = ModelConfig.preset(preset)
     with torch.device("meta"), _skip_random_init():

@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mm.adapters.cross_attention import GatedCrossAttentionBlock, VisionKV
-from mm.components import COMPONENTS, component_of
-from mm.config import ModelConfig
 from mm.encoders import ImageEncoder, ImageEncoderConfig, build_image_encoder
-from mm.speech_path import build_speech_modules, splice_speech
+from mm.model.components import COMPONENTS, component_of
+from mm.model.config import ModelConfig
+from mm.model.speech import build_speech_modules, splice_speech
+from mm.model.video import build_video_modules, encode_video_frames, video_tokens
 from mm.text_backbone import KVCache, TextBackbone, stream_tokens
-from mm.video_path import build_video_modules, encode_video_frames, video_tokens
 
 __all__ = ["MultimodalModel", "MultimodalOutput", "VisionState"]
 
@@ -124,8 +124,8 @@ class MultimodalModel(nn.Module):
         self.speech_adapter = None
         if config.speech is not None:
             self.speech_encoder, self.speech_adapter = build_speech_modules(config)
-        # Tokenizer, image settings and mask policy saved with the model (see mm.preprocessing),
-        # and how it generates when a caller does not say (mm.generation_defaults); set by
+        # Tokenizer, image settings and mask policy saved with the model (see mm.datasets.preprocessing),
+        # and how it generates when a caller does not say (mm.model.generation); set by
         # from_pretrained when the folder has them, or by the user / trainer.
         self.preprocessor = None
         self.generation_defaults = None
@@ -158,7 +158,7 @@ class MultimodalModel(nn.Module):
         layers = config.cross_attention_layers
         if config.text != backbone.config:
             # Keep the preset's adapter placement rule, on the checkpoint's depth.
-            from mm.config import default_cross_attention_layers
+            from mm.model.config import default_cross_attention_layers
 
             layers = default_cross_attention_layers(backbone.config.num_layers) if layers else ()
             config = config.replace(
@@ -189,7 +189,7 @@ class MultimodalModel(nn.Module):
         Imported folders come back ready to answer: their tokenizer, image settings, multi-image rule
         and stop tokens are read from the files beside the weights.
         """
-        from mm.checkpoint import load_multimodal
+        from mm.checkpoint.native import load_multimodal
 
         return load_multimodal(cls, path, dtype=dtype)
 
@@ -200,20 +200,20 @@ class MultimodalModel(nn.Module):
         the folder too. The model's :attr:`preprocessor` (tokenizer files and settings) is saved
         with it; ``extra`` entries are stored in ``config.json``.
         """
-        from mm.checkpoint import save_multimodal
+        from mm.checkpoint.native import save_multimodal
 
         save_multimodal(self, path, copy_backbone=copy_backbone, **extra)
 
     def export_hf(self, path: str | os.PathLike) -> None:
         """Write a folder that ``transformers.MllamaForConditionalGeneration.from_pretrained`` loads."""
-        from mm.mllama import export_mllama
+        from mm.checkpoint.mllama import export_mllama
 
         export_mllama(self, path)
 
     def export_meta(self, path: str | os.PathLike, *, num_shards: int = 1) -> None:
         """Write Meta's layout (``params.json``, ``consolidated.NN.pth``, ``tokenizer.model``), which
         llama-models' ``CrossAttentionTransformer`` loads with the same logits."""
-        from mm.meta_layout import export_meta
+        from mm.checkpoint.meta import export_meta
 
         export_meta(self, path, num_shards=num_shards)
 
@@ -468,10 +468,10 @@ class MultimodalModel(nn.Module):
             audio_features: ``[a, F, 80]`` log-mel features of the clips whose ``<|audio|>`` runs
                 stand in ``input_ids`` (reading order); audio_lengths ``[a]``.
             objective: ``"lm"``, or ``"best_rq"`` to return only the speech encoder's BEST-RQ loss
-                on ``audio_features`` (see ``mm.objectives``; ``objective_seed`` fixes its masks).
+                on ``audio_features`` (see ``mm.training.objectives``; ``objective_seed`` fixes its masks).
         """
         if objective == "best_rq":
-            from mm.objectives import speech_pretraining_loss
+            from mm.training.objectives import speech_pretraining_loss
 
             if audio_features is None:
                 raise ValueError("the best_rq objective needs audio_features")
@@ -631,20 +631,20 @@ class MultimodalModel(nn.Module):
             )
 
     def chat(self, messages, **options) -> str:
-        """The answer to a chat conversation; see :func:`mm.chat.chat`."""
-        from mm.chat import chat
+        """The answer to a chat conversation; see :func:`mm.model.chat.chat`."""
+        from mm.model.chat import chat
 
         return chat(self, messages, **options)
 
     def chat_stream(self, messages, **options) -> Iterator[str]:
-        """Yield the answer's text as it is decoded; see :func:`mm.chat.chat_stream`."""
-        from mm.chat import chat_stream
+        """Yield the answer's text as it is decoded; see :func:`mm.model.chat.chat_stream`."""
+        from mm.model.chat import chat_stream
 
         return chat_stream(self, messages, **options)
 
     def chat_batch(self, conversations, **options) -> list[str]:
-        """Answers to several conversations decoded together; see :func:`mm.chat.chat_batch`."""
-        from mm.chat import chat_batch
+        """Answers to several conversations decoded together; see :func:`mm.model.chat.chat_batch`."""
+        from mm.model.chat import chat_batch
 
         return chat_batch(self, conversations, **options)
 

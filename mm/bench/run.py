@@ -30,7 +30,7 @@ Figures, for both implementations:
   the same run (best of timed loops of square matmuls, in a process of its own before the figures
   and again after them: a shared machine reads low at times).
 
-The FLOP model and the sizes are in :mod:`mm._bench_workload`.
+The FLOP model and the sizes are in :mod:`mm.bench.workload`.
 
 Results JSON (``--out``): ``config``, ``versions``, ``hardware``, ``matmul_peak`` (the rate used and
 both measurements), ``flops``,
@@ -53,7 +53,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mm._bench_workload import SIZES, WRITTEN_MARKER, BenchSize, decode_flops, train_step_flops
+from mm.bench.workload import SIZES, WRITTEN_MARKER, BenchSize, decode_flops, train_step_flops
 
 __all__ = ["SIZES", "BenchSize", "add_bench_parser", "decode_flops", "main", "run_bench", "train_step_flops"]
 
@@ -101,7 +101,7 @@ def versions() -> dict[str, str]:
 
 # ---------------------------------------------------------------------- workers
 def run_worker(spec: dict[str, Any], *, timeout: float, workdir: Path) -> dict[str, Any]:
-    """Run one task in a fresh ``python -m mm._bench_workers`` process; errors come back as data."""
+    """Run one task in a fresh ``python -m mm.bench.workers`` process; errors come back as data."""
     fd, spec_path = tempfile.mkstemp(suffix=".json", dir=workdir)
     os.close(fd)
     result_path = Path(spec_path).with_suffix(".result.json")
@@ -116,7 +116,7 @@ def run_worker(spec: dict[str, Any], *, timeout: float, workdir: Path) -> dict[s
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "mm._bench_workers", spec_path],
+            [sys.executable, "-m", "mm.bench.workers", spec_path],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -543,10 +543,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mm.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mm.bench.run", description=__doc__.split("\n")[0])
     _configure(parser)
     args = parser.parse_args(argv)
-    args.command_line = " ".join(["python -m mm.bench", *(sys.argv[1:] if argv is None else argv)])
+    args.command_line = " ".join(["python -m mm.bench.run", *(sys.argv[1:] if argv is None else argv)])
     return int(args.func(args))
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mm.adapters.speech_adapter import SpeechAdapterConfig
-from mm.config import ModelConfig, SpeechConfig, VideoAdapterConfig
 from mm.encoders.conformer import ConformerConfig
 from mm.encoders.image_encoder import ImageEncoderConfig
+from mm.model.config import ModelConfig, SpeechConfig, VideoAdapterConfig
 from mm.text_backbone.config import TextConfig
 from mm.text_backbone.presets import TEXT_PRESETS
 

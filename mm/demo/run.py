@@ -8,12 +8,12 @@
 3. Run the image stages of the ``tiny-demo`` recipe on generated pictures of shapes (captions, then
    questions about colour, shape, count and position), through the real data path: PNG files ->
    ``mm data pack`` shards -> streaming -> the staged trainer.
-4. Run the video stage (:mod:`mm.demo_video`): moving-shapes clips written as mp4, the frozen image
+4. Run the video stage (:mod:`mm.demo.video`): moving-shapes clips written as mp4, the frozen image
    encoder's frame tokens cached once (``mm data cache-features``), then only the temporal
    aggregator and the video cross-attention blocks learn; questions no single frame answers
    (direction of motion, which colour appeared first, how many shapes crossed the middle) are
    scored on held-out clips decoded from the mp4 files.
-   With ``--speech`` (experimental), then the speech stages (:mod:`mm.demo_speech`): speech
+   With ``--speech`` (experimental), then the speech stages (:mod:`mm.demo.speech`): speech
    synthesised offline with hibari-tts, BEST-RQ pre-training of the speech encoder, then speech
    SFT for recognition and spoken questions, scored on held-out word combinations and phrasings.
 5. Evaluate on held-out combinations (a red triangle never seen in training, ...), check that the
@@ -44,8 +44,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from mm.demo_speech import SpeechDemoSettings, run_speech_demo, speech_markdown, speech_summary_rows
-from mm.demo_video import VideoDemoSettings, run_video_demo
+from mm.demo.speech import SpeechDemoSettings, run_speech_demo, speech_markdown, speech_summary_rows
+from mm.demo.video import VideoDemoSettings, run_video_demo
 
 __all__ = ["DemoSettings", "add_demo_parser", "run_demo"]
 
@@ -137,17 +137,17 @@ def sentence_turn(tokenizer, rng: random.Random, task: str = "asr") -> list[int]
     """A chat turn about a short description of a coloured shape: for ``task="asr"`` the user says
     "Repeat after me in English. <sentence>" and the assistant repeats the sentence; for
     ``task="ast"`` the user says "Translate the following sentence into French. <sentence>" and the
-    assistant answers in French (:func:`mm.demo_speech.to_french`). Either way it ends its turn.
+    assistant answers in French (:func:`mm.demo.speech.to_french`). Either way it ends its turn.
 
     Recognition and translation through a frozen text model can be no better than the text model
     doing the same with the words as text (speech reaches it only as input embeddings), and the
     paper's text model is an instruct model that can. A tiny model learns that only from such
     turns: the sentences use every phrasing and colour-shape pair of
-    :data:`mm.demo_speech.ASR_TEMPLATES`, as text; what the speech stages hold out (pairs,
+    :data:`mm.demo.speech.ASR_TEMPLATES`, as text; what the speech stages hold out (pairs,
     phrasings, voices) is held out from *speech*.
     """
-    from mm.datasets.synthetic import COLOURS, SHAPES
-    from mm.demo_speech import ASR_PROMPT, ASR_TEMPLATES, AST_PROMPT, to_french
+    from mm.demo.data import COLOURS, SHAPES
+    from mm.demo.speech import ASR_PROMPT, ASR_TEMPLATES, AST_PROMPT, to_french
     from mm.text_backbone.chat_format import format_chat
 
     if task not in ("asr", "ast"):
@@ -268,7 +268,7 @@ def pretrain_image_encoder(config, samples, *, steps: int, batch: int, seed: int
     shapes. The heads are thrown away; only the encoder is kept.
     """
     from mm.datasets.image_processing import ImageProcessor
-    from mm.datasets.synthetic import COLOURS, POSITIONS, SHAPES, quadrant
+    from mm.demo.data import COLOURS, POSITIONS, SHAPES, quadrant
     from mm.encoders import ImageEncoder
 
     torch.manual_seed(seed)
@@ -307,7 +307,7 @@ def pretrain_image_encoder(config, samples, *, steps: int, batch: int, seed: int
 def caption(scene) -> str:
     """A plain-English description of a generated scene: what and where for a lone shape, how many
     (and of which colours) for several."""
-    from mm.datasets.synthetic import quadrant
+    from mm.demo.data import quadrant
 
     shapes = scene.shapes
     if len(shapes) == 1:
@@ -320,7 +320,7 @@ def caption(scene) -> str:
 def write_data(out: Path, settings: DemoSettings, seed: int) -> dict[str, Any]:
     """Generate training images, write them as files and pack them into shards."""
     from mm.datasets.shards import pack
-    from mm.datasets.synthetic import make_image_qa, write_image_qa_folder
+    from mm.demo.data import make_image_qa, write_image_qa_folder
 
     raw, shards = out / "raw", out / "data"
     for folder in (raw, shards):
@@ -344,7 +344,7 @@ def write_data(out: Path, settings: DemoSettings, seed: int) -> dict[str, Any]:
 @torch.no_grad()
 def image_qa_accuracy(model, samples, *, batch: int = 32) -> dict[str, Any]:
     """Exact-match accuracy of greedy answers, overall and per question kind."""
-    from mm.datasets.synthetic import qa_messages
+    from mm.demo.data import qa_messages
 
     pre = model.preprocessor
     right: Counter[str] = Counter()
@@ -386,15 +386,15 @@ def run_demo(
     """Run the demo into ``out`` and return the report (also written to ``out/report.json``).
 
     ``settings`` and ``video_settings`` override the amounts of work that ``quick`` picks
-    (:data:`QUICK` / :data:`FULL`, :data:`~mm.demo_video.VIDEO_QUICK` / :data:`~mm.demo_video.VIDEO_FULL`).
+    (:data:`QUICK` / :data:`FULL`, :data:`~mm.demo.video.VIDEO_QUICK` / :data:`~mm.demo.video.VIDEO_FULL`).
     """
-    from mm.datasets.synthetic import heldout_text, make_image_qa, make_text_corpus
-    from mm.metrics import plot_loss_curves, read_metrics
-    from mm.model import MultimodalModel
-    from mm.presets import MODEL_PRESETS
-    from mm.recipe import load_recipe
+    from mm.demo.data import heldout_text, make_image_qa, make_text_corpus
+    from mm.model.multimodal import MultimodalModel
+    from mm.model.presets import MODEL_PRESETS
     from mm.text_backbone import TextBackbone
-    from mm.trainer import Trainer, summary_table
+    from mm.training.metrics import plot_loss_curves, read_metrics
+    from mm.training.recipe import load_recipe
+    from mm.training.trainer import Trainer, summary_table
 
     if settings is None:
         settings = QUICK if quick else FULL
@@ -468,7 +468,7 @@ def run_demo(
 
     final_dir = Path(results[-1].model_dir)
 
-    # 4. the video stage (mm.demo_video), on the model the image stages produced
+    # 4. the video stage (mm.demo.video), on the model the image stages produced
     video_report: dict[str, Any] = {"stages": []}
     if video or video_settings is not None:
         video_report = run_video_demo(
@@ -476,7 +476,7 @@ def run_demo(
         )
         final_dir = Path(video_report["model_dir"])
 
-    # 4b. the speech stages (mm.demo_speech; experimental, opt-in), on the model the stages before produced
+    # 4b. the speech stages (mm.demo.speech; experimental, opt-in), on the model the stages before produced
     speech_report: dict[str, Any] = {"speech_stages": []}
     if hear:
         speech_report = run_speech_demo(

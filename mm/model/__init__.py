@@ -1,0 +1,17 @@
+"""The composition: a frozen text backbone with encoders and adapters around it (Llama 3 paper,
+sections 7-8) — its configuration and presets, its components, the image, video and speech paths,
+generation and chat."""
+
+from mm.model.config import ModelConfig, SpeechConfig, VideoAdapterConfig
+from mm.model.generation import GenerationDefaults
+from mm.model.multimodal import MultimodalModel, MultimodalOutput, VisionState
+
+__all__ = [
+    "GenerationDefaults",
+    "ModelConfig",
+    "MultimodalModel",
+    "MultimodalOutput",
+    "SpeechConfig",
+    "VideoAdapterConfig",
+    "VisionState",
+]
