@@ -1,107 +1,209 @@
-"""The ``mm`` command.
+"""The ``mm`` command: argument parsing only.
 
-Subcommands are registered by small functions below; each imports what it needs only when run, so
-``mm --help`` and ``mm info`` start fast.
+Each subcommand's work lives in its package and is imported when that subcommand runs, so
+``mm --help`` (and any parse error) loads neither torch nor the model code: the few defaults shown
+here come from small modules (:mod:`mm.serving.limits`, :mod:`mm.bench.workload`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
+from collections.abc import Callable
 
-__all__ = ["main"]
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    from mm.model.info import describe, format_table
-
-    try:
-        info = describe(args.preset)
-    except KeyError as e:
-        print(f"mm info: {e.args[0]}", file=sys.stderr)
-        return 2
-    if args.json:
-        out = {
-            "preset": info["preset"],
-            "total_params": info["total_params"],
-            "components": [{k: c[k] for k in ("name", "params", "frozen")} for c in info["components"]],
-        }
-        print(json.dumps(out))
-    else:
-        print(format_table(info))
-    return 0
+__all__ = ["build_parser", "main"]
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from mm.training.recipe import RecipeError, load_recipe
-    from mm.training.trainer import BackboneChanged, Trainer, summary_table
+def _command(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """The function ``module.function``, imported when the command runs."""
 
-    try:
-        recipe = load_recipe(args.recipe)
-        variables = dict(v.split("=", 1) for v in args.var)
-        recipe = recipe.with_paths(**variables)
-        trainer = Trainer(recipe, output_dir=args.output_dir, fsdp=args.fsdp)
-        results = trainer.run(stages=args.stage or None, resume=args.resume)
-    except (RecipeError, BackboneChanged) as e:
-        print(f"mm train: {e}", file=sys.stderr)
-        return 2
-    if trainer.accelerator.is_main_process:
-        print(summary_table(results))
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    run.__qualname__ = f"{module}.{function}"
+    return run
 
 
-def _cmd_data_pack(args: argparse.Namespace) -> int:
-    from mm.datasets.shards import PackError, pack, parse_size
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
-    try:
-        result = pack(args.src, args.out, shard_bytes=parse_size(args.shard_size), overwrite=args.overwrite)
-    except (PackError, FileExistsError, ValueError) as e:
-        print(f"mm data pack: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"wrote {result.samples} samples into {len(result.shards)} shards ({result.bytes / 1e6:.1f} MB) in {result.out_dir}"
+
+# ---------------------------------------------------------------------------------------- commands
+def _demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole recipe in miniature: train a text model, then teach it to see")
+    p.add_argument("--out", default="mm-demo", help="output folder (default: mm-demo)")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer steps and samples (about 5 minutes on 2 cores)"
     )
-    return 0
-
-
-def _cmd_average(args: argparse.Namespace) -> int:
-    from mm.checkpoint.average import average_models
-    from mm.text_backbone.checkpoint import CheckpointError
-
-    try:
-        average_models(args.models, args.out)
-    except (CheckpointError, ValueError) as e:
-        print(f"mm average: {e}", file=sys.stderr)
-        return 2
-    print(f"averaged {len(args.models)} models into {args.out}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mm",
-        description="Give a frozen Llama 3 text model new senses without changing a single weight of it.",
+    p.add_argument("--seed", type=int, default=0)
+    requirements = (
+        ("--require-accuracy", "A", "the held-out image QA accuracy reaches A (for CI)"),
+        ("--require-video-accuracy", "A", "the held-out video QA accuracy reaches A (for CI; chance 0.25)"),
+        (
+            "--require-speech-qa-accuracy",
+            "A",
+            "with --speech: the held-out spoken QA accuracy reaches A (for CI)",
+        ),
+        (
+            "--require-speech-wer",
+            "W",
+            "with --speech: the held-out recognition word error rate is at most W (for CI)",
+        ),
+        (
+            "--require-speech-bleu",
+            "B",
+            "with --speech: the held-out speech translation BLEU (0-100) reaches B (for CI)",
+        ),
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for flag, metavar, what in requirements:
+        p.add_argument(flag, type=float, default=None, metavar=metavar, help=f"exit non-zero unless {what}")
+    p.add_argument("--no-video", action="store_true", help="skip the video stage")
+    p.add_argument(
+        "--speech",
+        action="store_true",
+        help=(
+            "also run the speech stages on speech synthesised offline (experimental; about 12 minutes "
+            "more with --quick, as the text model then also learns to repeat and translate text, which "
+            "recognition and translation through it need; see the report)"
+        ),
+    )
+    p.set_defaults(func=_command("mm.demo.run", "run_demo_command"))
 
-    from mm.demo.run import add_demo_parser
-    from mm.serving.app import add_serve_parser
-    from mm.serving.ask import add_ask_parser
 
-    add_demo_parser(sub)
-    add_ask_parser(sub)
-    add_serve_parser(sub)
+def _ask(sub) -> None:
+    p = sub.add_parser(
+        "ask",
+        help="answer a question about images, videos or speech with a saved model",
+        description=(
+            "Ask a saved mm model (or a Llama 3.2 Vision folder) a question, optionally about images "
+            "and videos, or ask it aloud (--audio); the answer streams to stdout, and --speak also "
+            "says it into a WAV file."
+        ),
+    )
+    p.add_argument(
+        "--model", required=True, help="folder written by save_pretrained (e.g. mm demo's OUT/model)"
+    )
+    p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image (repeatable)")
+    p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a video: mp4, webm, mkv or mov (repeatable; shown before the images)",
+    )
+    p.add_argument(
+        "--audio",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="speech: wav, flac, mp3, ogg, webm or m4a (repeatable; a spoken question needs no QUESTION)",
+    )
+    p.add_argument(
+        "--speak",
+        default=None,
+        metavar="OUT.wav",
+        help="also say the answer into this WAV file (24 kHz, offline, hibari-tts's bundled voice)",
+    )
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: the model's saved default, else 256"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0 is greedy; default: the model's saved default, else 0",
+    )
+    p.add_argument("--top-p", type=float, default=None, help="default: the model's saved default, else 1")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("question", nargs="?", default="", help="the question (optional with --audio)")
+    p.set_defaults(func=_command("mm.serving.ask", "run_ask"))
 
-    from mm.bench.run import add_bench_parser
 
-    add_bench_parser(sub)
+def _serve(sub) -> None:
+    from mm.serving.limits import ServerLimits
 
+    d = ServerLimits()
+    p = sub.add_parser(
+        "serve",
+        help="serve a saved model over the OpenAI Chat Completions protocol",
+        description=(
+            "Serve a saved mm model: POST /v1/chat/completions, GET /v1/models, GET /health, and a "
+            "page to ask aloud at GET /demo."
+        ),
+    )
+    p.add_argument(
+        "--model", required=True, help="folder written by save_pretrained (e.g. mm demo's OUT/model)"
+    )
+    p.add_argument("--model-id", default=None, help="the id clients name (default: the folder name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--allow-media-domain",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="fetch http(s) image URLs from this exact host (repeatable); data: URIs are always accepted",
+    )
+    limits = p.add_argument_group("limits (past one a request gets 400, 413 or 429 naming it)")
+    for flag, value, what in (
+        ("--max-image-pixels", d.max_image_pixels, "per image"),
+        ("--max-images", d.max_images, "per request"),
+        ("--max-videos", d.max_videos, "per request"),
+        ("--max-audios", d.max_audios, "audio clips per request"),
+        ("--max-request-bytes", d.max_request_bytes, "per request body"),
+        ("--max-media-bytes", d.max_media_bytes, "per encoded image or video"),
+        ("--max-tokens", d.max_tokens, "new tokens per request"),
+        ("--max-concurrent-requests", d.max_concurrent_requests, "in flight"),
+        ("--max-batch-size", d.max_batch_size, "decoded together"),
+    ):
+        limits.add_argument(flag, type=int, default=value, help=f"{what} (%(default)s)")
+    limits.add_argument(
+        "--media-timeout",
+        type=float,
+        default=d.media_timeout_s,
+        help="seconds per image download (%(default)s)",
+    )
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_command("mm.serving.app", "run_serve"))
+
+
+def _bench(sub) -> None:
+    from mm.bench.workload import SIZES
+
+    p = sub.add_parser("bench", help="benchmark mm against Hugging Face's Llama 3.2 Vision")
+    p.add_argument("--size", choices=sorted(SIZES), default="small", help="model and workload size")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--repeats", type=_positive, help="rounds of one process per implementation and figure")
+    p.add_argument("--steps", type=_positive, help="timed train steps per process (after a warm-up step)")
+    p.add_argument("--runs", type=_positive, help="timed generations per decode process")
+    p.add_argument("--figures", default="train,decode", help="comma-separated subset of train,decode")
+    p.add_argument("--threads", type=_positive, help="torch threads in every worker (default: torch's)")
+    p.add_argument("--timeout", type=float, help="seconds allowed to each worker process")
+    p.add_argument(
+        "--workdir",
+        help="where to write the checkpoint (default: a temporary folder); one an earlier run finished "
+        "there for the same size and dtype is reused",
+    )
+    p.add_argument("--out", help="write the results JSON here (default: mm-bench-SIZE-DEVICE-DTYPE.json)")
+    p.set_defaults(func=_command("mm.bench.run", "run_bench_command"))
+
+
+def _info(sub) -> None:
     p = sub.add_parser("info", help="components of a preset with parameter counts and memory")
     p.add_argument("--preset", required=True, help="e.g. llama3.1-8b, llama3.2-11b-vision, llama3-405b, tiny")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_info)
+    p.set_defaults(func=_command("mm.model.info", "run_info"))
 
+
+def _train(sub) -> None:
     p = sub.add_parser("train", help="run the stages of a recipe (YAML file or shipped name)")
     p.add_argument("recipe", help="a recipe YAML file, or the name of a shipped one (e.g. tiny-demo)")
     p.add_argument("--stage", action="append", default=[], help="run only this stage (repeatable)")
@@ -111,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--var", action="append", default=[], metavar="NAME=VALUE", help="replace ${NAME} in recipe paths"
     )
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP on several processes")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_command("mm.training.commands", "run_train"))
 
+
+def _data(sub) -> None:
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     q = data_sub.add_parser("pack", help="write webdataset shards from a folder or a JSONL manifest")
@@ -120,15 +224,53 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out", help="output folder for shard-NNNNNN.tar and manifest.json")
     q.add_argument("--shard-size", default="64MB", help="target shard size (e.g. 64MB, 1GiB)")
     q.add_argument("--overwrite", action="store_true", help="replace an earlier pack in OUT")
-    q.set_defaults(func=_cmd_data_pack)
-    from mm.training.cache_features import add_cache_features_parser
+    q.set_defaults(func=_command("mm.training.commands", "run_pack"))
 
-    add_cache_features_parser(data_sub)
+    q = data_sub.add_parser(
+        "cache-features",
+        help="run the frozen image encoder once over video shards and store the frame tokens",
+        description=(
+            "Write shards in which every video is replaced by its frame tokens (image encoder + "
+            "projector output, one safetensors member per video) so a video stage trains without "
+            "decoding or encoding pixels. The trainer refuses features made by another encoder or "
+            "with other frame settings."
+        ),
+    )
+    q.add_argument("model", help="the mm model folder the video stage starts from")
+    q.add_argument("src", help="video shards: a folder, a pattern (shard-{000..009}.tar) or a URL")
+    q.add_argument("out", help="output folder for the cached shards and manifest.json")
+    q.add_argument(
+        "--num-frames", type=int, default=None, help="frames per clip (default: the model's, else 16)"
+    )
+    q.add_argument("--batch-size", type=int, default=8, help="videos encoded at once (default: 8)")
+    q.add_argument(
+        "--device", default=None, help="where the encoder runs (default: cuda if available, else cpu)"
+    )
+    q.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=None,
+        help="storage dtype of the tokens (default: the model's, which reproduces the pixel path exactly)",
+    )
+    q.add_argument("--overwrite", action="store_true", help="replace an earlier cache in OUT")
+    q.set_defaults(func=_command("mm.training.cache_features", "run_cache_features"))
 
+
+def _average(sub) -> None:
     p = sub.add_parser("average", help="average the weights of trained models (model soup)")
     p.add_argument("models", nargs="+", help="mm model folders on the same backbone")
     p.add_argument("--out", required=True, help="folder for the averaged model")
-    p.set_defaults(func=_cmd_average)
+    p.set_defaults(func=_command("mm.checkpoint.average", "run_average"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mm",
+        description="Give a frozen Llama 3 text model new senses without changing a single weight of it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_demo, _ask, _serve, _bench, _info, _train, _data, _average):
+        add(sub)
     return parser
 
 

@@ -20,10 +20,10 @@ TINY = SIZES["tiny"]
 
 
 def _tiny_bench(out, workdir, *extra: str) -> subprocess.CompletedProcess:
-    """``python -m mm.bench.run --size tiny`` writing ``out``, its checkpoint in ``workdir``; must succeed."""
+    """``mm bench --size tiny`` writing ``out``, its checkpoint in ``workdir``; must succeed."""
     command = ["--size", "tiny", "--out", str(out), "--workdir", str(workdir), *extra]
     proc = subprocess.run(
-        [sys.executable, "-m", "mm.bench.run", *command], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "mm.cli", "bench", *command], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -125,7 +125,7 @@ def test_a_failing_worker_is_reported_not_raised(tmp_path):
 
 
 def test_missing_transformers_is_said_clearly():
-    code = "import sys; sys.modules['transformers'] = None; from mm.bench.run import main; sys.exit(main([]))"
+    code = "import sys; sys.modules['transformers'] = None; from mm.cli import main; sys.exit(main(['bench']))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "needs Hugging Face transformers" in proc.stderr
@@ -153,12 +153,9 @@ def test_11b_size_is_llama_3_2_11b_vision_for_both_implementations():
 
 
 def test_bench_subcommand_registers_on_the_mm_command():
-    import argparse
+    from mm.cli import build_parser
 
-    from mm.bench.run import add_bench_parser
-
-    parser = argparse.ArgumentParser(prog="mm")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(
         ["bench", "--size", "11b", "--device", "cuda", "--dtype", "bf16", "--repeats", "3"]
     )

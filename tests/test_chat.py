@@ -7,7 +7,6 @@ non-streamed answer, batches must equal one-at-a-time answers, and stop strings 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 
 from mm import ModelConfig, MultimodalModel
+from mm.cli import build_parser
 from mm.datasets import ImageProcessor
 from mm.datasets.media import MediaError, MediaPolicy, normalize_messages
 from mm.datasets.preprocessing import Preprocessor
@@ -30,7 +30,7 @@ from mm.model.chat import (
     encode_conversation,
     generate_deltas,
 )
-from mm.serving.ask import add_ask_parser, ask_messages
+from mm.serving.ask import ask_messages
 from mm.text_backbone import ByteTokenizer
 
 STOPS = (257, 264, 265)  # the tiny preset's stop ids: <|end_of_text|>, <|eom_id|>, <|eot_id|>
@@ -271,9 +271,7 @@ def test_bad_options_are_errors(model):
 
 # ---------------------------------------------------------------------------------------- mm ask
 def run_ask(argv):
-    parser = argparse.ArgumentParser(prog="mm")
-    add_ask_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["ask", *argv])
+    args = build_parser().parse_args(["ask", *argv])
     return args.func(args)
 
 

@@ -8,7 +8,6 @@ checks `mm.model.chat` against `model.generate`).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import http.client
 import http.server
@@ -28,11 +27,12 @@ import uvicorn
 from PIL import Image
 
 from mm import ModelConfig, MultimodalModel
+from mm.cli import build_parser
 from mm.datasets import ImageProcessor
 from mm.datasets.media import MediaError, MediaPolicy, blocked_address_reason, fetch_url
 from mm.datasets.preprocessing import Preprocessor
 from mm.model.chat import chat, encode_conversation
-from mm.serving.app import ServerLimits, add_serve_parser, create_app
+from mm.serving.app import ServerLimits, create_app
 from mm.text_backbone import ByteTokenizer
 
 MODEL_ID = "tiny-test"
@@ -699,9 +699,7 @@ def test_server_fetches_allowed_urls(model_dir, ref, media_host):
 
 # ---------------------------------------------------------------------------------------- the command
 def test_mm_serve_command(model_dir, ref):
-    parser = argparse.ArgumentParser(prog="mm")
-    add_serve_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(
+    args = build_parser().parse_args(
         ["serve", "--model", str(model_dir), "--max-images", "3", "--allow-media-domain", "a.test"]
     )
     assert (args.max_images, args.allow_media_domain, args.port) == (3, ["a.test"], 8000)
@@ -710,8 +708,7 @@ def test_mm_serve_command(model_dir, ref):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code = (
-        "import argparse, sys; from mm.serving.app import add_serve_parser; p = argparse.ArgumentParser(); "
-        "add_serve_parser(p.add_subparsers(dest='c')); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
+        "import sys; from mm.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     cmd = [
         sys.executable,

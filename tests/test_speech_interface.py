@@ -6,7 +6,6 @@ independent path (the chat API on the same conversation, hibari on the same text
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -16,11 +15,12 @@ import soundfile as sf
 import torch
 
 from mm import ModelConfig, MultimodalModel
+from mm.cli import build_parser
 from mm.datasets import AudioConfig
 from mm.datasets.audio import num_frames
 from mm.datasets.preprocessing import AudioTokens, Preprocessor
 from mm.model.chat import complete
-from mm.serving.ask import add_ask_parser, ask_messages
+from mm.serving.ask import ask_messages
 from mm.serving.speech_out import TTS_SAMPLE_RATE, get_synthesizer, wav_bytes
 from mm.text_backbone import ByteTokenizer
 
@@ -45,9 +45,7 @@ def tone_wav(hz: float, seconds: float = 0.8, rate: int = 22050) -> bytes:
 
 
 def run_ask(argv):
-    parser = argparse.ArgumentParser(prog="mm")
-    add_ask_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["ask", *argv])
+    args = build_parser().parse_args(["ask", *argv])
     return args.func(args)
 
 

@@ -55,7 +55,15 @@ from typing import Any
 
 from mm.bench.workload import SIZES, WRITTEN_MARKER, BenchSize, decode_flops, train_step_flops
 
-__all__ = ["SIZES", "BenchSize", "add_bench_parser", "decode_flops", "main", "run_bench", "train_step_flops"]
+__all__ = [
+    "FIGURES",
+    "SIZES",
+    "BenchSize",
+    "decode_flops",
+    "run_bench",
+    "run_bench_command",
+    "train_step_flops",
+]
 
 IMPLS = ("mm", "hf")
 FIGURES = ("train", "decode")
@@ -464,40 +472,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------- command line
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
-def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", choices=sorted(SIZES), default="small", help="model and workload size")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--repeats", type=_positive, help="rounds of one process per implementation and figure")
-    p.add_argument("--steps", type=_positive, help="timed train steps per process (after a warm-up step)")
-    p.add_argument("--runs", type=_positive, help="timed generations per decode process")
-    p.add_argument("--figures", default=",".join(FIGURES), help="comma-separated subset of train,decode")
-    p.add_argument("--threads", type=_positive, help="torch threads in every worker (default: torch's)")
-    p.add_argument("--timeout", type=float, help="seconds allowed to each worker process")
-    p.add_argument(
-        "--workdir",
-        help="where to write the checkpoint (default: a temporary folder); one an earlier run finished "
-        "there for the same size and dtype is reused",
-    )
-    p.add_argument("--out", help="write the results JSON here (default: mm-bench-SIZE-DEVICE-DTYPE.json)")
-    p.set_defaults(func=_cmd_bench)
-
-
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``mm bench`` on the ``mm`` command's subparsers."""
-    p = subparsers.add_parser("bench", help="benchmark mm against Hugging Face's Llama 3.2 Vision")
-    _configure(p)
-    return p
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
+def run_bench_command(args: argparse.Namespace) -> int:
+    """``mm bench`` (arguments: :mod:`mm.cli`)."""
     from importlib.util import find_spec
 
     try:
@@ -534,21 +510,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    report["command"] = getattr(args, "command_line", None) or "mm " + " ".join(sys.argv[1:])
+    report["command"] = "mm " + " ".join(sys.argv[1:])
     out = Path(args.out or f"mm-bench-{args.size}-{args.device}-{args.dtype}.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
     print(f"results: {out}")
     return 1 if "error" in report else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mm.bench.run", description=__doc__.split("\n")[0])
-    _configure(parser)
-    args = parser.parse_args(argv)
-    args.command_line = " ".join(["python -m mm.bench.run", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ import torch
 from mm.model.multimodal import MultimodalModel
 from mm.text_backbone.checkpoint import CheckpointError
 
-__all__ = ["average_models"]
+__all__ = ["average_models", "run_average"]
 
 
 def average_models(folders: Sequence[str | os.PathLike], out: str | os.PathLike) -> MultimodalModel:
@@ -40,3 +40,18 @@ def average_models(folders: Sequence[str | os.PathLike], out: str | os.PathLike)
         first.load_state_dict(averaged, strict=False)
     first.save_pretrained(Path(out), copy_backbone=first.backbone.source is None)
     return first
+
+
+def run_average(args) -> int:
+    """``mm average`` (arguments: :mod:`mm.cli`)."""
+    import sys
+
+    from mm.text_backbone.checkpoint import CheckpointError
+
+    try:
+        average_models(args.models, args.out)
+    except (CheckpointError, ValueError) as e:
+        print(f"mm average: {e}", file=sys.stderr)
+        return 2
+    print(f"averaged {len(args.models)} models into {args.out}")
+    return 0

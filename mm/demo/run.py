@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from mm.demo.speech import SpeechDemoSettings, run_speech_demo, speech_markdown, speech_summary_rows
 from mm.demo.video import VideoDemoSettings, run_video_demo
 
-__all__ = ["DemoSettings", "add_demo_parser", "run_demo"]
+__all__ = ["DemoSettings", "run_demo", "run_demo_command"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -663,62 +663,8 @@ video stage {t["train_s"]:.1f} s, evaluation {t["eval_s"]:.1f} s.
 """
 
 
-def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="the whole recipe in miniature: train a text model, then teach it to see")
-    p.add_argument("--out", default="mm-demo", help="output folder (default: mm-demo)")
-    p.add_argument(
-        "--quick", action="store_true", help="fewer steps and samples (about 5 minutes on 2 cores)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--require-accuracy",
-        type=float,
-        default=None,
-        metavar="A",
-        help="exit non-zero unless the held-out image QA accuracy reaches A (for CI)",
-    )
-    p.add_argument(
-        "--require-video-accuracy",
-        type=float,
-        default=None,
-        metavar="A",
-        help="exit non-zero unless the held-out video QA accuracy reaches A (for CI; chance 0.25)",
-    )
-    p.add_argument(
-        "--require-speech-qa-accuracy",
-        type=float,
-        default=None,
-        metavar="A",
-        help="with --speech: exit non-zero unless the held-out spoken QA accuracy reaches A (for CI)",
-    )
-    p.add_argument(
-        "--require-speech-wer",
-        type=float,
-        default=None,
-        metavar="W",
-        help="with --speech: exit non-zero unless the held-out recognition word error rate is at most W (for CI)",
-    )
-    p.add_argument(
-        "--require-speech-bleu",
-        type=float,
-        default=None,
-        metavar="B",
-        help="with --speech: exit non-zero unless the held-out speech translation BLEU (0-100) reaches B (for CI)",
-    )
-    p.add_argument("--no-video", action="store_true", help="skip the video stage")
-    p.add_argument(
-        "--speech",
-        action="store_true",
-        help=(
-            "also run the speech stages on speech synthesised offline (experimental; about 12 minutes "
-            "more with --quick, as the text model then also learns to repeat and translate text, which "
-            "recognition and translation through it need; see the report)"
-        ),
-    )
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
+def run_demo_command(args: argparse.Namespace) -> int:
+    """``mm demo`` (arguments: :mod:`mm.cli`): run, then check the ``--require-*`` figures."""
     if args.require_video_accuracy is not None and args.no_video:
         print("mm demo: --require-video-accuracy and --no-video contradict each other", file=sys.stderr)
         return 2

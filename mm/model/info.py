@@ -15,7 +15,7 @@ from torch import nn
 
 from mm.model.config import ModelConfig
 
-__all__ = ["describe", "format_table"]
+__all__ = ["describe", "format_table", "run_info"]
 
 _BF16_BYTES = 2
 
@@ -83,3 +83,25 @@ def format_table(info: dict[str, Any]) -> str:
         if k == 0 or k == len(rows) - 2:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def run_info(args) -> int:
+    """``mm info`` (arguments: :mod:`mm.cli`)."""
+    import json
+    import sys
+
+    try:
+        info = describe(args.preset)
+    except KeyError as e:
+        print(f"mm info: {e.args[0]}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = {
+            "preset": info["preset"],
+            "total_params": info["total_params"],
+            "components": [{k: c[k] for k in ("name", "params", "frozen")} for c in info["components"]],
+        }
+        print(json.dumps(out))
+    else:
+        print(format_table(info))
+    return 0

@@ -59,57 +59,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mm.serving.limits import ServerLimits
+
 __all__ = [
     "Engine",
     "RequestError",
     "ServerLimits",
-    "add_serve_parser",
     "create_app",
+    "limits_from_args",
     "parse_chat_request",
+    "run_serve",
     "serve",
 ]
 
 log = logging.getLogger("mm.serving.app")
 
-_MiB = 1024 * 1024
 _MAX_STOP_STRINGS = 4
 _UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ServerLimits:
-    """The published limits of ``mm serve`` (each has a ``--flag`` of the same name).
-
-    Args:
-        max_image_pixels: pixels (width x height) per image, read from the header before decoding.
-        max_images: images per request (the whole conversation); never above the model's own.
-        max_videos: videos per request (each is decoded, sampled and encoded frame by frame).
-        max_audios: audio clips per request (``input_audio`` parts; each as long as the model's
-            audio settings allow, ``max_audio_seconds`` in ``/health``).
-        max_request_bytes: bytes of one request body.
-        max_media_bytes: bytes of one encoded image, video or audio clip (a data URI's or
-            ``input_audio``'s payload, or a download).
-        max_tokens: new tokens per request (also the default when a request names none).
-        max_concurrent_requests: requests in flight (being prepared, waiting or decoding).
-        max_batch_size: requests decoded together in one batch.
-        media_timeout_s: per socket operation and per download of an image URL.
-    """
-
-    max_image_pixels: int = 16_777_216
-    max_images: int = 8
-    max_videos: int = 1
-    max_audios: int = 1
-    max_request_bytes: int = 20 * _MiB
-    max_media_bytes: int = 10 * _MiB
-    max_tokens: int = 1024
-    max_concurrent_requests: int = 16
-    max_batch_size: int = 8
-    media_timeout_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 class RequestError(Exception):
@@ -843,71 +809,6 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
-def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``mm serve`` on an ``argparse`` subparsers object."""
-    d = ServerLimits()
-    p = subparsers.add_parser(
-        "serve",
-        help="serve a saved model over the OpenAI Chat Completions protocol",
-        description=(
-            "Serve a saved mm model: POST /v1/chat/completions, GET /v1/models, GET /health, and a "
-            "page to ask aloud at GET /demo."
-        ),
-    )
-    p.add_argument(
-        "--model", required=True, help="folder written by save_pretrained (e.g. mm demo's OUT/model)"
-    )
-    p.add_argument("--model-id", default=None, help="the id clients name (default: the folder name)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
-        "--allow-media-domain",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="fetch http(s) image URLs from this exact host (repeatable); data: URIs are always accepted",
-    )
-    limits = p.add_argument_group("limits (past one a request gets 400, 413 or 429 naming it)")
-    limits.add_argument(
-        "--max-image-pixels", type=int, default=d.max_image_pixels, help="per image (%(default)s)"
-    )
-    limits.add_argument("--max-images", type=int, default=d.max_images, help="per request (%(default)s)")
-    limits.add_argument("--max-videos", type=int, default=d.max_videos, help="per request (%(default)s)")
-    limits.add_argument(
-        "--max-audios", type=int, default=d.max_audios, help="audio clips per request (%(default)s)"
-    )
-    limits.add_argument(
-        "--max-request-bytes", type=int, default=d.max_request_bytes, help="per request body (%(default)s)"
-    )
-    limits.add_argument(
-        "--max-media-bytes",
-        type=int,
-        default=d.max_media_bytes,
-        help="per encoded image or video (%(default)s)",
-    )
-    limits.add_argument(
-        "--max-tokens", type=int, default=d.max_tokens, help="new tokens per request (%(default)s)"
-    )
-    limits.add_argument(
-        "--max-concurrent-requests",
-        type=int,
-        default=d.max_concurrent_requests,
-        help="in flight (%(default)s)",
-    )
-    limits.add_argument(
-        "--max-batch-size", type=int, default=d.max_batch_size, help="decoded together (%(default)s)"
-    )
-    limits.add_argument(
-        "--media-timeout",
-        type=float,
-        default=d.media_timeout_s,
-        help="seconds per image download (%(default)s)",
-    )
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=_cmd_serve)
-    return p
-
-
 def limits_from_args(args: argparse.Namespace) -> ServerLimits:
     """The :class:`ServerLimits` that ``mm serve``'s flags ask for."""
     return ServerLimits(
@@ -924,7 +825,8 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
     )
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace) -> int:
+    """``mm serve``."""
     import sys
 
     try:

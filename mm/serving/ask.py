@@ -15,60 +15,7 @@ from typing import Any
 
 from mm.model.chat import GenerationOptions, _options, chat_stream, complete
 
-__all__ = ["add_ask_parser", "ask_messages"]
-
-
-def add_ask_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``mm ask`` on an ``argparse`` subparsers object."""
-    p = subparsers.add_parser(
-        "ask",
-        help="answer a question about images, videos or speech with a saved model",
-        description=(
-            "Ask a saved mm model a question, optionally about images and videos, or ask it aloud "
-            "(--audio); the answer streams to stdout, and --speak also says it into a WAV file."
-        ),
-    )
-    p.add_argument(
-        "--model", required=True, help="folder written by save_pretrained (e.g. mm demo's OUT/model)"
-    )
-    p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image (repeatable)")
-    p.add_argument(
-        "--video",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="a video: mp4, webm, mkv or mov (repeatable; shown before the images)",
-    )
-    p.add_argument(
-        "--audio",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="speech: wav, flac, mp3, ogg, webm or m4a (repeatable; a spoken question needs no QUESTION)",
-    )
-    p.add_argument(
-        "--speak",
-        default=None,
-        metavar="OUT.wav",
-        help="also say the answer into this WAV file (24 kHz, offline, hibari-tts's bundled voice)",
-    )
-    p.add_argument("--system", default=None, help="a system message")
-    p.add_argument(
-        "--max-new-tokens", type=int, default=None, help="default: the model's saved default, else 256"
-    )
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        help="0 is greedy; default: the model's saved default, else 0",
-    )
-    p.add_argument("--top-p", type=float, default=None, help="default: the model's saved default, else 1")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.add_argument("question", nargs="?", default="", help="the question (optional with --audio)")
-    p.set_defaults(func=_cmd_ask)
-    return p
+__all__ = ["ask_messages", "run_ask"]
 
 
 def ask_messages(
@@ -91,7 +38,8 @@ def ask_messages(
     return messages
 
 
-def _cmd_ask(args: argparse.Namespace) -> int:
+def run_ask(args: argparse.Namespace) -> int:
+    """``mm ask`` (arguments: :mod:`mm.cli`)."""
     from mm.model.multimodal import MultimodalModel
 
     try:

@@ -72,13 +72,13 @@ __all__ = [
     "FEATURES_FORMAT",
     "CacheResult",
     "StaleFeaturesError",
-    "add_cache_features_parser",
     "cache_features",
     "check_fingerprint",
     "encoder_digest",
     "features_fingerprint",
     "features_preprocessor",
     "read_features",
+    "run_cache_features",
     "write_features",
 ]
 
@@ -528,39 +528,8 @@ def _prepare(
 # --------------------------------------------------------------------------- command line
 
 
-def add_cache_features_parser(data_subparsers) -> None:
-    """Register ``mm data cache-features`` on the ``mm data`` subparsers."""
-    p = data_subparsers.add_parser(
-        "cache-features",
-        help="run the frozen image encoder once over video shards and store the frame tokens",
-        description=(
-            "Write shards in which every video is replaced by its frame tokens (image encoder + "
-            "projector output, one safetensors member per video) so a video stage trains without "
-            "decoding or encoding pixels. The trainer refuses features made by another encoder or "
-            "with other frame settings."
-        ),
-    )
-    p.add_argument("model", help="the mm model folder the video stage starts from")
-    p.add_argument("src", help="video shards: a folder, a pattern (shard-{000..009}.tar) or a URL")
-    p.add_argument("out", help="output folder for the cached shards and manifest.json")
-    p.add_argument(
-        "--num-frames", type=int, default=None, help="frames per clip (default: the model's, else 16)"
-    )
-    p.add_argument("--batch-size", type=int, default=8, help="videos encoded at once (default: 8)")
-    p.add_argument(
-        "--device", default=None, help="where the encoder runs (default: cuda if available, else cpu)"
-    )
-    p.add_argument(
-        "--dtype",
-        choices=sorted(_DTYPES),
-        default=None,
-        help="storage dtype of the tokens (default: the model's, which reproduces the pixel path exactly)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier cache in OUT")
-    p.set_defaults(func=_cmd_cache_features)
-
-
-def _cmd_cache_features(args: argparse.Namespace) -> int:
+def run_cache_features(args: argparse.Namespace) -> int:
+    """``mm data cache-features`` (arguments: :mod:`mm.cli`)."""
     from mm.text_backbone.checkpoint import CheckpointError
 
     try:
