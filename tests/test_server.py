@@ -707,9 +707,7 @@ def test_mm_serve_command(model_dir, ref):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = (
-        "import sys; from mm.cli import main; sys.exit(main(sys.argv[1:]))"
-    )
+    code = "import sys; from mm.cli import main; sys.exit(main(sys.argv[1:]))"
     cmd = [
         sys.executable,
         "-c",

@@ -103,11 +103,15 @@ def test_mm_ask_speaks_the_answer(saved, tmp_path, capsys):
 
 def test_mm_ask_rejects_bad_speech_and_a_missing_question(saved, tmp_path, capsys):
     (tmp_path / "bad.wav").write_bytes(b"RIFF not really a wave file" * 10)
-    argv = ["--model", str(saved), "--max-new-tokens", "3"]
+    out_wav = tmp_path / "out.wav"
+    # --speak asks for a spoken answer: a question refused must leave no answer file behind
+    argv = ["--model", str(saved), "--max-new-tokens", "3", "--speak", str(out_wav)]
     assert run_ask([*argv, "--audio", str(tmp_path / "bad.wav")]) == 2
-    assert "bad.wav" in (err := capsys.readouterr().err) and "corrupt" in err or "unsupported" in err
+    err = capsys.readouterr().err
+    assert err.startswith("mm ask: ") and "bad.wav" in err  # names the file
+    assert "corrupt" in err or "unsupported" in err  # and says what is wrong with it
     assert run_ask([*argv, "--audio", str(tmp_path / "missing.wav")]) == 2
     assert "missing.wav" in capsys.readouterr().err
     assert run_ask(argv) == 2
     assert "give a QUESTION" in capsys.readouterr().err
-    assert not (tmp_path / "out.wav").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.wav"]  # no out.wav, no .out.wav.tmp

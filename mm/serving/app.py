@@ -2,64 +2,49 @@
 
 Mainstream servers dropped cross-attention models like this one, so mm serves itself. Endpoints:
 
-* ``POST /v1/chat/completions``: the OpenAI Chat Completions protocol. Messages hold a string or
-  ``text``, ``image_url``, ``video_url`` and ``input_audio`` parts (``data:`` URIs always;
-  ``http(s)`` only from hosts named with ``--allow-media-domain``; see :mod:`mm.datasets.media`; a video is
-  decoded under the model's video settings with the server's byte and pixel limits, ``max_videos``
-  per request; ``input_audio`` is base64 wav or mp3 under the same byte limit, decoded under the
-  model's audio settings, ``max_audios`` per request). With ``modalities: ["text", "audio"]`` and
-  ``audio: {"voice": "heart", "format": "wav"}`` the message also carries OpenAI's ``audio``
-  field: the answer spoken offline by hibari-tts's bundled voice, as base64 WAV (not with
-  ``stream``). ``stream: true`` answers with server-sent events
-  (``chat.completion.chunk`` objects: the role first, then content deltas, then a chunk with the
-  ``finish_reason``, optionally a usage chunk, then ``data: [DONE]``). Supported: ``max_tokens`` /
-  ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``n=1``,
-  ``stream_options.include_usage``.
+* ``POST /v1/chat/completions``: the OpenAI Chat Completions protocol (:mod:`mm.serving.protocol`:
+  the parts and fields accepted, spoken answers, the stream's events, the error statuses).
 * ``GET /v1/models``: the one model (its id is the folder name, or ``--model-id``).
 * ``GET /health``: status, requests in flight and the published limits.
 * ``GET /demo``: a page to ask aloud (record or pick a file) and hear the answer (:mod:`mm.serving.web_demo`).
 
-**Concurrency.** One worker thread owns the model; the event loop never runs it. Requests are
-admitted up to ``max_concurrent_requests`` (counting those being prepared, waiting and decoding;
-beyond it: 429), prepared (media fetched and decoded, prompt tokenised) in a thread pool, and put
-on a queue. The worker batches dynamically: it takes the oldest waiting request and every other
-waiting request with the same sampling settings (greedy requests always share), up to
-``max_batch_size``, decodes them together, and streams each row's text to its own request through
-its own asyncio queue, so rows never see each other's output. Requests arriving meanwhile form the
-next batch. Greedy answers equal those the request gets alone; a seeded sampled request runs alone,
-so its answer never depends on its neighbours.
-
-**Errors** are OpenAI-style JSON ``{"error": {"message", "type", "param", "code"}}``: 400 for bad
-requests and passed limits (the message names the limit), 404 for another model id, 413 for a body
-over ``max_request_bytes`` (checked from ``Content-Length`` before reading, and counted while
-reading), 429 past ``max_concurrent_requests``. A request never makes the server read a local
-file, unpickle anything or hold unbounded memory: the body, each image's bytes and pixels, each
-video's bytes, frame size, duration and decoded frames, each audio clip's bytes and duration, the
-number of images, videos and audio clips, prompt length, new tokens and concurrent requests are all
-bounded.
+Requests are checked (:mod:`mm.serving.protocol`), admitted, prepared in a thread pool and decoded
+in batches by one worker thread that owns the model (:mod:`mm.serving.engine`); each answer is
+returned whole or streamed as server-sent events. The published limits are
+:class:`~mm.serving.limits.ServerLimits`.
 
 Heavy modules (torch, FastAPI, uvicorn) are imported on first use, so ``mm --help`` stays fast.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` class that
-# create_app imports locally (string annotations would be resolved in the module globals).
+# _add_chat_completions imports locally (string annotations would be resolved in the module globals).
 
 import argparse
 import asyncio
-import json
 import logging
-import queue
-import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mm.serving.engine import Engine, Job
 from mm.serving.limits import ServerLimits
+from mm.serving.protocol import (
+    DONE_EVENT,
+    ChatRequest,
+    RequestError,
+    chunk_event,
+    completion_body,
+    error_event,
+    media_policy_for,
+    parse_chat_request,
+    parse_json,
+    published_limits,
+    read_body,
+    token_usage,
+)
 
 __all__ = [
     "Engine",
@@ -72,436 +57,19 @@ __all__ = [
     "serve",
 ]
 
-log = logging.getLogger("mm.serving.app")
-
-_MAX_STOP_STRINGS = 4
-_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs")
+log = logging.getLogger(__name__)
 
 
-class RequestError(Exception):
-    """A request the server refuses, as an OpenAI-style error with an HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        type: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-# ---------------------------------------------------------------------------------------- parsing
 @dataclass(frozen=True)
-class ChatRequest:
-    """A checked ``/v1/chat/completions`` body; ``max_tokens`` is ``None`` when the request named none."""
+class _Served:
+    """What the routes of one app read: the model and the settings it is served under."""
 
-    messages: list[dict[str, Any]]
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
-    stream: bool
-    include_usage: bool
-    speak: bool = False
-
-
-def _number(
-    body: dict, name: str, default: float, low: float, high: float, *, low_open: bool = False
-) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(400, f"'{name}' must be a number", param=name, code="invalid_type")
-    if not (low < value if low_open else low <= value) or value > high:
-        bounds = f"{'(' if low_open else '['}{low}, {high}]"
-        raise RequestError(
-            400, f"'{name}' must be in {bounds}, got {value}", param=name, code="invalid_value"
-        )
-    return float(value)
-
-
-def _int(body: dict, name: str) -> int | None:
-    value = body.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise RequestError(400, f"'{name}' must be an integer", param=name, code="invalid_type")
-    return value
-
-
-def parse_chat_request(body: Any, *, model_id: str, limits: ServerLimits) -> ChatRequest:
-    """Check a request body against the protocol and the limits (media are checked later).
-
-    Raises:
-        RequestError: 400 for a malformed body or a passed limit, 404 for another model.
-    """
-    if not isinstance(body, dict):
-        raise RequestError(400, "the request body must be a JSON object", code="invalid_body")
-    model = body.get("model")
-    if model is not None and model != model_id:
-        raise RequestError(
-            404,
-            f"the model {model!r} does not exist; this server serves {model_id!r}",
-            param="model",
-            code="model_not_found",
-        )
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(
-            400, "'messages' must be a non-empty list", param="messages", code="invalid_messages"
-        )
-    checked = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RequestError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
-        role = "system" if message.get("role") == "developer" else message.get("role")
-        if message.get("content") is None:
-            raise RequestError(400, f"messages[{i}] has no 'content'", param=f"messages[{i}].content")
-        checked.append({"role": role, "content": message["content"]})
-    for name in _UNSUPPORTED:
-        if body.get(name) not in (None, False, [], {}):
-            raise RequestError(
-                400, f"'{name}' is not supported by this server", param=name, code="unsupported"
-            )
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise RequestError(400, "only response_format {'type': 'text'} is supported", param="response_format")
-    n = _int(body, "n")
-    if n not in (None, 1):
-        raise RequestError(
-            400, f"'n' must be 1 (one answer per request), got {n}", param="n", code="invalid_value"
-        )
-    max_tokens = None
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = _int(body, name)
-        if value is None:
-            continue
-        if value < 1:
-            raise RequestError(400, f"'{name}' must be >= 1, got {value}", param=name, code="invalid_value")
-        if value > limits.max_tokens:
-            raise RequestError(
-                400,
-                f"'{name}' is {value}, more than this server's limit of {limits.max_tokens} new tokens per "
-                "request (max_tokens)",
-                param=name,
-                code="max_tokens_exceeded",
-            )
-        max_tokens = value if max_tokens is None else min(max_tokens, value)
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else (stop or [])
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError(400, "'stop' must be a non-empty string or a list of them", param="stop")
-    if len(stop) > _MAX_STOP_STRINGS:
-        raise RequestError(
-            400, f"'stop' holds {len(stop)} strings; at most {_MAX_STOP_STRINGS}", param="stop"
-        )
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise RequestError(400, "'stream' must be a boolean", param="stream")
-    speak = _speech_output(body, stream)
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise RequestError(400, "'stream_options' must be an object", param="stream_options")
-    return ChatRequest(
-        messages=checked,
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        seed=_int(body, "seed"),
-        stop=tuple(stop),
-        stream=stream,
-        include_usage=bool(options.get("include_usage")),
-        speak=speak,
-    )
-
-
-def _speech_output(body: dict, stream: bool) -> bool:
-    """Whether the answer is also spoken: ``modalities: ["text", "audio"]`` with ``audio: {"voice":
-    <a bundled voice>, "format": "wav"}`` (OpenAI's request fields; mm speaks offline with
-    hibari-tts's bundled voice, never one it would download)."""
-    modalities = body.get("modalities")
-    if modalities is None:
-        modalities = ["text"]
-    if (
-        not isinstance(modalities, list)
-        or not modalities
-        or not set(modalities) <= {"text", "audio"}
-        or "text" not in modalities
-    ):
-        raise RequestError(
-            400,
-            f"'modalities' must be ['text'] or ['text', 'audio'], got {modalities!r}",
-            param="modalities",
-            code="invalid_value",
-        )
-    audio = body.get("audio")
-    if "audio" not in modalities:
-        if audio is not None:
-            raise RequestError(
-                400,
-                "'audio' is only used with modalities ['text', 'audio']",
-                param="audio",
-                code="invalid_value",
-            )
-        return False
-    from mm.serving.speech_out import VoiceError, check_voice
-
-    if not isinstance(audio, dict):
-        raise RequestError(
-            400,
-            "modalities ['text', 'audio'] need 'audio': {'voice': ..., 'format': 'wav'}",
-            param="audio",
-            code="invalid_value",
-        )
-    try:
-        check_voice(audio.get("voice"))
-    except VoiceError as e:
-        raise RequestError(400, f"audio.voice: {e}", param="audio.voice", code="invalid_value") from None
-    if audio.get("format") != "wav":
-        raise RequestError(
-            400,
-            f"audio.format must be 'wav', got {audio.get('format')!r}",
-            param="audio.format",
-            code="invalid_value",
-        )
-    if stream:
-        raise RequestError(
-            400,
-            "spoken answers (modalities with 'audio') are not streamed; set stream to false",
-            param="stream",
-        )
-    return True
-
-
-# ---------------------------------------------------------------------------------------- engine
-class _Job:
-    """One admitted request on its way through the worker."""
-
-    def __init__(self, sample, options, emit: Callable[[Any], None]) -> None:
-        self.sample = sample
-        self.options = options
-        self.emit = emit
-        self.cancelled = threading.Event()
-        self.finished = False
-
-
-class Engine:
-    """The worker thread that owns the model, its request queue and the admission count.
-
-    Args:
-        model: a :class:`~mm.MultimodalModel` with a preprocessor; only the worker thread runs it.
-        max_batch_size: requests decoded together.
-        max_concurrent_requests: requests admitted at once (:meth:`try_admit` refuses beyond).
-    """
-
-    def __init__(self, model, *, max_batch_size: int = 8, max_concurrent_requests: int = 16) -> None:
-        self.model = model
-        self.max_batch_size = max_batch_size
-        self.max_concurrent_requests = max_concurrent_requests
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._count_lock = threading.Lock()
-        self._in_flight = 0
-        self._model_lock = threading.Lock()  # held while a batch decodes, and by pause()
-        self._submitted = 0
-        self._started = 0
-        self.batches = 0  # batches decoded so far
-        self.largest_batch = 0
-        self._thread = threading.Thread(target=self._work, name="mm-engine", daemon=True)
-        self._thread.start()
-
-    # ------------------------------------------------------------------ admission
-    def try_admit(self) -> bool:
-        """Take a slot for a new request; ``False`` when ``max_concurrent_requests`` are in flight."""
-        with self._count_lock:
-            if self._in_flight >= self.max_concurrent_requests:
-                return False
-            self._in_flight += 1
-            return True
-
-    def release(self) -> None:
-        """Give back a slot (the worker does this for every submitted job)."""
-        with self._count_lock:
-            self._in_flight -= 1
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    @property
-    def waiting(self) -> int:
-        """Requests queued for the model and not yet decoding."""
-        return self._submitted - self._started
-
-    def submit(self, job: _Job) -> None:
-        """Queue an admitted job; its slot is released when the worker is done with it."""
-        with self._count_lock:
-            self._submitted += 1
-        self._queue.put(job)
-
-    @contextmanager
-    def pause(self):
-        """Hold the model: requests are admitted and queued but not decoded until the block ends."""
-        with self._model_lock:
-            yield
-
-    def close(self, timeout: float = 5.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
-
-    # ------------------------------------------------------------------ the worker
-    def _work(self) -> None:
-        pending: deque[_Job] = deque()
-        closing = False
-        while not closing:
-            if not pending:
-                job = self._queue.get()
-                if job is None:
-                    break
-                pending.append(job)
-            with self._model_lock:  # (pause() holds it: what arrives meanwhile joins this batch)
-                while True:  # everything already waiting may join this batch
-                    try:
-                        job = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if job is None:
-                        closing = True
-                        break
-                    pending.append(job)
-                batch = self._take_batch(pending)
-                self.batches += 1
-                self.largest_batch = max(self.largest_batch, len(batch))
-                self._started += len(batch)
-                self._run(batch)
-        for job in pending:  # shutting down: refuse what never ran
-            self._emit(job, RuntimeError("the server is shutting down"))
-            self.release()
-
-    def _take_batch(self, pending: deque[_Job]) -> list[_Job]:
-        first = pending.popleft()
-        key = first.options.batch_key()
-        batch, rest = [first], deque()
-        while pending:
-            job = pending.popleft()
-            if len(batch) < self.max_batch_size and job.options.batch_key() == key:
-                batch.append(job)
-            else:
-                rest.append(job)
-        pending.extend(rest)
-        return batch
-
-    def _emit(self, job: _Job, item: Any) -> None:
-        try:
-            job.emit(item)
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-            job.cancelled.set()
-
-    def _run(self, batch: list[_Job]) -> None:
-        from mm.model.chat import generate_deltas
-
-        live = [job for job in batch if not job.cancelled.is_set()]
-        try:
-            if live:
-                steps = generate_deltas(
-                    self.model,
-                    [job.sample for job in live],
-                    [job.options for job in live],
-                    is_cancelled=lambda i: live[i].cancelled.is_set(),
-                )
-                for step in steps:
-                    for row, delta in step:
-                        job = live[row]
-                        job.finished = delta.finish_reason is not None
-                        self._emit(job, delta)
-        except Exception as e:  # a fault of the model or the server, not of a request
-            log.exception("decoding a batch of %d failed", len(live))
-            for job in live:
-                if not job.finished:
-                    self._emit(job, e)
-        finally:
-            for _ in batch:
-                self.release()
-
-
-# ---------------------------------------------------------------------------------------- the app
-async def _read_body(request, limit: int) -> bytes:
-    """The body, refused with 413 past ``limit`` bytes (declared or counted) without keeping the excess.
-
-    A refused body is still read and dropped, up to another ``limit`` bytes, so the client can
-    finish sending and read the 413 instead of a reset connection.
-    """
-
-    def too_large(size: str) -> RequestError:
-        return RequestError(
-            413,
-            f"the request body is {size} bytes, more than this server's limit of {limit} bytes "
-            "(max_request_bytes)",
-            code="request_too_large",
-        )
-
-    declared = request.headers.get("content-length")
-    error = None
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise RequestError(400, "malformed Content-Length header", code="invalid_body")
-        if int(declared) > limit:
-            error = too_large(declared.strip())
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if error is None and size > limit:
-            error = too_large(f"more than {limit}")
-        if error is not None:
-            chunks.clear()
-            if size > 2 * limit:
-                break
-            continue
-        chunks.append(chunk)
-    if error is not None:
-        raise error
-    return b"".join(chunks)
-
-
-def _parse_json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    except RecursionError:
-        raise RequestError(400, "the request body is nested too deeply", code="invalid_json") from None
-
-
-def _video_caps(preprocessor, limits: ServerLimits):
-    """The model's video settings with the server's byte and pixel limits applied, as for images;
-    None when the model takes no video."""
-    import dataclasses
-
-    video = preprocessor.video
-    if video is None or preprocessor.image_processor is None:
-        return None
-    return dataclasses.replace(
-        video,
-        max_bytes=min(video.max_bytes, limits.max_media_bytes),
-        max_pixels_per_frame=min(video.max_pixels_per_frame, limits.max_image_pixels),
-    )
-
-
-def _audio_caps(preprocessor, limits: ServerLimits):
-    """The model's audio settings with the server's byte limit applied; None when it takes no audio."""
-    import dataclasses
-
-    audio = preprocessor.audio
-    if audio is None:
-        return None
-    cap = limits.max_media_bytes if audio.max_bytes is None else min(audio.max_bytes, limits.max_media_bytes)
-    return dataclasses.replace(audio, max_bytes=cap)
+    model: Any
+    model_id: str
+    limits: ServerLimits
+    media_policy: Any
+    context: int  # the model's context length in tokens
+    created: int  # when the app was built (the model card's ``created``)
 
 
 def create_app(
@@ -521,62 +89,54 @@ def create_app(
         allowed_media_domains: hosts whose ``http(s)`` image URLs may be fetched.
         media_policy: a complete :class:`mm.datasets.media.MediaPolicy` instead (tests inject resolvers).
     """
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-
-    from mm.datasets.media import MediaError, MediaPolicy
-    from mm.model.chat import Delta, GenerationOptions, encode_conversation
+    from fastapi import FastAPI
 
     if getattr(model, "preprocessor", None) is None:
         raise ValueError("the model has no preprocessor (tokenizer and image settings); cannot serve it")
     limits = limits or ServerLimits()
-    image_proc = model.preprocessor.image_processor
     if media_policy is None:
-        media_policy = MediaPolicy(
-            allowed_domains=frozenset(allowed_media_domains),
-            max_bytes=limits.max_media_bytes,
-            timeout_s=limits.media_timeout_s,
-            max_image_pixels=min(
-                limits.max_image_pixels,
-                image_proc.max_image_pixels if image_proc else limits.max_image_pixels,
-            ),
-            max_images=min(limits.max_images, model.preprocessor.max_images),
-            video=_video_caps(model.preprocessor, limits),
-            max_videos=limits.max_videos,
-            audio=_audio_caps(model.preprocessor, limits),
-            max_audios=limits.max_audios,
-            allow_paths=False,
-        )
+        media_policy = media_policy_for(model.preprocessor, limits, allowed_media_domains)
     if media_policy.allow_paths:
         raise ValueError("a server's media policy must not allow local paths")
-    context = model.config.text.max_seq_len
-    created = int(time.time())
-    published = {
-        **asdict(limits),
-        "max_images": media_policy.max_images,
-        "max_image_pixels": media_policy.max_image_pixels,
-        "max_videos": media_policy.max_videos if media_policy.video is not None else 0,
-        "max_video_seconds": media_policy.video.max_seconds if media_policy.video is not None else None,
-        "max_audios": media_policy.max_audios if media_policy.audio is not None else 0,
-        "max_audio_seconds": media_policy.audio.max_seconds if media_policy.audio is not None else None,
-        "max_prompt_tokens": model.preprocessor.max_seq_len,
-        "context_tokens": context,
-        "allowed_media_domains": sorted(media_policy.allowed_domains),
-    }
+    served = _Served(
+        model=model,
+        model_id=model_id,
+        limits=limits,
+        media_policy=media_policy,
+        context=model.config.text.max_seq_len,
+        created=int(time.time()),
+    )
+    app = FastAPI(title="mm", lifespan=_lifespan(served), docs_url=None, redoc_url=None, openapi_url=None)
+    _add_error_handlers(app)
+    _add_health(app, served)
+    _add_models(app, served)
+    _add_demo_page(app, served)
+    _add_chat_completions(app, served)
+    return app
+
+
+def _lifespan(served: _Served):
+    """The engine lives as long as the app serves: started on startup, closed on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app):
         app.state.engine = Engine(
-            model,
-            max_batch_size=limits.max_batch_size,
-            max_concurrent_requests=limits.max_concurrent_requests,
+            served.model,
+            max_batch_size=served.limits.max_batch_size,
+            max_concurrent_requests=served.limits.max_concurrent_requests,
         )
         yield
         app.state.engine.close()
 
-    app = FastAPI(title="mm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    return lifespan
+
+
+# ---------------------------------------------------------------------------------------- routes
+def _add_error_handlers(app) -> None:
+    """Every error leaves as OpenAI's JSON error object: refused requests with their status,
+    unknown routes as 404, anything unexpected as 500 (logged, its details kept from the client)."""
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(RequestError)
     async def _request_error(request, exc: RequestError):
@@ -595,12 +155,19 @@ def create_app(
         err = RequestError(500, f"internal server error: {type(exc).__name__}", type="server_error")
         return JSONResponse(err.body(), status_code=500)
 
+
+def _add_health(app, served: _Served) -> None:
+    """``GET /health``: status, the engine's counts and the published limits."""
+    published = published_limits(
+        served.limits, served.media_policy, served.model.preprocessor, served.context
+    )
+
     @app.get("/health")
     async def health():
         engine = app.state.engine
         return {
             "status": "ok",
-            "model": model_id,
+            "model": served.model_id,
             "in_flight": engine.in_flight,
             "waiting": engine.waiting,
             "batches": engine.batches,
@@ -608,16 +175,12 @@ def create_app(
             "limits": published,
         }
 
+
+def _add_models(app, served: _Served) -> None:
+    """``GET /v1/models`` and ``GET /v1/models/{id}``: the one model served."""
+
     def model_card():
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "mm"}
-
-    @app.get("/demo")
-    async def demo():
-        from fastapi.responses import HTMLResponse
-
-        from mm.serving.web_demo import demo_page
-
-        return HTMLResponse(demo_page(model_id))
+        return {"id": served.model_id, "object": "model", "created": served.created, "owned_by": "mm"}
 
     @app.get("/v1/models")
     async def models():
@@ -625,143 +188,163 @@ def create_app(
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str):
-        if name != model_id:
+        if name != served.model_id:
             raise RequestError(
                 404, f"the model {name!r} does not exist", param="model", code="model_not_found"
             )
         return model_card()
 
-    def prepare(req: ChatRequest):
-        """In a worker thread: media, prompt and token budget; ``(sample, options)`` or RequestError."""
-        try:
-            sample = encode_conversation(model, req.messages, media_policy=media_policy)
-        except MediaError as e:
-            raise RequestError(400, str(e), param=e.param, code=e.code) from None
-        except (ValueError, TypeError, KeyError) as e:  # chat format, prompt length, image data
-            raise RequestError(400, str(e), param="messages", code="invalid_messages") from None
-        room = context - len(sample.ids)
-        if req.max_tokens is not None and req.max_tokens > room:
-            raise RequestError(
-                400,
-                f"the prompt has {len(sample.ids)} tokens, so at most {room} new tokens fit the model's "
-                f"context of {context} tokens; max_tokens asks for {req.max_tokens}",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        options = GenerationOptions(
-            max_new_tokens=min(req.max_tokens or limits.max_tokens, room),
-            temperature=req.temperature,
-            top_p=req.top_p,
-            seed=req.seed,
-            stop=req.stop,
-        )
-        return sample, options
+
+def _add_demo_page(app, served: _Served) -> None:
+    """``GET /demo``: the page to ask aloud (:mod:`mm.serving.web_demo`)."""
+
+    @app.get("/demo")
+    async def demo():
+        from fastapi.responses import HTMLResponse
+
+        from mm.serving.web_demo import demo_page
+
+        return HTMLResponse(demo_page(served.model_id))
+
+
+def _add_chat_completions(app, served: _Served) -> None:
+    """``POST /v1/chat/completions``: check, admit, prepare, submit, then answer whole or streamed."""
+    from fastapi import Request
+    from starlette.concurrency import run_in_threadpool
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        raw = await _read_body(request, limits.max_request_bytes)
-        body = await run_in_threadpool(_parse_json, raw)
-        req = parse_chat_request(body, model_id=model_id, limits=limits)
+        raw = await read_body(request, served.limits.max_request_bytes)
+        body = await run_in_threadpool(parse_json, raw)
+        req = parse_chat_request(body, model_id=served.model_id, limits=served.limits)
         engine: Engine = app.state.engine
-        if not engine.try_admit():
-            raise RequestError(
-                429,
-                f"the server is busy: {engine.max_concurrent_requests} requests are in flight, its limit "
-                "(max_concurrent_requests); retry later",
-                code="too_many_concurrent_requests",
-                type="rate_limit_error",
-            )
+        _admit(engine)
         loop = asyncio.get_running_loop()
         results: asyncio.Queue = asyncio.Queue()
         try:
-            sample, options = await run_in_threadpool(prepare, req)
-            job = _Job(sample, options, lambda item: loop.call_soon_threadsafe(results.put_nowait, item))
+            sample, options = await run_in_threadpool(_prepare, served, req)
+            job = Job(sample, options, lambda item: loop.call_soon_threadsafe(results.put_nowait, item))
             engine.submit(job)
         except BaseException:
             engine.release()
             raise
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         prompt_tokens = len(sample.ids)
-
-        async def next_delta() -> Delta:
-            item = await results.get()
-            if isinstance(item, BaseException):
-                raise item
-            return item
-
         if not req.stream:
-            texts = []
-            try:
-                while True:
-                    delta = await next_delta()
-                    texts.append(delta.text)
-                    if delta.finish_reason is not None:
-                        break
-            finally:
-                job.cancelled.set()
-            message = {"role": "assistant", "content": "".join(texts)}
-            if req.speak:
-                message["audio"] = await run_in_threadpool(_spoken, message["content"], rid)
-            return {
-                "id": rid,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model_id,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": message,
-                        "finish_reason": delta.finish_reason,
-                        "logprobs": None,
-                    }
-                ],
-                "usage": _usage(prompt_tokens, delta.completion_tokens),
-            }
+            return await _whole_answer(served, req, job, results, rid, prompt_tokens)
+        return _streamed_answer(served, req, job, results, rid, prompt_tokens)
 
-        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices=True) -> str:
-            obj = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": int(time.time()),
-                "model": model_id,
-            }
-            obj["choices"] = (
-                [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if choices else []
-            )
-            if usage is not None:
-                obj["usage"] = usage
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-        async def events():
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    try:
-                        delta = await next_delta()
-                    except Exception as e:
-                        log.error("request %s failed while streaming: %s", rid, e)
-                        err = RequestError(
-                            500, f"internal server error: {type(e).__name__}", type="server_error"
+# ---------------------------------------------------------------------------------------- a chat request
+def _admit(engine: Engine) -> None:
+    """Take a slot in the engine, or refuse with 429 past ``max_concurrent_requests``."""
+    if not engine.try_admit():
+        raise RequestError(
+            429,
+            f"the server is busy: {engine.max_concurrent_requests} requests are in flight, its limit "
+            "(max_concurrent_requests); retry later",
+            code="too_many_concurrent_requests",
+            type="rate_limit_error",
+        )
+
+
+def _prepare(served: _Served, req: ChatRequest):
+    """In a worker thread: media, prompt and token budget; ``(sample, options)`` or RequestError."""
+    from mm.datasets.media import MediaError
+    from mm.model.chat import GenerationOptions, encode_conversation
+
+    try:
+        sample = encode_conversation(served.model, req.messages, media_policy=served.media_policy)
+    except MediaError as e:
+        raise RequestError(400, str(e), param=e.param, code=e.code) from None
+    except (ValueError, TypeError, KeyError) as e:  # chat format, prompt length, image data
+        raise RequestError(400, str(e), param="messages", code="invalid_messages") from None
+    context = served.context
+    room = context - len(sample.ids)
+    if req.max_tokens is not None and req.max_tokens > room:
+        raise RequestError(
+            400,
+            f"the prompt has {len(sample.ids)} tokens, so at most {room} new tokens fit the model's "
+            f"context of {context} tokens; max_tokens asks for {req.max_tokens}",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    options = GenerationOptions(
+        max_new_tokens=min(req.max_tokens or served.limits.max_tokens, room),
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        stop=req.stop,
+    )
+    return sample, options
+
+
+async def _next_delta(results: asyncio.Queue):
+    """The next :class:`mm.model.chat.Delta` the worker sent; an exception it sent is raised."""
+    item = await results.get()
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
+async def _whole_answer(
+    served: _Served, req: ChatRequest, job: Job, results: asyncio.Queue, rid: str, prompt_tokens: int
+) -> dict[str, Any]:
+    """The ``chat.completion`` once the answer is complete, spoken too when the request asked."""
+    from starlette.concurrency import run_in_threadpool
+
+    texts = []
+    try:
+        while True:
+            delta = await _next_delta(results)
+            texts.append(delta.text)
+            if delta.finish_reason is not None:
+                break
+    finally:
+        job.cancelled.set()
+    message = {"role": "assistant", "content": "".join(texts)}
+    if req.speak:
+        message["audio"] = await run_in_threadpool(_spoken, message["content"], rid)
+    usage = token_usage(prompt_tokens, delta.completion_tokens)
+    return completion_body(rid, served.model_id, message, delta.finish_reason, usage)
+
+
+def _streamed_answer(
+    served: _Served, req: ChatRequest, job: Job, results: asyncio.Queue, rid: str, prompt_tokens: int
+):
+    """The answer as server-sent events, each delta as the worker sends it."""
+    from fastapi.responses import StreamingResponse
+
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices=True) -> str:
+        return chunk_event(rid, served.model_id, delta, finish, usage, choices)
+
+    async def events():
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                try:
+                    delta = await _next_delta(results)
+                except Exception as e:
+                    log.error("request %s failed while streaming: %s", rid, e)
+                    yield error_event(
+                        RequestError(500, f"internal server error: {type(e).__name__}", type="server_error")
+                    )
+                    break
+                if delta.text:
+                    yield chunk({"content": delta.text})
+                if delta.finish_reason is not None:
+                    yield chunk({}, delta.finish_reason)
+                    if req.include_usage:
+                        yield chunk(
+                            {}, usage=token_usage(prompt_tokens, delta.completion_tokens), choices=False
                         )
-                        yield f"data: {json.dumps(err.body())}\n\n"
-                        break
-                    if delta.text:
-                        yield chunk({"content": delta.text})
-                    if delta.finish_reason is not None:
-                        yield chunk({}, delta.finish_reason)
-                        if req.include_usage:
-                            yield chunk(
-                                {}, usage=_usage(prompt_tokens, delta.completion_tokens), choices=False
-                            )
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancelled.set()  # the client left, or all was sent: stop decoding this row
+                    break
+            yield DONE_EVENT
+        finally:
+            job.cancelled.set()  # the client left, or all was sent: stop decoding this row
 
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-    return app
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
 def _spoken(text: str, rid: str) -> dict[str, Any]:
@@ -777,10 +360,6 @@ def _spoken(text: str, rid: str) -> dict[str, Any]:
         "expires_at": int(time.time()) + 3600,
         "transcript": text,
     }
-
-
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 # ---------------------------------------------------------------------------------------- mm serve
@@ -826,7 +405,7 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """``mm serve``."""
+    """``mm serve`` (arguments: :mod:`mm.cli`)."""
     import sys
 
     try:
