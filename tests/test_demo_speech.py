@@ -8,25 +8,28 @@ from __future__ import annotations
 
 import pytest
 
-from mm.demo.data import HELDOUT_COLOUR_SHAPE
+from mm.demo.report import speech_markdown, speech_summary_rows
+from mm.demo.scenes import HELDOUT_COLOUR_SHAPE
 from mm.demo.speech import (
-    ASR_PROMPT,
-    ASR_TEMPLATES,
-    AST_PROMPT,
-    COLOUR_FACTS,
-    FRENCH_TEMPLATES,
-    QA_TEMPLATES,
     bleu_tokens,
     chance_bleu,
     chance_wer,
     corpus_bleu,
-    make_speech_samples,
     qa_correct,
-    speech_messages,
-    to_french,
     word_error_rate,
     word_errors,
 )
+from mm.demo.speech_data import (
+    ASR_PROMPT,
+    ASR_TEMPLATES,
+    AST_PROMPT,
+    FRENCH_TEMPLATES,
+    QA_TEMPLATES,
+    make_speech_samples,
+    speech_messages,
+    to_french,
+)
+from mm.demo.text_data import COLOUR_FACTS
 
 
 def test_word_errors_count_substitutions_insertions_and_deletions():
@@ -171,8 +174,6 @@ def test_scoring_and_chance_levels():
 
 
 def test_report_sections_appear_only_with_a_speech_phase():
-    from mm.demo.speech import speech_markdown, speech_summary_rows
-
     assert speech_markdown({"image_qa_accuracy": 0.9}) == "" and speech_summary_rows({}) == []
     r = {
         "speech_wer": 0.25,

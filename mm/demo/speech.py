@@ -1,50 +1,31 @@
 """The speech phase of ``mm demo --speech``: the frozen text model learns to hear (Llama 3, section 8).
 
-Experimental: the three figures end well away from chance but far from perfect, and how fast the
-speech encoder and adapter start to use the audio depends on their random initialisation (see
-"What limits it" below).
+Experimental: its figures end well away from chance but far from perfect, and how fast the speech
+encoder and adapter start to use the audio depends on their random initialisation, so they vary
+from seed to seed more than the image and video figures do.
 
-Before this phase, ``mm demo --speech`` pre-trains its text model longer (2,000 steps instead of
-150 with ``--quick`` and 600 without), with 30% of its documents replaced by "Repeat after me in
-English." turns and 30% by "Translate the following sentence into French." turns
-(:func:`mm.demo.run.sentence_turn`): recognition and translation through a frozen text model can be no
-better than the text model repeating or translating the words as text, and the paper's text model
-is an instruct model that can. Its perplexity on the held-out documents is then higher (5.08
-against 3.15 in the quick run: 60% of what it read were such turns; 4.19 with half of them repeat
-turns and no translation), and the image and video figures move with it (quick run, seed 0: image
-QA 0.905, video QA 0.800).
+Speech reaches the frozen text model only through its input: the speech adapter's outputs take
+the place of the ``<|audio|>`` placeholder's token embeddings. Recognition and translation through
+it can therefore be no better than the text model repeating or translating the same words given
+as text, and the paper's text model is an instruct model that can. A tiny model learns that only
+from such turns, and only slowly, so with ``--speech`` the text phase replaces some of its
+documents by "Repeat after me" and "Translate" turns and trains longer
+(:func:`mm.demo.text.sentence_turn`); it learns to repeat these sentence forms, not text in general.
 
-Starting from the model the video phase saved, on speech synthesised offline with hibari's bundled
-voice (:mod:`mm.serving.speech_out`; varied speed and noise seed):
+Starting from the model the video phase saved:
 
-1. **Data.** Three tasks, interleaved in one ``KEY.wav`` + ``KEY.json`` folder and packed into
-   webdataset shards with :func:`mm.datasets.shards.pack` (the real data path: shards -> streaming
-   -> audio decoding -> log-mel -> the staged trainer).
-
-   * *Recognition*: the user says "Repeat after me in English." in text and a short description
-     in speech ("The red circle."); the assistant answers with the transcript.
-   * *Translation*: the user says "Translate the following sentence into French." in text and
-     the same kind of description in speech; the assistant answers in French ("The green cross."
-     -> "La croix verte.": :func:`to_french`, where the colour follows the noun and agrees with
-     it). The paper's translation data goes from other languages into English; hibari's bundled
-     voice speaks English only (its other voices download at run time), so the demo translates
-     out of English.
-   * *Spoken question answering*: the user's turn is only speech ("What colour is the sky?"); the
-     assistant answers with one colour word ("blue."), as the backbone's text corpus answers its
-     questions; the facts are the corpus's (:func:`mm.demo.data.make_text_corpus`:
-     "The sky is blue.").
-
-   Evaluation holds out colour-shape pairs (:data:`mm.demo.data.HELDOUT_COLOUR_SHAPE`:
-   no training utterance says "red triangle"), sentence templates (half the evaluation
-   utterances are phrased in ways never heard in training, for all three tasks) and speaking
-   speeds/seeds. Every eval word was heard in training: a model cannot transcribe a word it has
-   never heard, so "held-out words" here means held-out *word sequences*.
+1. **Data** (:mod:`mm.demo.speech_data`): recognition, translation into French and spoken
+   questions, synthesised offline, interleaved in one ``KEY.wav`` + ``KEY.json`` folder and packed
+   into webdataset shards (the real data path: shards -> streaming -> audio decoding -> log-mel ->
+   the staged trainer). The tasks share the encoder and adapter, and trained one after the other
+   the second undid the first, so every batch mixes them.
 
 2. **Stages** (``mm/recipes/tiny-demo-speech.yaml``): ``speech-pretrain`` (BEST-RQ, only the
-   speech encoder learns), then ``speech-sft`` (next-token loss on the answers of all tasks,
-   interleaved in every batch; the speech encoder and adapter learn, the backbone is frozen). The
-   adapter's output layer starts scaled to the size of the backbone's token embeddings
-   (:func:`scale_adapter_output`).
+   speech encoder learns), then ``speech-sft`` (next-token loss on the answers of all tasks; the
+   speech encoder and adapter learn, the backbone is frozen). The adapter's output layer starts
+   scaled to the size of the backbone's token embeddings (:func:`scale_adapter_output`). Each task
+   is said in eight phrasings: the encoder tells apart what it heard in phrasings it was trained on
+   far better than in new ones.
 
 3. **Evaluation**: greedy answers on the held-out utterances, read to their first full stop;
    ``speech_wer`` is the word error rate of the transcripts (word-level Levenshtein distance over
@@ -58,62 +39,20 @@ voice (:mod:`mm.serving.speech_out`; varied speed and noise seed):
    (:func:`corpus_bleu`, sacreBLEU's default: 13a tokens, exp smoothing; checked against sacreBLEU
    in the tests), with ``speech_bleu_chance`` (the best single training translation said for every
    utterance) and ``speech_text_translate_bleu`` (the text model translating the words as text).
-
-**What limits it.** Recognition needs the frozen model to *repeat* what it hears, byte by byte.
-Pre-trained on documents alone, the demo's tiny text model could not repeat even text
-(``speech_text_repeat_wer`` about 1) and recognition through it stayed at chance; the speech path
-(input embeddings only, as in the paper) cannot teach it. With "Repeat after me" turns in place of
-15-50% of its documents it repeated none of 40 sentences within 1,200 steps in most settings; with
-half of them turns of these sentence forms, 8 of 40 after 1,000 steps and 40 of 40 after 2,000,
-hence the longer text pre-training. It learns to repeat these forms, not text in general: with a
-quarter of its documents turns of these forms and a quarter turns of random strings of the same
-words, it repeated 37 of 40 sentences but 1 of 40 random strings after 2,000 steps. With 30% of
-its documents repeat turns and 30% translation turns it repeated 40 of 40 sentences and translated
-40 of 40 after 2,000 steps (25% and 25%: 39 and 39).
-
-The rest is how fast the speech encoder and adapter start to use the audio. At first the answers
-follow the text model's prior ("This is a red cross." for every utterance); when the audio starts
-to count, the tasks improve together. (The rest of this paragraph was measured with recognition
-and questions only, before translation was added.) At a learning rate of 3e-3 that took 500 to
-more than 1,000 steps depending on the random initialisation (a hand harness over the same data
-and model; the demo's trainer behaves the same from the same start); at 1e-3 three
-initialisations, including the slowest one, reached word error rates 0.31-0.34 and spoken QA
-0.75-0.86 after 600 steps (chance 0.77 and 0.30), training transcripts then almost word-perfect;
-``mm demo --quick --speech`` (seed 0) ended at 0.31 and 0.86. What is left there (48 held-out utterances): the
-sentence form never heard in training mostly came back as a heard one ("A circle is blue." ->
-"The circle is blue."; 26 of 48 forms wrong), and the colour of the held-out pair was wrong in 24
-of 48, the shape in 8: the words a pair never said together in training are the hard part.
-Both tasks share the encoder and adapter; trained one after the other, the second undid the first
-(recognition word error rate 0.92 after a question stage, spoken QA 0.16 after a recognition
-stage), so every batch mixes them. Measured with a probe (the Conformer plus a linear classifier
-over pooled frames, 400 steps), the encoder itself tells the ten things apart: 1.0 on phrasings
-heard in training, about 0.65 on held-out ones, which is why training uses eight phrasings per
-task.
-
-With translation as a third task the stage needs more steps (hand harness, ``run_speech_demo`` on
-a fresh start model over the text model above, quick data): from one initialisation 800 steps
-ended at word error rate 0.51, BLEU 38 and spoken QA 0.75, 1,200 steps at 0.18, 67 and 0.84; two
-other initialisations at 1,200 steps: 0.15 / 55 / 0.81 and 0.22 / 58 / 0.76 (chance 0.76-0.77,
-7.4-8.2 and 0.30), hence 1,200 steps. ``mm demo --quick --speech`` ended at 0.17, 68.5 and 0.825
-with seed 0 (chance 0.77, 7.4 and 0.30; the same in two runs) but at 0.52, 37.0 and 0.775 with
-seed 1 (chance 0.76, 7.5, 0.30; with recognition and questions only, seed 1 had ended at 0.26 and
-0.89): its training loss fell as far (0.01), but the held-out pairs' colour came back wrong in 35
-of 48 recognition answers (seed 0: 9 of 48), and the held-out sentence form in 22 (seed 0: 7).
-Which colour-shape pairs generalise depends on the run; the demo's figures are far from chance
-but not stable to a few hundredths. Translation's errors are recognition's: the held-out pair's
-colour or shape ("Look at the red triangle." -> "Regarde le triangle vert."), not the French; the
-text model translates every evaluation sentence given as text (BLEU 100).
+   What the model gets wrong is mostly the words a held-out colour-shape pair never said together
+   in training, and held-out sentence forms coming back as heard ones; translation's errors are
+   recognition's, not the French.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import re
 import shutil
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,128 +60,37 @@ from typing import Any
 
 import torch
 
+from mm.demo.evaluate import generate_answers
+from mm.demo.scenes import COLOURS
+from mm.demo.speech_data import (
+    TASK_PROMPTS,
+    SpeechSample,
+    make_speech_samples,
+    speech_messages,
+    synthesize,
+    write_speech_folder,
+)
+
 __all__ = [
-    "ASR_PROMPT",
-    "ASR_TEMPLATES",
-    "AST_PROMPT",
-    "COLOUR_FACTS",
-    "FRENCH_TEMPLATES",
     "FULL",
-    "QA_TEMPLATES",
     "QUICK",
-    "TASK_PROMPTS",
     "SpeechDemoSettings",
-    "SpeechSample",
+    "answer_all",
     "bleu_tokens",
     "chance_bleu",
+    "chance_wer",
     "corpus_bleu",
-    "make_speech_samples",
+    "named_colours",
+    "qa_correct",
     "run_speech_demo",
-    "speech_markdown",
-    "speech_summary_rows",
-    "speech_messages",
-    "to_french",
+    "scale_adapter_output",
+    "speech_figures",
+    "text_task_all",
+    "train_speech_stages",
     "word_error_rate",
     "word_errors",
-    "write_speech_folder",
+    "write_speech_data",
 ]
-
-ASR_PROMPT = "Repeat after me in English."
-AST_PROMPT = "Translate the following sentence into French."
-TASK_PROMPTS = {"asr": ASR_PROMPT, "ast": AST_PROMPT}
-"""The text before the speech, per task (spoken questions have none: the speech is the turn)."""
-
-
-@dataclass(frozen=True)
-class _Phrasings:
-    train: tuple[str, ...]
-    heldout: tuple[str, ...]
-
-
-ASR_TEMPLATES = _Phrasings(
-    train=(
-        "The {colour} {shape}.",
-        "A {colour} {shape}.",
-        "The {shape} is {colour}.",
-        "This is a {colour} {shape}.",
-        "I see a {colour} {shape}.",
-        "Look at the {colour} {shape}.",
-        "My {shape} is {colour}.",
-        "One {colour} {shape}.",
-    ),
-    heldout=("A {shape} is {colour}.",),
-)
-"""Sentences spoken for recognition; ``heldout`` ones are said only in evaluation."""
-
-FRENCH_TEMPLATES: dict[str, str] = {
-    "The {colour} {shape}.": "{le} {shape} {colour}.",
-    "A {colour} {shape}.": "{un} {shape} {colour}.",
-    "The {shape} is {colour}.": "{le} {shape} est {colour}.",
-    "This is a {colour} {shape}.": "C'est {un} {shape} {colour}.",
-    "I see a {colour} {shape}.": "Je vois {un} {shape} {colour}.",
-    "Look at the {colour} {shape}.": "Regarde {le} {shape} {colour}.",
-    "My {shape} is {colour}.": "{mon} {shape} est {colour}.",
-    "One {colour} {shape}.": "{un} {seul} {shape} {colour}.",
-    "A {shape} is {colour}.": "{un} {shape} est {colour}.",
-}
-"""French for every recognition sentence form (the translation task's answers): in French the
-colour follows the shape and agrees with its gender, and the article does too."""
-
-_FRENCH_SHAPES = {
-    "circle": ("cercle", "m"),
-    "square": ("carré", "m"),
-    "triangle": ("triangle", "m"),
-    "cross": ("croix", "f"),
-}
-_FRENCH_COLOURS = {
-    "red": ("rouge", "rouge"),
-    "green": ("vert", "verte"),
-    "blue": ("bleu", "bleue"),
-    "yellow": ("jaune", "jaune"),
-}
-_FRENCH_WORDS = {"le": ("le", "la"), "un": ("un", "une"), "mon": ("mon", "ma"), "seul": ("seul", "seule")}
-
-
-def to_french(template: str, colour: str, shape: str) -> str:
-    """The French of ``template`` (a key of :data:`FRENCH_TEMPLATES`) said of ``colour`` ``shape``:
-    ``to_french("The {colour} {shape}.", "green", "cross") == "La croix verte."``."""
-    if template not in FRENCH_TEMPLATES:
-        raise ValueError(f"no French for the sentence form {template!r}")
-    noun, gender = _FRENCH_SHAPES[shape]
-    g = gender == "f"
-    words = {k: v[g] for k, v in _FRENCH_WORDS.items()}
-    text = FRENCH_TEMPLATES[template].format(shape=noun, colour=_FRENCH_COLOURS[colour][g], **words)
-    return text[0].upper() + text[1:]
-
-
-QA_TEMPLATES = _Phrasings(
-    train=(
-        "What colour is {thing}?",
-        "Which colour is {thing}?",
-        "What is the colour of {thing}?",
-        "Say the colour of {thing}.",
-        "Do you know the colour of {thing}?",
-        "I wonder what colour {thing} is.",
-        "Name the colour of {thing}.",
-        "What colour do you see in {thing}?",
-    ),
-    heldout=("Tell me the colour of {thing}.", "Which colour does {thing} have?"),
-)
-"""Spoken questions; ``heldout`` phrasings are said only in evaluation."""
-
-COLOUR_FACTS: dict[str, str] = {  # the keys of mm.demo.data's facts, lower-cased
-    "the sky": "blue",
-    "grass": "green",
-    "the sun": "yellow",
-    "a tomato": "red",
-    "a banana": "yellow",
-    "the sea": "blue",
-    "a leaf": "green",
-    "a strawberry": "red",
-    "a lemon": "yellow",
-    "fire": "red",
-}
-"""Things and their colours, as the backbone's text corpus states them ("The sky is blue.")."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -279,112 +127,6 @@ FULL = SpeechDemoSettings(
     pretrain_steps=60,
     sft_steps=2400,
 )
-
-
-# ---------------------------------------------------------------------------------------- data
-@dataclass(frozen=True, kw_only=True)
-class SpeechSample:
-    """One utterance: what is said, how, and the answer the assistant should give.
-
-    Attributes:
-        task: ``"asr"`` (recognition), ``"ast"`` (translation into French) or ``"qa"`` (spoken
-            question answering).
-        text: the words spoken.
-        answer: the transcript (``asr``), its French (``ast``) or the colour (``qa``).
-        heldout_phrasing: whether ``text`` uses a template never heard in training.
-        speed: hibari's speaking rate.
-        seed: hibari's noise seed.
-    """
-
-    task: str
-    text: str
-    answer: str
-    heldout_phrasing: bool
-    speed: float
-    seed: int
-
-
-def make_speech_samples(num: int, task: str, *, split: str, seed: int) -> list[SpeechSample]:
-    """Utterances for ``task`` in ``split`` (``"train"`` or ``"eval"``), deterministic in ``seed``.
-
-    Training recognition and translation never say a colour-shape pair of
-    ``HELDOUT_COLOUR_SHAPE``; evaluation always says one. Evaluation uses the held-out templates
-    for half its utterances. Answers are drawn in shuffled blocks, so any run of samples is
-    balanced over them.
-    """
-    from mm.demo.data import COLOURS, HELDOUT_COLOUR_SHAPE, SHAPES
-
-    if task not in ("asr", "ast", "qa") or split not in ("train", "eval"):
-        raise ValueError(
-            f"task must be 'asr', 'ast' or 'qa' and split 'train' or 'eval', got {task!r}, {split!r}"
-        )
-    rng = random.Random(f"mm.demo.speech:{task}:{split}:{seed}")
-    templates = QA_TEMPLATES if task == "qa" else ASR_TEMPLATES
-    if task != "qa":
-        pairs = [(c, s) for c in COLOURS for s in SHAPES]
-        pool = [p for p in pairs if (p in HELDOUT_COLOUR_SHAPE) == (split == "eval")]
-    else:
-        pool = sorted(COLOUR_FACTS)
-    out: list[SpeechSample] = []
-    block: list[Any] = []
-    for i in range(num):
-        if not block:
-            block = list(pool)
-            rng.shuffle(block)
-        item = block.pop()
-        heldout = split == "eval" and i % 2 == 1
-        template = rng.choice(templates.heldout if heldout else templates.train)
-        if task != "qa":
-            colour, shape = item
-            text = answer = template.format(colour=colour, shape=shape)
-            if task == "ast":
-                answer = to_french(template, colour, shape)
-        else:
-            text = template.format(thing=item)
-            answer = f"{COLOUR_FACTS[item]}."  # one word, as the text corpus answers its questions
-        out.append(
-            SpeechSample(
-                task=task,
-                text=text[0].upper() + text[1:],
-                answer=answer[0].upper() + answer[1:] if task != "qa" else answer,
-                heldout_phrasing=heldout,
-                speed=round(rng.uniform(0.85, 1.2), 3),
-                seed=rng.randrange(2**31),
-            )
-        )
-    return out
-
-
-def speech_messages(sample: SpeechSample, audio: Any) -> list[dict[str, Any]]:
-    """Llama 3 chat messages of a sample whose audio part holds ``audio`` (a waveform or a field)."""
-    content: list[dict[str, Any]] = []
-    if sample.task in TASK_PROMPTS:
-        content.append({"type": "text", "text": TASK_PROMPTS[sample.task]})
-    content.append({"type": "audio", "audio": audio})
-    return [{"role": "user", "content": content}, {"role": "assistant", "content": sample.answer}]
-
-
-def synthesize(samples: Sequence[SpeechSample], *, sample_rate: int = 16000) -> list[torch.Tensor]:
-    """Waveforms ``[samples]`` of every utterance, at ``sample_rate`` (hibari's bundled voice)."""
-    from mm.serving.speech_out import get_synthesizer
-
-    synth = get_synthesizer()
-    return [synth(s.text, speed=s.speed, seed=s.seed, sample_rate=sample_rate) for s in samples]
-
-
-def write_speech_folder(
-    samples: Sequence[SpeechSample], waves: Sequence[torch.Tensor], out_dir: Path, *, sample_rate: int = 16000
-) -> None:
-    """Write ``KEY.wav`` + ``KEY.json`` per sample (mm's sample schema) for ``mm data pack``."""
-    from mm._io import atomic_dir
-    from mm.serving.speech_out import wav_bytes
-
-    with atomic_dir(out_dir) as tmp:
-        for i, (sample, wave) in enumerate(zip(samples, waves)):
-            key = f"{sample.task}-{i:06d}"
-            (tmp / f"{key}.wav").write_bytes(wav_bytes(wave, sample_rate))
-            row = {"messages": speech_messages(sample, f"{key}.wav"), "meta": dataclasses.asdict(sample)}
-            (tmp / f"{key}.json").write_text(json.dumps(row) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------- scoring
@@ -442,8 +184,6 @@ def corpus_bleu(references: Sequence[str], hypotheses: Sequence[str], max_order:
     order with no match counted as ``100 / (2^k * total)`` for its k-th such order ("exp"
     smoothing), geometric mean times the brevity penalty; 0 when nothing matches or an order has
     no n-grams at all."""
-    from collections import Counter
-
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     matches, totals = [0] * max_order, [0] * max_order
@@ -478,8 +218,6 @@ def chance_bleu(references: Sequence[str], train_answers: Sequence[str]) -> floa
 
 def named_colours(text: str) -> set[str]:
     """The colour words in ``text``."""
-    from mm.demo.data import COLOURS
-
     return set(_words(text)) & set(COLOURS)
 
 
@@ -500,7 +238,8 @@ def answer_all(
     """Greedy answers of ``model`` to every utterance, read to the end of their first sentence
     (the answers are one sentence; reading to the first full stop, like ``--stop .`` in ``mm ask``,
     keeps a model that has not learned where to end from running on into the next one)."""
-    return _answer_turns(model, [speech_messages(s, w)[:1] for s, w in zip(samples, waves)], batch=batch)
+    turns = [speech_messages(s, w)[:1] for s, w in zip(samples, waves)]
+    return generate_answers(model, turns, max_new_tokens=48, batch=batch, end_at=".")
 
 
 def text_task_all(model, task: str, sentences: Sequence[str], *, batch: int = 32) -> list[str]:
@@ -513,24 +252,7 @@ def text_task_all(model, task: str, sentences: Sequence[str], *, batch: int = 32
     translating speech can at best match the text model repeating or translating what it reads.
     """
     turns = [[{"role": "user", "content": f"{TASK_PROMPTS[task]} {t}"}] for t in sentences]
-    return _answer_turns(model, turns, batch=batch)
-
-
-@torch.no_grad()
-def _answer_turns(model, turns: Sequence[list[dict[str, Any]]], *, batch: int) -> list[str]:
-    pre = model.preprocessor
-    tok = pre.tokenizer
-    (full_stop,) = tok.encode(".")
-    stops = (*tok.stop_ids, full_stop)
-    answers = []
-    for i in range(0, len(turns), batch):
-        convs = list(turns[i : i + batch])
-        new = model.generate(**pre.prompts(convs), max_new_tokens=48, stop_token_ids=stops)
-        for ids in new.tolist():
-            end = next((k for k, t in enumerate(ids) if t in stops), len(ids))
-            keep = ids[: end + 1] if end < len(ids) and ids[end] == full_stop else ids[:end]
-            answers.append(tok.decode(keep, skip_special=True).strip())
-    return answers
+    return generate_answers(model, turns, max_new_tokens=48, batch=batch, end_at=".")
 
 
 def scale_adapter_output(model) -> float:
@@ -562,21 +284,17 @@ def run_speech_demo(
 ) -> dict[str, Any]:
     """Teach the model saved in ``start_model`` to hear; write the result to ``out/model-speech``.
 
-    Returns the speech part of the demo report: ``speech_wer`` (and ``speech_wer_chance``),
-    ``speech_qa_accuracy`` (and ``speech_qa_chance``), examples, the stages and the data.
+    Returns:
+        The speech part of the demo report: the figures of :func:`speech_figures`,
+        ``speech_data``, ``speech_stages``, ``speech_seconds`` and ``speech_model_dir``.
     """
-    from mm.datasets.shards import pack
     from mm.model.multimodal import MultimodalModel
-    from mm.training.metrics import plot_loss_curves, read_metrics
-    from mm.training.recipe import load_recipe
-    from mm.training.trainer import Trainer
 
     settings = settings or (QUICK if quick else FULL)
     out = Path(out)
     started = time.perf_counter()
 
     # 1. speech, synthesised offline, written as files and packed into shards
-    t0 = time.perf_counter()
     counts = {
         "asr": (settings.asr_train, settings.asr_eval),
         "ast": (settings.ast_train, settings.ast_eval),
@@ -586,8 +304,42 @@ def run_speech_demo(
     train = {task: make_speech_samples(n, task, split="train", seed=seed) for task, (n, _) in counts.items()}
     evals = {task: make_speech_samples(n, task, split="eval", seed=seed) for task, (_, n) in counts.items()}
     eval_waves = {task: synthesize(samples) for task, samples in evals.items()}
-    # The tasks in one shard folder, interleaved, so every batch mixes them: trained one after the
-    # other, the second task undid the first (see "What limits it").
+    data_info = write_speech_data(out, train, seed=seed)
+    data_seconds = time.perf_counter() - started
+
+    # 2. the stages, from the given model with its speech adapter's output scaled to the embeddings
+    results, model_dir = train_speech_stages(out, start_model, settings, progress=progress)
+
+    # 3. evaluation on held-out pairs, phrasings, speeds and seeds
+    t0 = time.perf_counter()
+    model = MultimodalModel.from_pretrained(model_dir).eval()
+    figures = speech_figures(model, train, evals, eval_waves)
+    return {
+        **figures,
+        "speech_data": data_info,
+        "speech_stages": [
+            {"name": r.name, "steps": r.steps, "seconds": round(r.seconds, 2), "final_loss": r.final_loss}
+            for r in results
+        ],
+        "speech_seconds": {
+            "data": round(data_seconds, 1),
+            "eval": round(time.perf_counter() - t0, 1),
+            "total": round(time.perf_counter() - started, 1),
+        },
+        "speech_model_dir": str(model_dir),
+    }
+
+
+def write_speech_data(out: Path, train: dict[str, list[SpeechSample]], *, seed: int) -> dict[str, Any]:
+    """Synthesise the training utterances of every task, write them interleaved into one folder
+    (``out/raw/speech``) and pack it into shards (``out/data/speech``): the tasks share the encoder
+    and adapter, and every batch must mix them.
+
+    Returns:
+        The shards' samples, count and seconds of speech, and the samples per task, for the report.
+    """
+    from mm.datasets.shards import pack
+
     mixed = [s for samples in train.values() for s in samples]
     random.Random(f"mm.demo.speech:mix:{seed}").shuffle(mixed)
     raw, shards = out / "raw" / "speech", out / "data" / "speech"
@@ -596,7 +348,7 @@ def run_speech_demo(
     waves = synthesize(mixed)
     write_speech_folder(mixed, waves, raw)
     result = pack(raw, shards, shard_bytes="4MB")
-    data_info = {
+    return {
         "speech": {
             "samples": result.samples,
             "shards": len(result.shards),
@@ -604,9 +356,23 @@ def run_speech_demo(
             "per_task": {task: len(samples) for task, samples in train.items()},
         }
     }
-    data_seconds = time.perf_counter() - t0
 
-    # 2. the stages, from the given model with its speech adapter's output scaled to the embeddings
+
+def train_speech_stages(
+    out: Path, start_model: str | Path, settings: SpeechDemoSettings, *, progress: bool
+) -> tuple[list[Any], Path]:
+    """Run the ``tiny-demo-speech`` recipe's stages (those given steps in ``settings``) from
+    ``start_model``, its speech adapter's output scaled first (:func:`scale_adapter_output`); save
+    the result with its backbone in ``out/model-speech``.
+
+    Returns:
+        The stages' :class:`~mm.training.trainer.StageResult` s and the saved model's folder.
+    """
+    from mm.model.multimodal import MultimodalModel
+    from mm.training.metrics import plot_loss_curves, read_metrics
+    from mm.training.recipe import load_recipe
+    from mm.training.trainer import Trainer
+
     start = MultimodalModel.from_pretrained(start_model)
     scale_adapter_output(start)
     start_dir = out / "speech-start"
@@ -628,16 +394,23 @@ def run_speech_demo(
     shutil.rmtree(model_dir, ignore_errors=True)
     MultimodalModel.from_pretrained(results[-1].model_dir).save_pretrained(model_dir, copy_backbone=True)
     shutil.rmtree(start_dir, ignore_errors=True)
+    return results, model_dir
 
-    # 3. evaluation on held-out pairs, phrasings, speeds and seeds
-    t0 = time.perf_counter()
-    model = MultimodalModel.from_pretrained(model_dir).eval()
+
+def speech_figures(
+    model,
+    train: dict[str, list[SpeechSample]],
+    evals: dict[str, list[SpeechSample]],
+    eval_waves: dict[str, list[torch.Tensor]],
+) -> dict[str, Any]:
+    """The report's speech figures: ``model``'s answers to the held-out utterances ``evals``
+    (spoken as ``eval_waves``) scored, with chance levels from the ``train`` answers, the text
+    model's own bound, and the first examples of each task."""
     asr = answer_all(model, evals["asr"], eval_waves["asr"])
     qa = answer_all(model, evals["qa"], eval_waves["qa"])
     refs = [s.answer for s in evals["asr"]]
     repeated = text_task_all(model, "asr", refs)
     translation, translated = _translation_figures(model, train, evals, eval_waves)
-    eval_seconds = time.perf_counter() - t0
     held = [i for i, s in enumerate(evals["asr"]) if s.heldout_phrasing]
     colours = [next(iter(named_colours(s.answer))) for s in evals["qa"]]
     right = [qa_correct(s, a) for s, a in zip(evals["qa"], qa)]
@@ -658,17 +431,6 @@ def run_speech_demo(
             {"task": s.task, "said": s.text, "answer": s.answer, "model": a}
             for s, a in [*zip(evals["asr"][:4], asr), *translated, *zip(evals["qa"][:4], qa)]
         ],
-        "speech_data": data_info,
-        "speech_stages": [
-            {"name": r.name, "steps": r.steps, "seconds": round(r.seconds, 2), "final_loss": r.final_loss}
-            for r in results
-        ],
-        "speech_seconds": {
-            "data": round(data_seconds, 1),
-            "eval": round(eval_seconds, 1),
-            "total": round(time.perf_counter() - started, 1),
-        },
-        "speech_model_dir": str(model_dir),
     }
 
 
@@ -700,94 +462,3 @@ def _translation_figures(model, train, evals, eval_waves) -> tuple[dict[str, Any
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
-
-
-# ---------------------------------------------------------------------------------------- report
-def speech_summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
-    """Rows of the demo's printed summary (none when the report has no speech phase)."""
-    if "speech_wer" not in r:
-        return []
-    return [
-        (
-            "speech recognition WER (held-out pairs)",
-            f"{r['speech_wer']:.3f}  (chance {r['speech_wer_chance']:.2f}; lower is better; the text "
-            f"model repeating the words as text: {r['speech_text_repeat_wer']:.2f})",
-        ),
-        *(
-            [
-                (
-                    "speech translation BLEU (held-out pairs)",
-                    f"{r['speech_bleu']:.1f}  (chance {r['speech_bleu_chance']:.1f}; the text model "
-                    f"translating the words as text: {r['speech_text_translate_bleu']:.1f})",
-                )
-            ]
-            if "speech_bleu" in r
-            else []
-        ),
-        (
-            "spoken QA accuracy (held-out phrasings)",
-            f"{r['speech_qa_accuracy']:.3f}  (chance {r['speech_qa_chance']:.2f})",
-        ),
-        ("speech phase time", f"{r['speech_seconds']['total']:.0f} s"),
-    ]
-
-
-def speech_markdown(r: dict[str, Any]) -> str:
-    """The speech section of ``report.md`` (empty when the report has no speech phase)."""
-    if "speech_wer" not in r:
-        return ""
-    examples = "\n".join(
-        f"| {e['task']} | {e['said']} | {e['answer']} | {e['model']} |" for e in r["speech_examples"]
-    )
-    t = r["speech_seconds"]
-    n = r["speech_eval_samples"]
-    translation_text = translation_rows = ""
-    recognition_text = """Recognition through the frozen text model can be no better than the
-text model repeating the words given as text (its row below). """
-    if "speech_bleu" in r:
-        translation_text = """*Translation* ("Translate the following sentence into French.")
-says the same kind of sentences, and the answer is their French ("The green cross." -> "La croix
-verte."), scored with corpus BLEU (sacreBLEU's default: 13a tokens, exp smoothing; chance: the
-best single training translation said for every utterance), and recognition and translation
-through the frozen text model can be no better than the text model repeating or translating the
-words given as text (their rows below). """
-        translation_rows = f"""
-| speech translation BLEU | **{r["speech_bleu"]:.1f}** (chance {r["speech_bleu_chance"]:.1f}) |
-| BLEU, held-out phrasing only | {r["speech_bleu_heldout_phrasing"]:.1f} |
-| translation exact match | {r["speech_ast_exact"]:.3f} |
-| text model translating the words as text, BLEU | {r["speech_text_translate_bleu"]:.1f} |"""
-    counts = (
-        f"{n['asr']} recognition, "
-        + (f"{n['ast']} translation, " if "ast" in n else "")
-        + f"{n['qa']} questions"
-    )
-    return f"""## Speech (experimental)
-
-Speech was synthesised offline with hibari-tts's bundled voice at varied speeds and noise seeds.
-*Recognition* ("Repeat after me in English.") uses a small vocabulary (four colours, four shapes):
-every evaluation utterance says a colour-shape pair never said in training, half in a sentence
-form never heard in training, so the word error rate measures recognising known words in new
-combinations, not open-vocabulary transcription. {translation_text or recognition_text}*Spoken questions* ask the colour of things the
-text model read about ("What colour is the sky?" -> "blue."), half in phrasings never heard in
-training; an answer counts when it names the right colour and no other. Chance: the best single
-training transcript said for every utterance (word error rate), and always naming the most common
-colour (accuracy). Answers are read to their first full stop. `mm demo --speech` pre-trains the
-text model with "Repeat after me" (and "Translate") turns, so that it can.
-
-| | |
-| --- | --- |
-| speech recognition word error rate | **{r["speech_wer"]:.3f}** (chance {r["speech_wer_chance"]:.2f}; lower is better) |
-| word error rate, held-out phrasing only | {r["speech_wer_heldout_phrasing"]:.3f} |
-| recognition exact match | {r["speech_asr_exact"]:.3f} |
-| text model repeating the words as text, word error rate | {r["speech_text_repeat_wer"]:.3f} |{translation_rows}
-| spoken QA accuracy | **{r["speech_qa_accuracy"]:.3f}** (chance {r["speech_qa_chance"]:.2f}) |
-| spoken QA accuracy, held-out phrasings only | {r["speech_qa_heldout_phrasing"]:.3f} |
-| spoken QA exact answer | {r["speech_qa_exact"]:.3f} |
-| evaluation utterances | {counts} |
-| speech phase time | data {t["data"]:.1f} s, evaluation {t["eval"]:.1f} s, total {t["total"]:.1f} s |
-
-| task | said | answer | model |
-| --- | --- | --- | --- |
-{examples}
-
-"""

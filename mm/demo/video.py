@@ -4,7 +4,7 @@ After the image stages, the demo teaches its model to watch clips (Llama 3 paper
 7.4), through the real data path:
 
 1. generate moving-shapes clips whose questions no single frame answers (direction of motion,
-   which colour appeared first, how many shapes crossed the middle; :func:`mm.datasets.make_video_qa`),
+   which colour appeared first, how many shapes crossed the middle; :func:`mm.demo.video_data.make_video_qa`),
    a training split and an evaluation split whose every clip holds a colour-shape pair never seen
    in training; write them as H.264 mp4 files with PyAV and pack the training clips into shards;
 2. run the model's frozen image encoder and projector once over the training shards
@@ -28,9 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from mm.demo.evaluate import exact_match, generate_answers
 
-__all__ = ["VIDEO_FULL", "VIDEO_QUICK", "VideoDemoSettings", "run_video_demo", "video_qa_accuracy"]
+__all__ = [
+    "VIDEO_FULL",
+    "VIDEO_QUICK",
+    "VideoDemoSettings",
+    "cache_frame_features",
+    "run_video_demo",
+    "train_video_stage",
+    "video_chance",
+    "video_qa_accuracy",
+    "write_video_data",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +74,7 @@ def write_video_data(
         their mp4 files.
     """
     from mm.datasets.shards import pack
-    from mm.demo.data import make_video_qa, write_video_qa_folder
+    from mm.demo.video_data import make_video_qa, write_video_qa_folder
 
     raw, shards = out / "raw-video", out / "data" / "video"
     for folder in (raw, shards):
@@ -85,7 +95,6 @@ def write_video_data(
     return info, evals, files
 
 
-@torch.no_grad()
 def video_qa_accuracy(
     model, samples, videos, *, group_size: int | None = None, batch: int = 32
 ) -> dict[str, Any]:
@@ -93,39 +102,89 @@ def video_qa_accuracy(
 
     Args:
         model: the model, with its preprocessor (which decodes and samples the clips).
-        samples: :class:`~mm.datasets.VideoQASample` s.
+        samples: :class:`~mm.demo.video_data.VideoQASample` s.
         videos: per sample, what its video part holds (an mp4 path, bytes, or frames).
         group_size: frames the aggregator merges into one (the video stage's).
         batch: questions answered together.
-    """
-    from mm.demo.data import video_qa_messages
 
-    pre = model.preprocessor
-    right: Counter[str] = Counter()
-    seen: Counter[str] = Counter()
+    Returns:
+        ``accuracy``, ``per_kind`` and ``examples`` (up to three questions of each kind, with their
+        answers and the model's).
+    """
+    from mm.demo.video_data import video_qa_messages
+
+    def with_group_size(inputs: dict[str, Any]) -> dict[str, Any]:
+        inputs["video"] = inputs["video"].replace(group_size=group_size)
+        return inputs
+
+    turns = [video_qa_messages(s, str(v) if isinstance(v, Path) else v)[:1] for s, v in zip(samples, videos)]
+    answers = generate_answers(model, turns, batch=batch, prepare=with_group_size)
     examples = []
-    for i in range(0, len(samples), batch):
-        chunk = list(zip(samples[i : i + batch], videos[i : i + batch]))
-        convs = [video_qa_messages(s, str(v) if isinstance(v, Path) else v)[:1] for s, v in chunk]
-        inputs = pre.prompts(convs)
-        new = model.generate(**inputs, video_group_size=group_size, max_new_tokens=12)
-        for (s, _), ids in zip(chunk, new.tolist()):
-            stop = [k for k, t in enumerate(ids) if t in pre.tokenizer.stop_ids]
-            answer = pre.tokenizer.decode(ids[: stop[0]] if stop else ids, skip_special=True).strip()
-            seen[s.kind] += 1
-            right[s.kind] += answer == s.answer
-            if len(examples) < 9 and seen[s.kind] <= 3:
-                examples.append({"question": s.question, "answer": s.answer, "model": answer, "kind": s.kind})
-    return {
-        "accuracy": sum(right.values()) / max(1, sum(seen.values())),
-        "per_kind": {k: right[k] / seen[k] for k in sorted(seen)},
-        "examples": examples,
-    }
+    seen: Counter[str] = Counter()
+    for s, answer in zip(samples, answers):
+        seen[s.kind] += 1
+        if len(examples) < 9 and seen[s.kind] <= 3:
+            examples.append({"question": s.question, "answer": s.answer, "model": answer, "kind": s.kind})
+    return {**exact_match(samples, answers), "examples": examples}
 
 
 def video_chance(samples) -> float:
     """Expected accuracy of guessing uniformly among each question's choices."""
     return sum(1 / len(s.choices) for s in samples) / max(1, len(samples))
+
+
+def cache_frame_features(
+    out: Path, image_model_dir: Path, settings: VideoDemoSettings, *, progress: bool
+) -> int:
+    """Run the frozen image encoder and projector of ``image_model_dir`` once over the training
+    shards under ``out/data/video`` (as ``mm data cache-features``), writing the frame tokens to
+    ``out/data/video-features``; returns the number of videos cached."""
+    from mm.training.cache_features import cache_features
+
+    cached = cache_features(
+        image_model_dir,
+        out / "data" / "video",
+        out / "data" / "video-features",
+        num_frames=settings.num_frames,
+        batch_size=64,
+        device="cpu",
+        progress=progress,
+        overwrite=True,
+    )
+    return cached.videos
+
+
+def train_video_stage(
+    out: Path, image_model_dir: Path, settings: VideoDemoSettings, *, seed: int, progress: bool
+) -> tuple[Any, int]:
+    """Train the ``video-adapter`` stage of the ``tiny-demo-video`` recipe on the cached frame
+    features under ``out/data`` (``settings.steps`` steps, ``settings.num_frames`` frames per clip),
+    starting from ``image_model_dir``; plot its loss.
+
+    Returns:
+        The stage's :class:`~mm.training.trainer.StageResult` and the frames it merges into one.
+    """
+    from mm.training.metrics import plot_loss_curves, read_metrics
+    from mm.training.recipe import load_recipe
+    from mm.training.trainer import Trainer
+
+    recipe = load_recipe("tiny-demo-video").with_paths(
+        IMAGE_MODEL=str(image_model_dir), DATA=str((out / "data").resolve())
+    )
+    stage = dataclasses.replace(
+        recipe.stages[0],
+        steps=settings.steps,
+        seed=seed,
+        video=dataclasses.replace(recipe.stages[0].video, num_frames=settings.num_frames),
+    )
+    recipe = dataclasses.replace(recipe, stages=(stage,), seed=seed)
+    shutil.rmtree(out / "runs" / stage.name, ignore_errors=True)
+    (result,) = Trainer(recipe, output_dir=out / "runs", progress=progress).run()
+    plot_loss_curves(
+        {stage.name: read_metrics(out / "runs" / stage.name / "metrics.jsonl")},
+        out / "plots" / "video-stage.png",
+    )
+    return result, stage.video.group_size
 
 
 def run_video_demo(
@@ -155,10 +214,6 @@ def run_video_demo(
         ``video_timings`` (seconds per phase), ``video_data`` and ``model_dir`` (the trained model).
     """
     from mm.model.multimodal import MultimodalModel
-    from mm.training.cache_features import cache_features
-    from mm.training.metrics import plot_loss_curves, read_metrics
-    from mm.training.recipe import load_recipe
-    from mm.training.trainer import Trainer
 
     settings = settings or (VIDEO_QUICK if quick else VIDEO_FULL)
     out, image_model_dir = Path(out), Path(image_model_dir).resolve()
@@ -171,41 +226,16 @@ def run_video_demo(
 
     # 2. frame tokens of the frozen image encoder + projector, once
     t0 = time.perf_counter()
-    cached = cache_features(
-        image_model_dir,
-        out / "data" / "video",
-        out / "data" / "video-features",
-        num_frames=settings.num_frames,
-        batch_size=64,
-        device="cpu",
-        progress=progress,
-        overwrite=True,
-    )
+    data_info["cached_videos"] = cache_frame_features(out, image_model_dir, settings, progress=progress)
     cache_seconds = time.perf_counter() - t0
-    data_info["cached_videos"] = cached.videos
 
     # 3. the video stage: aggregator + video cross-attention only
-    recipe = load_recipe("tiny-demo-video").with_paths(
-        IMAGE_MODEL=str(image_model_dir), DATA=str((out / "data").resolve())
-    )
-    stage = dataclasses.replace(
-        recipe.stages[0],
-        steps=settings.steps,
-        seed=seed,
-        video=dataclasses.replace(recipe.stages[0].video, num_frames=settings.num_frames),
-    )
-    recipe = dataclasses.replace(recipe, stages=(stage,), seed=seed)
-    shutil.rmtree(out / "runs" / stage.name, ignore_errors=True)
-    (result,) = Trainer(recipe, output_dir=out / "runs", progress=progress).run()
-    plot_loss_curves(
-        {stage.name: read_metrics(out / "runs" / stage.name / "metrics.jsonl")},
-        out / "plots" / "video-stage.png",
-    )
+    result, group_size = train_video_stage(out, image_model_dir, settings, seed=seed, progress=progress)
 
     # 4. held-out evaluation from the mp4 files, through the serving path
     t0 = time.perf_counter()
     model = MultimodalModel.from_pretrained(result.model_dir).eval()
-    qa = video_qa_accuracy(model, eval_samples, eval_files, group_size=stage.video.group_size)
+    qa = video_qa_accuracy(model, eval_samples, eval_files, group_size=group_size)
     eval_seconds = time.perf_counter() - t0
     report = {
         "video_qa_accuracy": qa["accuracy"],
