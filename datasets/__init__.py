@@ -1,4 +1,5 @@
-"""Data for mm: image tiling, the cross-attention mask, video and audio decoding, webdataset shards.
+"""Data for mm: image tiling, the cross-attention mask, video and audio decoding, webdataset shards,
+the preprocessor (conversation -> model inputs, saved with a model) and the media parts of messages.
 
 Shape legend: b batch, s text tokens, n images, t tiles, f frames.
 
@@ -13,6 +14,12 @@ import importlib
 _EXPORTS = {
     "AudioConfig": "mm.datasets.audio",
     "AudioError": "mm.datasets.audio",
+    "AudioInputs": "mm.datasets.inputs",
+    "AudioTokens": "mm.datasets.preprocessing",
+    "EncodedSample": "mm.datasets.preprocessing",
+    "Preprocessor": "mm.datasets.preprocessing",
+    "SampleTooLong": "mm.datasets.preprocessing",
+    "VideoInputs": "mm.datasets.inputs",
     "CLIP_MEAN": "mm.datasets.image_processing",
     "CLIP_STD": "mm.datasets.image_processing",
     "DEFAULT_CAPTION_PROMPTS": "mm.datasets.shards",

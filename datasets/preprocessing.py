@@ -33,10 +33,11 @@ import torch
 from mm.datasets.cross_attention_mask import MASK_MODES, batch_cross_attention_mask
 from mm.datasets.image_processing import ImageProcessor
 from mm.datasets.images import load_image
+from mm.datasets.inputs import AudioInputs, VideoInputs
 from mm.text_backbone.chat_format import IGNORE_INDEX, format_chat, labels_from
 from mm.text_backbone.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["AudioTokens", "EncodedSample", "Preprocessor", "SampleTooLong"]
+__all__ = ["AudioTokens", "EncodedSample", "Preprocessor", "SampleTooLong", "stage_preprocessor"]
 
 
 class SampleTooLong(ValueError):
@@ -302,15 +303,13 @@ class Preprocessor:
             return None
 
     # ------------------------------------------------------------------ batches
-    def collate(
-        self, samples: Sequence[EncodedSample], *, padding_side: str = "right"
-    ) -> dict[str, torch.Tensor]:
+    def collate(self, samples: Sequence[EncodedSample], *, padding_side: str = "right") -> dict[str, Any]:
         """Pad a batch: ``input_ids``, ``attention_mask``, ``labels`` ``[b, s]``; when any sample has
         images ``pixel_values [b, n, t, 3, H, W]``, ``aspect_ratio_ids``, ``aspect_ratio_mask`` and
-        ``cross_attention_mask [b, s, n, t]``; videos likewise under ``video_*`` with
-        ``video_pixel_values [b, v, f, t, 3, H, W]`` and ``video_cross_attention_mask [b, s, v]``;
-        audio as ``audio_features [a, F, 80]`` and ``audio_lengths [a]`` in reading order. Any number
-        of media per sample, including none."""
+        ``cross_attention_mask [b, s, n, t]``; videos as ``video`` (:class:`VideoInputs`: pixels
+        ``[b, v, f, t, 3, H, W]`` or cached frame tokens, and the ``[b, s, v]`` mask); audio as
+        ``audio`` (:class:`AudioInputs`: features ``[a, F, 80]`` and lengths ``[a]`` in reading
+        order). Any number of media per sample, including none."""
         if not samples:
             raise ValueError("cannot collate an empty batch")
         width = max(len(s.ids) for s in samples)
@@ -346,12 +345,12 @@ class Preprocessor:
                 ),
             )
         if any(s.videos for s in samples):
-            batch.update(self._collate_videos(samples, token_ids, width, padding_side))
+            batch["video"] = self._collate_videos(samples, token_ids, width, padding_side)
         audios = [a for s in samples for a in s.audios]
         if audios:
             from mm.datasets.audio import pad_features
 
-            batch["audio_features"], batch["audio_lengths"] = pad_features(audios)
+            batch["audio"] = AudioInputs(*pad_features(audios))
         return batch
 
     def video_pixel_values(self, videos: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -383,7 +382,7 @@ class Preprocessor:
             _, ratio_ids, pixels, ratio_mask = self._to_encoder_tiles(ratio_ids, pixels, ratio_mask)
         return pixels, ratio_ids, ratio_mask
 
-    def _collate_videos(self, samples, token_ids, width, padding_side) -> dict[str, torch.Tensor]:
+    def _collate_videos(self, samples, token_ids, width, padding_side) -> VideoInputs:
         b, v = len(samples), max(len(s.videos) for s in samples)
         videos = [video for s in samples for video in s.videos]
         cached = [torch.is_tensor(video) for video in videos]
@@ -406,7 +405,7 @@ class Preprocessor:
                 for j in range(len(s.videos)):
                     features[i, j] = videos[k]
                     k += 1
-            return {"video_features": features, "video_cross_attention_mask": xmask}
+            return VideoInputs(cross_attention_mask=xmask, features=features)
         if any(cached):
             raise ValueError(
                 "a batch mixes videos given as cached features with videos given as pixels; "
@@ -421,12 +420,12 @@ class Preprocessor:
             for j in range(len(s.videos)):
                 pixels[i, j], ratio_ids[i, j], ratio_mask[i, j] = flat[k], flat_ids[k], flat_mask[k]
                 k += 1
-        return {
-            "video_pixel_values": pixels,
-            "video_aspect_ratio_ids": ratio_ids,
-            "video_aspect_ratio_mask": ratio_mask,
-            "video_cross_attention_mask": xmask,
-        }
+        return VideoInputs(
+            cross_attention_mask=xmask,
+            pixel_values=pixels,
+            aspect_ratio_ids=ratio_ids,
+            aspect_ratio_mask=ratio_mask,
+        )
 
     def _to_encoder_tiles(self, ratio_ids, pixels, ratio_mask):
         """Pad ``[b, n, t, ...]`` to the encoder's tiles and renumber aspect-ratio ids into its list."""
@@ -457,3 +456,73 @@ class Preprocessor:
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def stage_preprocessor(
+    model,
+    *,
+    max_seq_len: int,
+    image: Any = None,
+    num_frames: int | None = None,
+    stage_name: str = "",
+) -> Preprocessor:
+    """The preprocessor a training stage decodes and tokenises its samples with.
+
+    The model's saved settings, with the stage's tile settings (``image``: ``tile_size`` and
+    ``max_tiles``) and frames per clip when given, tiles padded to the image encoder's when their
+    counts differ, and audio features for a model with a speech encoder. ``mm data cache-features``
+    builds its clips' preprocessor here too, so cached features match what the stage would decode.
+
+    Args:
+        model: a :class:`~mm.model.MultimodalModel` (its ``preprocessor``, ``image_encoder`` and
+            ``config`` are read).
+
+    Raises:
+        ValueError: the model has no preprocessor, or the stage's tiles do not fit its encoder.
+    """
+    pre = model.preprocessor
+    if pre is None:
+        raise ValueError("the model has no preprocessor (tokenizer and preprocessing settings)")
+    processor = pre.image_processor
+    if image is not None:
+        enc_size = getattr(model.image_encoder, "image_size", image.tile_size)
+        if image.tile_size != enc_size:
+            raise ValueError(
+                f"stage {stage_name!r} asks for {image.tile_size} px tiles; the image encoder takes {enc_size}"
+            )
+        base = processor.to_dict() if processor is not None else {}
+        processor = ImageProcessor.from_dict(
+            {**base, "tile_size": image.tile_size, "max_tiles": image.max_tiles}
+        )
+    enc = model.config.image_encoder  # a Llama 3 encoder's config, or an open_clip/timm spec (a dict)
+    tiles = None
+    max_num_tiles = getattr(enc, "max_num_tiles", None)
+    if max_num_tiles is not None and processor is not None and processor.max_tiles != max_num_tiles:
+        tiles = (max_num_tiles, enc.supported_aspect_ratios)
+    video = pre.video
+    if num_frames is not None:
+        from mm.datasets.video import VideoConfig
+
+        video = dataclasses.replace(pre.video or VideoConfig(), num_frames=num_frames)
+    audio, audio_tokens = pre.audio, pre.audio_tokens
+    speech = model.config.speech
+    if speech is not None and audio is None:
+        from mm.datasets.audio import AudioConfig
+
+        audio = AudioConfig(n_mels=speech.encoder.input_dim)
+        audio_tokens = AudioTokens(
+            stack=speech.encoder.stack,
+            conv_kernel=speech.adapter.conv_kernel,
+            conv_stride=speech.adapter.conv_stride,
+        )
+    return Preprocessor(
+        pre.tokenizer,
+        processor,
+        mask_mode=pre.mask_mode,
+        max_seq_len=max_seq_len,
+        max_images=pre.max_images,
+        encoder_tiles=tiles,
+        video=video,
+        audio=audio,
+        audio_tokens=audio_tokens,
+    )

@@ -48,6 +48,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mm._strict import check_fields
+
 __all__ = ["ImageEncoder", "ImageEncoderConfig", "resize_image_encoder", "resize_patch_grid"]
 
 # Tile grids (rows, cols), i.e. (tiles down, tiles across), of Llama 3.2 Vision for at most 4 tiles. Aspect-ratio id
@@ -152,11 +154,8 @@ class ImageEncoderConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ImageEncoderConfig:
         """Strict inverse of :meth:`to_dict`: unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ImageEncoderConfig keys: {unknown}")
-        return cls(**dict(data))
+        data = check_fields(cls, data, "image encoder config")
+        return cls(**data)
 
     def replace(self, **changes: Any) -> ImageEncoderConfig:
         return dataclasses.replace(self, **changes)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mm import ModelConfig, MultimodalModel
-from mm.datasets import AudioConfig, ImageProcessor, VideoConfig
+from mm.datasets import AudioConfig, AudioInputs, ImageProcessor, VideoConfig, VideoInputs
 from mm.datasets.preprocessing import AudioTokens, Preprocessor
 from mm.model.components import set_trainable, trainable_components
 from mm.model.video import encode_video_frames
@@ -105,16 +105,12 @@ def test_cached_frame_features_give_the_loss_of_pixels(model):
         )
         with torch.no_grad():
             from_pixels = model(**batch).loss
+            video = batch["video"]
             features = encode_video_frames(
-                model,
-                batch["video_pixel_values"],
-                batch["video_aspect_ratio_ids"],
-                batch["video_aspect_ratio_mask"],
+                model, video.pixel_values, video.aspect_ratio_ids, video.aspect_ratio_mask
             )
-            cached = {
-                k: v for k, v in batch.items() if k not in ("video_pixel_values", "video_aspect_ratio_ids")
-            }
-            from_cache = model(**cached, video_features=features).loss
+            cached = dict(batch, video=VideoInputs(video.cross_attention_mask, features=features))
+            from_cache = model(**cached).loss
         assert features.shape[:3] == (2, 1, FRAMES)
         torch.testing.assert_close(from_cache, from_pixels, atol=1e-6, rtol=0)
     finally:
@@ -137,7 +133,7 @@ def test_audio_placeholders_match_the_adapter_and_batching(model):
     assert n_long > n_short > 0
     batch = pre.collate([short, long])
     with torch.no_grad():
-        hidden, lengths = model.speech_encoder(batch["audio_features"], batch["audio_lengths"])
+        hidden, lengths = model.speech_encoder(batch["audio"].features, batch["audio"].lengths)
         _, out_lengths = model.speech_adapter(hidden, lengths)
     assert out_lengths.tolist() == [n_short, n_long]
     with torch.no_grad():
@@ -159,7 +155,7 @@ def test_speech_changes_the_answer_and_gradients_reach_the_speech_modules(model)
         set_trainable(model, ())
         model.zero_grad(set_to_none=True)
     b = pre.collate([pre.encode(_audio_conv(0.8, text="Repeat after me in English."))])
-    c = dict(b, audio_features=b["audio_features"] * 0.0)
+    c = dict(b, audio=AudioInputs(b["audio"].features * 0.0, b["audio"].lengths))
     with torch.no_grad():
         assert not torch.allclose(model(**b).logits[:, -1], model(**c).logits[:, -1])
 
@@ -183,13 +179,16 @@ def test_cached_decoding_with_video_and_audio_equals_recompute(model):
         ids = batch["input_ids"]
         for _ in range(5):
             full = {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            last = batch["video_cross_attention_mask"][:, -1:]
-            full["video_cross_attention_mask"] = torch.cat(
-                [
-                    batch["video_cross_attention_mask"],
-                    last.expand(1, ids.shape[1] - batch["input_ids"].shape[1], 1),
-                ],
-                1,
+            video = batch["video"]
+            last = video.cross_attention_mask[:, -1:]
+            full["video"] = video.replace(
+                cross_attention_mask=torch.cat(
+                    [
+                        video.cross_attention_mask,
+                        last.expand(1, ids.shape[1] - batch["input_ids"].shape[1], 1),
+                    ],
+                    1,
+                )
             )
             with torch.no_grad():
                 nxt = model(**full).logits[0, -1].argmax()

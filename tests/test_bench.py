@@ -125,7 +125,9 @@ def test_a_failing_worker_is_reported_not_raised(tmp_path):
 
 
 def test_missing_transformers_is_said_clearly():
-    code = "import sys; sys.modules['transformers'] = None; from mm.cli import main; sys.exit(main(['bench']))"
+    code = (
+        "import sys; sys.modules['transformers'] = None; from mm.cli import main; sys.exit(main(['bench']))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "needs Hugging Face transformers" in proc.stderr

@@ -53,7 +53,7 @@ class Probe(Trainer):
         def count(module, args, kwargs):
             # A micro-batch whose rows see no image runs the image path because another rank's do.
             mask = kwargs.get("cross_attention_mask")
-            if module.run_media_path and mask is not None and not bool(mask.any()):
+            if kwargs.get("run_media_path") and mask is not None and not bool(mask.any()):
                 record["forced"] += 1
 
         model.register_forward_pre_hook(count, with_kwargs=True)

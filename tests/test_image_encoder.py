@@ -219,7 +219,7 @@ def test_config_round_trips_through_hf():
 def test_config_errors():
     with pytest.raises(ValueError, match="vision_output_dim"):
         ImageEncoderConfig.from_hf({**TINY.to_hf(), "vision_output_dim": 7680})
-    with pytest.raises(ValueError, match="unknown ImageEncoderConfig keys"):
+    with pytest.raises(ValueError, match="unknown keys in image encoder config"):
         ImageEncoderConfig.from_dict({"widht": 32})
     with pytest.raises(ValueError, match="intermediate_layers"):
         TINY.replace(intermediate_layers=(4,))
@@ -398,7 +398,7 @@ def test_build_image_encoder():
         build_image_encoder({"type": "timm", "model_name": "vit_tiny_patch16_224", "img_size": 32})
     with pytest.raises(ValueError, match="missing keys"):
         build_image_encoder({"type": "open_clip"})
-    with pytest.raises(ValueError, match="unknown ImageEncoderConfig keys"):
+    with pytest.raises(ValueError, match="unknown keys in image encoder config"):
         build_image_encoder({"type": "llama3", "depth": 3})
     with pytest.raises(ValueError, match="type must be"):
         build_image_encoder({"type": "siglip"})

@@ -130,12 +130,13 @@ def test_cached_features_give_the_losses_of_pixels_and_the_stage_runs_without_pi
     pre = features_preprocessor(model)
     pre.video_features_fingerprint = features_fingerprint(model, pre)
     batch = StageData([DataSource(shards=str(tmp_path / "cached"))], pre, batch_size=4).next_batch()
-    assert not any(k.startswith("video_pixel") for k in batch)
-    assert batch["video_features"].shape[:3] == (4, 1, FRAMES)
+    assert batch["video"].pixel_values is None
+    assert batch["video"].features.shape[:3] == (4, 1, FRAMES)
     # ... that matter: the open video gates make the loss depend on them.
     with torch.no_grad():
         loss = model(**batch).loss
-        blank = model(**{**batch, "video_features": torch.zeros_like(batch["video_features"])}).loss
+        zeros = torch.zeros_like(batch["video"].features)
+        blank = model(**{**batch, "video": batch["video"].replace(features=zeros)}).loss
     assert abs(float(loss) - float(blank)) > 1e-3
 
     # The trainer's losses on the cached shards are those on the mp4 shards, step by step.

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mm._strict import check_fields
+
 __all__ = ["RopeScaling", "TextConfig"]
 
 
@@ -94,11 +96,8 @@ class TextConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TextConfig:
         """Strict inverse of :meth:`to_dict`: unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TextConfig keys: {unknown}")
-        return cls(**dict(data))
+        data = check_fields(cls, data, "text config")
+        return cls(**data)
 
     def replace(self, **changes: Any) -> TextConfig:
         return dataclasses.replace(self, **changes)

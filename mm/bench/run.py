@@ -283,69 +283,86 @@ def run_bench(
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"mllama-{size_name}-{dtype}"
     try:
-        written = _reusable_checkpoint(folder, size, dtype)
-        if written is not None:
-            log(f"reusing the {size_name} Mllama checkpoint in {folder}")
-        else:
-            log(f"writing a random {size_name} Mllama checkpoint to {folder}")
-            written = run_worker(
-                {**common, "task": "write", "folder": str(folder)}, timeout=timeout, workdir=root
-            )
-        report["checkpoint"] = written
+        report["checkpoint"] = written = _checkpoint(folder, size, common, timeout, root, log)
         if "error" in written:
             report["error"] = "could not write the checkpoint: " + written["error"]
             return report
         n = size.matmul_n if device == "cpu" else 8192
         peak_spec = {**common, "task": "matmul", "matmul_n": n, "trial_s": size.matmul_trial_s}
-
-        def measure_peak(when: str) -> dict[str, Any]:
-            run = run_worker(peak_spec, timeout=timeout, workdir=root)
-            rate = run.get("flops_per_s")
-            log(f"matmul peak ({when}): {_flops(rate)}" if rate else f"matmul peak: error {run['error']}")
-            return {"when": when, **run}
-
         # Measured before and after the figures; the higher counts (a shared machine reads low at times).
-        peak_runs = [measure_peak("before")]
+        peak_runs = [_matmul_peak(peak_spec, "before", timeout, root, log)]
         report["hardware"].update({k: peak_runs[0][k] for k in ("gpu", "gpu_memory_gb") if k in peak_runs[0]})
-
-        raw: dict[str, dict[str, list]] = {f: {i: [] for i in IMPLS} for f in figures}
-        for r in range(repeats):
-            for figure in figures:
-                for impl in IMPLS:
-                    spec = {**common, "task": figure, "impl": impl, "folder": str(folder)}
-                    spec.update(steps=steps) if figure == "train" else spec.update(runs=runs)
-                    result = run_worker(spec, timeout=timeout, workdir=root)
-                    raw[figure][impl].append(result)
-                    log(f"round {r + 1}/{repeats}  {figure:6s} {impl:2s}  {_progress(figure, result)}")
-        peak_runs.append(measure_peak("after"))
-        rates = [r["flops_per_s"] for r in peak_runs if "flops_per_s" in r]
-        peak = max(rates) if rates else None
-        report["matmul_peak"] = {"flops_per_s": peak, "runs": peak_runs}
-        flops_decode = decode_flops(size)
-        results: dict[str, dict[str, Any]] = {}
-        if "train" in raw:
-            results["train"] = {impl: summarise_train(raw["train"][impl], size, peak) for impl in IMPLS}
-        report["flops"] = {
-            "train_step": {impl: results.get("train", {}).get(impl, {}).get("model_flops") for impl in IMPLS},
-            "prefill": flops_decode[0],
-            "decode": flops_decode[1],
-            "peak_flops_per_s": peak,
-        }
-        if "decode" in raw:
-            results["decode"] = {
-                impl: summarise_decode(raw["decode"][impl], size, flops_decode, peak) for impl in IMPLS
-            }
-        report["results"] = results
-        report["comparison"] = compare(results)
-        every = [r for fig in raw.values() for runs_ in fig.values() for r in runs_]
-        seen = [r["torch_threads"] for r in every if "torch_threads" in r]
-        report["hardware"]["torch_threads"] = seen[0] if seen else None
-        loads = [x for r in every for x in r.get("load_average", [])]
-        report["load_average_max"] = max(loads) if loads else None
+        raw = _measure_figures(
+            figures, repeats, {**common, "folder": str(folder)}, steps, runs, timeout, root, log
+        )
+        peak_runs.append(_matmul_peak(peak_spec, "after", timeout, root, log))
+        _summarise(report, raw, size, peak_runs)
         return report
     finally:
         if temp is not None:
             temp.cleanup()
+
+
+def _checkpoint(
+    folder: Path, size: BenchSize, common: dict, timeout: float, root: Path, log
+) -> dict[str, Any]:
+    """The random checkpoint both implementations load: reused when an earlier run finished it."""
+    written = _reusable_checkpoint(folder, size, common["dtype"])
+    if written is not None:
+        log(f"reusing the {common['size']} Mllama checkpoint in {folder}")
+        return written
+    log(f"writing a random {common['size']} Mllama checkpoint to {folder}")
+    return run_worker({**common, "task": "write", "folder": str(folder)}, timeout=timeout, workdir=root)
+
+
+def _matmul_peak(spec: dict, when: str, timeout: float, root: Path, log) -> dict[str, Any]:
+    """One measurement of the machine's matmul rate (a worker process of its own)."""
+    run = run_worker(spec, timeout=timeout, workdir=root)
+    rate = run.get("flops_per_s")
+    log(f"matmul peak ({when}): {_flops(rate)}" if rate else f"matmul peak: error {run['error']}")
+    return {"when": when, **run}
+
+
+def _measure_figures(figures, repeats, common, steps, runs, timeout, root, log) -> dict[str, dict[str, list]]:
+    """Every figure for both implementations, alternating, ``repeats`` rounds, one process each."""
+    raw: dict[str, dict[str, list]] = {f: {i: [] for i in IMPLS} for f in figures}
+    for r in range(repeats):
+        for figure in figures:
+            for impl in IMPLS:
+                spec = {**common, "task": figure, "impl": impl}
+                spec.update(steps=steps) if figure == "train" else spec.update(runs=runs)
+                result = run_worker(spec, timeout=timeout, workdir=root)
+                raw[figure][impl].append(result)
+                log(f"round {r + 1}/{repeats}  {figure:6s} {impl:2s}  {_progress(figure, result)}")
+    return raw
+
+
+def _summarise(report: dict[str, Any], raw: dict[str, dict[str, list]], size: BenchSize, peak_runs) -> None:
+    """Medians, FLOPs, MFU and the mm/HF comparison of the raw runs, into ``report``."""
+    rates = [r["flops_per_s"] for r in peak_runs if "flops_per_s" in r]
+    peak = max(rates) if rates else None
+    report["matmul_peak"] = {"flops_per_s": peak, "runs": peak_runs}
+    flops_decode = decode_flops(size)
+    results: dict[str, dict[str, Any]] = {}
+    if "train" in raw:
+        results["train"] = {impl: summarise_train(raw["train"][impl], size, peak) for impl in IMPLS}
+    report["flops"] = {
+        "train_step": {impl: results.get("train", {}).get(impl, {}).get("model_flops") for impl in IMPLS},
+        "prefill": flops_decode[0],
+        "decode": flops_decode[1],
+        "peak_flops_per_s": peak,
+    }
+    if "decode" in raw:
+        results["decode"] = {
+            impl: summarise_decode(raw["decode"][impl], size, flops_decode, peak) for impl in IMPLS
+        }
+    report["results"] = results
+    report["comparison"] = compare(results)
+    every = [r for fig in raw.values() for runs_ in fig.values() for r in runs_]
+    seen = [r["torch_threads"] for r in every if "torch_threads" in r]
+    report["hardware"]["torch_threads"] = seen[0] if seen else None
+    loads = [x for r in every for x in r.get("load_average", [])]
+    report["load_average_max"] = max(loads) if loads else None
 
 
 def _reusable_checkpoint(folder: Path, size: BenchSize, dtype: str) -> dict[str, Any] | None:

@@ -45,10 +45,8 @@ _PREFIX = {
     "image_blocks": "image_adapter",
     "extra_embeddings": "image_adapter",
     "video_aggregator": "video_adapter",
-    "video_projector": "video_adapter",
     "video_blocks": "video_adapter",
     "speech_encoder": "speech_encoder",
-    "best_rq_head": "speech_encoder",  # BEST-RQ classifiers: only while the speech encoder pre-trains
     "speech_adapter": "speech_adapter",
 }
 

@@ -12,9 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mm._strict import check_fields
 from mm.adapters.speech_adapter import SpeechAdapterConfig
 from mm.encoders.conformer import ConformerConfig
 from mm.encoders.image_encoder import ImageEncoderConfig
+from mm.model.presets import MODEL_PRESETS
 from mm.text_backbone.config import TextConfig
 
 __all__ = ["ModelConfig", "SpeechConfig", "VideoAdapterConfig", "default_cross_attention_layers"]
@@ -26,14 +28,6 @@ NUM_EXTRA_TOKENS = 8
 def default_cross_attention_layers(num_layers: int, interval: int = 4) -> tuple[int, ...]:
     """Backbone layers that get an image block in front of them: 3, 7, 11, … (Llama 3.2 Vision)."""
     return tuple(range(interval - 1, num_layers, interval))
-
-
-def _strict(cls, data: Mapping[str, Any], where: str) -> dict[str, Any]:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown keys in {where}: {unknown} (known: {sorted(known)})")
-    return dict(data)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,13 +58,9 @@ class VideoAdapterConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VideoAdapterConfig:
-        data = _strict(cls, data, "video config")
+        data = check_fields(cls, data, "video config")
         if data.get("cross_attention_layers") is not None:
             data["cross_attention_layers"] = tuple(data["cross_attention_layers"])
-        if data.get("video") is not None:
-            data["video"] = VideoAdapterConfig.from_dict(data["video"])
-        if data.get("speech") is not None:
-            data["speech"] = SpeechConfig.from_dict(data["speech"])
         return cls(**data)
 
 
@@ -90,13 +80,13 @@ class SpeechConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SpeechConfig:
-        data = _strict(cls, data, "speech config")
+        data = check_fields(cls, data, "speech config")
         return cls(
             encoder=ConformerConfig(
-                **_strict(ConformerConfig, data.get("encoder", {}), "speech encoder config")
+                **check_fields(ConformerConfig, data.get("encoder", {}), "speech encoder config")
             ),
             adapter=SpeechAdapterConfig(
-                **_strict(SpeechAdapterConfig, data.get("adapter", {}), "speech adapter config")
+                **check_fields(SpeechAdapterConfig, data.get("adapter", {}), "speech adapter config")
             ),
         )
 
@@ -186,11 +176,14 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
         """A named configuration (see ``mm.model.presets``): paper sizes, Llama 3.2 Vision, text models, ``tiny``."""
-        from mm.model.presets import MODEL_PRESETS
-
         if name not in MODEL_PRESETS:
             raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(MODEL_PRESETS))}")
-        return MODEL_PRESETS[name]()
+        entry = dict(MODEL_PRESETS[name])
+        if "video" in entry:
+            entry["video"] = VideoAdapterConfig(**entry["video"])
+        if "speech" in entry:
+            entry["speech"] = SpeechConfig(**entry["speech"])
+        return cls(**entry)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -213,7 +206,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        data = _strict(cls, data, "model config")
+        data = check_fields(cls, data, "model config")
         data["text"] = TextConfig.from_dict(data["text"])
         enc = data.get("image_encoder")
         if isinstance(enc, Mapping) and enc.get("type", "llama3") == "llama3":

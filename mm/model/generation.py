@@ -1,4 +1,11 @@
-"""How a model generates when the caller does not say: stop tokens, temperature, top-p, length.
+"""Generation: decoding with everything that does not change computed once, and the defaults a model
+generates with when the caller does not say.
+
+:func:`stream` prefills the prompt — vision and video tokens, every block's cross-attention
+keys/values and the spliced speech are computed once — and then decodes one token per step from the
+backbone's KV cache; decoded tokens see what the prompt's last token saw (Llama 3 paper, section 7).
+
+:class:`GenerationDefaults`: stop tokens, temperature, top-p, length.
 
 A Hugging Face folder states these in ``generation_config.json`` (Llama 3.2 Vision Instruct: stop at
 ``<|end_of_text|>``, ``<|eom_id|>`` and ``<|eot_id|>``, sample at temperature 0.6 with top-p 0.9);
@@ -10,11 +17,19 @@ use them for every option the caller leaves out.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GenerationDefaults"]
+import torch
+
+from mm._strict import check_fields
+from mm.datasets.inputs import AudioInputs, VideoInputs
+from mm.model.video import video_state
+from mm.model.vision import VisionState, image_state
+from mm.text_backbone import KVCache, stream_tokens
+
+__all__ = ["GenerationDefaults", "GenerationState", "stream"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,11 +75,7 @@ class GenerationDefaults:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GenerationDefaults:
         """Strict inverse of :meth:`to_dict`: unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown generation settings {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return cls(**check_fields(cls, data, "generation settings"))
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> GenerationDefaults:
@@ -94,3 +105,91 @@ class GenerationDefaults:
         if self.max_new_tokens is not None:
             out["max_new_tokens"] = self.max_new_tokens
         return out
+
+
+@dataclass
+class GenerationState:
+    """What one request reuses across decoding steps: the KV cache and the vision keys/values.
+
+    Attributes:
+        cache: the backbone's KV cache.
+        vision: the images' per-block keys/values (``None``: no row sees an image).
+        last_mask_row: ``[b, 1, n, t]``, the cross-attention mask of decoded tokens.
+        video: the videos' per-block keys/values.
+        last_video_row: ``[b, 1, v]``, what decoded tokens see of the videos.
+    """
+
+    cache: KVCache
+    vision: VisionState | None
+    last_mask_row: torch.Tensor | None
+    video: VisionState | None = None
+    last_video_row: torch.Tensor | None = None
+
+
+def stream(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    aspect_ratio_ids: torch.Tensor | None = None,
+    aspect_ratio_mask: torch.Tensor | None = None,
+    cross_attention_mask: torch.Tensor | None = None,
+    video: VideoInputs | None = None,
+    audio: AudioInputs | None = None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_token_ids: tuple[int, ...] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token ``[b]`` of each (left-padded) row of ``model`` as it is decoded
+    (:meth:`mm.model.MultimodalModel.stream`)."""
+    b, s = input_ids.shape
+    with torch.inference_mode():
+        vision = image_state(model, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
+        videos = video_state(model, video)
+        state = GenerationState(
+            cache=model.backbone.new_cache(b, s + max_new_tokens),
+            vision=vision,
+            last_mask_row=None if vision is None else cross_attention_mask[:, -1:],
+            video=videos,
+            last_video_row=None if videos is None else video.cross_attention_mask[:, -1:],
+        )
+        prefill = [True]
+        head = model.backbone.greedy_head if temperature == 0 else model.backbone.head
+
+        def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            first = prefill[0]
+            prefill[0] = False
+            embeds = model.input_embeddings(ids, audio) if first else model.embed(ids)
+            h, ctx = model.backbone.prepare(
+                input_ids=ids if embeds is None else None,
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                cache=state.cache,
+            )
+            h = model.run_layers(
+                h,
+                ctx,
+                vision=state.vision,
+                cross_attention_mask=cross_attention_mask if first else state.last_mask_row,
+                video=state.video,
+                video_cross_attention_mask=(
+                    None if video is None else video.cross_attention_mask if first else state.last_video_row
+                ),
+            )
+            return head(h[:, -1])
+
+        stops = model.stop_token_ids if stop_token_ids is None else stop_token_ids
+        yield from stream_tokens(
+            step,
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stops,
+            pad_token_id=model.config.text.pad_token_id or 0,
+        )

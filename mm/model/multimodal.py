@@ -18,17 +18,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mm.adapters.cross_attention import GatedCrossAttentionBlock, VisionKV
+from mm.datasets.inputs import AudioInputs, VideoInputs
 from mm.encoders import ImageEncoder, ImageEncoderConfig, build_image_encoder
+from mm.model import generation
 from mm.model.components import COMPONENTS, component_of
-from mm.model.config import ModelConfig
+from mm.model.config import ModelConfig, default_cross_attention_layers
 from mm.model.speech import build_speech_modules, splice_speech
-from mm.model.video import build_video_modules, encode_video_frames, video_tokens
-from mm.text_backbone import KVCache, TextBackbone, stream_tokens
+from mm.model.video import build_video_modules, video_state
+from mm.model.vision import VisionState, image_state, token_mask
+from mm.text_backbone import TextBackbone
 
 __all__ = ["MultimodalModel", "MultimodalOutput", "VisionState"]
 
@@ -40,34 +42,6 @@ class MultimodalOutput:
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     num_label_tokens: int = 0
-
-
-@dataclass
-class VisionState:
-    """Vision tokens of one request, turned into every image block's keys/values once.
-
-    Attributes:
-        rows: batch rows that carry at least one visible image ``[r]``.
-        kv: one ``(keys, values)`` pair ``[r, kvh, m, hd]`` per image block.
-        tokens_per_image: ``t * p``, to expand a ``[.., n, t]`` mask to ``[.., m]``.
-        all_rows: every row of the batch is in ``rows``.
-    """
-
-    rows: torch.Tensor
-    kv: list[VisionKV]
-    tokens_per_tile: int
-    all_rows: bool
-
-
-@dataclass
-class GenerationState:
-    """Per-request state reused across decoding steps: the KV cache and the vision keys/values."""
-
-    cache: KVCache
-    vision: VisionState | None
-    last_mask_row: torch.Tensor | None  # [b, 1, n, t]: the cross-attention mask of decoded tokens
-    video: VisionState | None = None
-    last_video_row: torch.Tensor | None = None  # [b, 1, v]
 
 
 class MultimodalModel(nn.Module):
@@ -132,11 +106,6 @@ class MultimodalModel(nn.Module):
         # Recompute backbone layers in the backward pass instead of storing their activations
         # (gradients still flow through the frozen layers to reach earlier adapters).
         self.activation_checkpointing = False
-        # Set by the trainer under FSDP for a micro-batch in which *some* rank has media: every rank
-        # must then call the same sharded modules (FSDP2 gathers their weights in their forward), so
-        # a batch without placeholders or visible images still runs those paths, with no effect on
-        # its values, instead of skipping them.
-        self.run_media_path = False
 
     # ------------------------------------------------------------------ construction and I/O
     @classmethod
@@ -158,8 +127,6 @@ class MultimodalModel(nn.Module):
         layers = config.cross_attention_layers
         if config.text != backbone.config:
             # Keep the preset's adapter placement rule, on the checkpoint's depth.
-            from mm.model.config import default_cross_attention_layers
-
             layers = default_cross_attention_layers(backbone.config.num_layers) if layers else ()
             config = config.replace(
                 text=backbone.config, cross_attention_layers=layers, cross_attention_intermediate_dim=None
@@ -277,11 +244,12 @@ class MultimodalModel(nn.Module):
         return self.backbone.device
 
     # ------------------------------------------------------------------ pieces of the forward pass
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """Embeddings ``[b, s, d]`` when ``input_ids`` hold placeholder ids, else ``None`` (backbone path)."""
+    def embed(self, input_ids: torch.Tensor, *, force: bool = False) -> torch.Tensor | None:
+        """Embeddings ``[b, s, d]`` when ``input_ids`` hold placeholder ids (or ``force``), else ``None``
+        (the backbone's own path)."""
         vocab = self.config.text.vocab_size
         extra = input_ids >= vocab
-        if not bool(extra.any()) and not (self.run_media_path and self.extra_embeddings is not None):
+        if not bool(extra.any()) and not (force and self.extra_embeddings is not None):
             return None
         limit = vocab + (self.config.num_extra_tokens if self.extra_embeddings is not None else 0)
         if bool((input_ids >= limit).any()) or bool((input_ids < 0).any()):
@@ -307,90 +275,20 @@ class MultimodalModel(nn.Module):
         aspect_ratio_ids: torch.Tensor | None,
         aspect_ratio_mask: torch.Tensor | None,
         cross_attention_mask: torch.Tensor | None,
+        *,
+        force: bool = False,
     ) -> VisionState | None:
-        """Encode the images of the rows that can see one and project every block's keys/values."""
-        if pixel_values is None:
-            return None
-        if cross_attention_mask is None or aspect_ratio_ids is None:
-            raise ValueError("pixel_values need aspect_ratio_ids and cross_attention_mask")
-        b, n, t = pixel_values.shape[:3]
-        if cross_attention_mask.shape[0] != b or cross_attention_mask.shape[2:] != (n, t):
-            raise ValueError(
-                f"cross_attention_mask has shape {tuple(cross_attention_mask.shape)}; "
-                f"expected [b={b}, s, n={n}, t={t}]"
-            )
-        if aspect_ratio_mask is None:
-            aspect_ratio_mask = torch.ones(b, n, t, dtype=torch.long, device=pixel_values.device)
-        rows = cross_attention_mask.flatten(1).bool().any(dim=1).nonzero().squeeze(1)  # [r]
-        if rows.numel() == 0:
-            if not self.run_media_path:
-                return None
-            # Run on row 0, whose tokens see no image: blocks return their input bit for bit.
-            rows = rows.new_zeros(1)
-        all_rows = rows.numel() == b
-        if not all_rows:
-            pixel_values, aspect_ratio_ids, aspect_ratio_mask = (
-                pixel_values[rows],
-                aspect_ratio_ids[rows],
-                aspect_ratio_mask[rows],
-            )
-        tokens = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)  # [r, n, t, p, d]
-        tokens_per_tile = tokens.shape[3]
-        tokens = rearrange(tokens, "r n t p d -> r (n t p) d").to(self.dtype)  # [r, m, d]
-        kv = [block.project_kv(tokens) for block in self.image_blocks]
-        return VisionState(rows=rows, kv=kv, tokens_per_tile=tokens_per_tile, all_rows=all_rows)
+        """The images' per-block keys/values (see :func:`mm.model.vision.image_state`)."""
+        return image_state(
+            self, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask, force=force
+        )
 
-    def video_state(
-        self,
-        video_pixel_values: torch.Tensor | None,
-        video_aspect_ratio_ids: torch.Tensor | None,
-        video_aspect_ratio_mask: torch.Tensor | None,
-        video_cross_attention_mask: torch.Tensor | None,
-        video_features: torch.Tensor | None = None,
-        video_group_size: int | None = None,
-    ) -> VisionState | None:
-        """Aggregate the frames of the rows that can see a video; project every video block's keys/values.
-
-        ``video_features [b, v, f, t, p, d]`` (frame tokens cached on disk) replace the pixels and
-        skip the image encoder.
-        """
-        if video_pixel_values is None and video_features is None:
-            return None
-        if self.video_aggregator is None:
-            raise ValueError("this model has no video adapter")
-        if video_cross_attention_mask is None:
-            raise ValueError("videos need video_cross_attention_mask [b, s, v]")
-        rows = video_cross_attention_mask.flatten(1).bool().any(dim=1).nonzero().squeeze(1)  # [r]
-        if rows.numel() == 0:
-            return None
-        all_rows = rows.numel() == video_cross_attention_mask.shape[0]
-        if video_features is not None:
-            frames = video_features if all_rows else video_features[rows]
-        else:
-            if video_aspect_ratio_ids is None:
-                raise ValueError("video_pixel_values need video_aspect_ratio_ids")
-            pick = (lambda x: x) if all_rows else (lambda x: None if x is None else x[rows])
-            frames = encode_video_frames(
-                self, pick(video_pixel_values), pick(video_aspect_ratio_ids), pick(video_aspect_ratio_mask)
-            )  # [r, v, f, t, p, d]
-        tokens = video_tokens(self, frames.to(self.dtype), video_group_size)  # [r, v, m_v, d]
-        per_video = tokens.shape[2]
-        tokens = tokens.flatten(1, 2)  # [r, v m_v, d]
-        kv = [block.project_kv(tokens) for block in self.video_blocks]
-        return VisionState(rows=rows, kv=kv, tokens_per_tile=per_video, all_rows=all_rows)
+    def video_state(self, video: VideoInputs | None) -> VisionState | None:
+        """The videos' per-block keys/values (see :func:`mm.model.video.video_state`)."""
+        return video_state(self, video)
 
     @staticmethod
-    def _token_mask(cross_attention_mask: torch.Tensor, vision: VisionState) -> torch.Tensor:
-        """``[b, s, n, t]`` (or a video's ``[b, s, v]``) 0/1 mask to the boolean ``[r, s, m]`` mask of
-        the rows with media."""
-        if cross_attention_mask.ndim == 3:
-            cross_attention_mask = cross_attention_mask[..., None]  # videos: one "tile" per video
-        mask = cross_attention_mask if vision.all_rows else cross_attention_mask[vision.rows]
-        r, s, n, t = mask.shape
-        mask = mask.bool()[..., None].expand(r, s, n, t, vision.tokens_per_tile)
-        return mask.reshape(r, s, n * t * vision.tokens_per_tile)  # [r, s, m]
-
-    def _cross(self, block: GatedCrossAttentionBlock, h: torch.Tensor, kv: VisionKV, rows, all_rows, mask):
+    def _cross(block: GatedCrossAttentionBlock, h: torch.Tensor, kv: VisionKV, rows, all_rows, mask):
         if all_rows:
             return block(h, kv, mask)
         return h.index_copy(0, rows, block(h[rows], kv, mask))
@@ -409,8 +307,8 @@ class MultimodalModel(nn.Module):
 
         In front of a layer that has both, the video block runs before the image block.
         """
-        xmask = None if vision is None else self._token_mask(cross_attention_mask, vision)
-        vmask = None if video is None else self._token_mask(video_cross_attention_mask, video)
+        xmask = None if vision is None else token_mask(cross_attention_mask, vision)
+        vmask = None if video is None else token_mask(video_cross_attention_mask, video)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.backbone.layers):
             k = self._video_block_at.get(i)
@@ -439,16 +337,9 @@ class MultimodalModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_logits: bool = True,
-        video_pixel_values: torch.Tensor | None = None,
-        video_aspect_ratio_ids: torch.Tensor | None = None,
-        video_aspect_ratio_mask: torch.Tensor | None = None,
-        video_cross_attention_mask: torch.Tensor | None = None,
-        video_features: torch.Tensor | None = None,
-        video_group_size: int | None = None,
-        audio_features: torch.Tensor | None = None,
-        audio_lengths: torch.Tensor | None = None,
-        objective: str = "lm",
-        objective_seed: int = 0,
+        video: VideoInputs | None = None,
+        audio: AudioInputs | None = None,
+        run_media_path: bool = False,
     ) -> MultimodalOutput:
         """Logits (and loss) for a batch in the layout of Hugging Face's Mllama processor.
 
@@ -461,42 +352,21 @@ class MultimodalModel(nn.Module):
                 -100 ignored); the loss is the mean over labelled tokens, and only those positions
                 are projected to the vocabulary for it.
             return_logits: compute the full ``[b, s, V]`` logits (training can skip them).
-            video_pixel_values: ``[b, v, f, t, 3, H, W]`` frames; video_aspect_ratio_ids ``[b, v]``;
-                video_aspect_ratio_mask ``[b, v, t]``; video_cross_attention_mask ``[b, s, v]``.
-            video_features: ``[b, v, f, t, p, d]`` cached frame tokens instead of the pixels.
-            video_group_size: frames merged into one (default: the model's; paper SFT: 32 of 64).
-            audio_features: ``[a, F, 80]`` log-mel features of the clips whose ``<|audio|>`` runs
-                stand in ``input_ids`` (reading order); audio_lengths ``[a]``.
-            objective: ``"lm"``, or ``"best_rq"`` to return only the speech encoder's BEST-RQ loss
-                on ``audio_features`` (see ``mm.training.objectives``; ``objective_seed`` fixes its masks).
+            video: the batch's videos (:class:`~mm.datasets.inputs.VideoInputs`).
+            audio: the log-mel clips whose ``<|audio|>`` runs stand in ``input_ids``
+                (:class:`~mm.datasets.inputs.AudioInputs`).
+            run_media_path: run the placeholder-embedding and image paths even when no token needs
+                them (they then change nothing). FSDP needs it: every rank must call the same
+                sharded modules, whose weights are gathered in their forward.
         """
-        if objective == "best_rq":
-            from mm.training.objectives import speech_pretraining_loss
-
-            if audio_features is None:
-                raise ValueError("the best_rq objective needs audio_features")
-            if audio_lengths is None:
-                audio_lengths = torch.full(
-                    (audio_features.shape[0],), audio_features.shape[1], device=audio_features.device
-                )
-            return MultimodalOutput(
-                logits=None, loss=speech_pretraining_loss(self, audio_features, audio_lengths, objective_seed)
-            )
-        if objective != "lm":
-            raise ValueError(f"unknown objective {objective!r}")
         if inputs_embeds is None and input_ids is None:
             raise ValueError("pass input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.input_embeddings(input_ids, audio_features, audio_lengths)
-        vision = self.vision_state(pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
-        video = self.video_state(
-            video_pixel_values,
-            video_aspect_ratio_ids,
-            video_aspect_ratio_mask,
-            video_cross_attention_mask,
-            video_features,
-            video_group_size,
+            inputs_embeds = self.input_embeddings(input_ids, audio, force=run_media_path)
+        vision = self.vision_state(
+            pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask, force=run_media_path
         )
+        videos = self.video_state(video)
         h, ctx = self.backbone.prepare(
             input_ids=input_ids if inputs_embeds is None else None,
             inputs_embeds=inputs_embeds,
@@ -508,8 +378,8 @@ class MultimodalModel(nn.Module):
             ctx,
             vision=vision,
             cross_attention_mask=cross_attention_mask,
-            video=video,
-            video_cross_attention_mask=video_cross_attention_mask,
+            video=videos,
+            video_cross_attention_mask=None if video is None else video.cross_attention_mask,
         )
         loss, count = None, 0
         if labels is not None:
@@ -518,19 +388,15 @@ class MultimodalModel(nn.Module):
         return MultimodalOutput(logits=logits, loss=loss, num_label_tokens=count)
 
     def input_embeddings(
-        self, input_ids: torch.Tensor, audio_features: torch.Tensor | None, audio_lengths: torch.Tensor | None
+        self, input_ids: torch.Tensor, audio: AudioInputs | None, *, force: bool = False
     ) -> torch.Tensor | None:
         """Token embeddings with placeholders and spliced speech, or ``None`` for the backbone's own path."""
-        embeds = self.embed(input_ids)
-        if audio_features is None:
+        embeds = self.embed(input_ids, force=force)
+        if audio is None:
             return embeds
         if embeds is None:
             embeds = self.backbone.embed_tokens(input_ids)
-        if audio_lengths is None:
-            audio_lengths = torch.full(
-                (audio_features.shape[0],), audio_features.shape[1], device=input_ids.device
-            )
-        return splice_speech(self, embeds, input_ids, audio_features, audio_lengths)
+        return splice_speech(self, embeds, input_ids, audio)
 
     def label_loss(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Mean next-token cross-entropy over labelled positions, projecting only those to the vocabulary."""
@@ -552,14 +418,8 @@ class MultimodalModel(nn.Module):
         aspect_ratio_ids: torch.Tensor | None = None,
         aspect_ratio_mask: torch.Tensor | None = None,
         cross_attention_mask: torch.Tensor | None = None,
-        video_pixel_values: torch.Tensor | None = None,
-        video_aspect_ratio_ids: torch.Tensor | None = None,
-        video_aspect_ratio_mask: torch.Tensor | None = None,
-        video_cross_attention_mask: torch.Tensor | None = None,
-        video_features: torch.Tensor | None = None,
-        video_group_size: int | None = None,
-        audio_features: torch.Tensor | None = None,
-        audio_lengths: torch.Tensor | None = None,
+        video: VideoInputs | None = None,
+        audio: AudioInputs | None = None,
         max_new_tokens: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -570,65 +430,24 @@ class MultimodalModel(nn.Module):
 
         Vision and video tokens, every block's cross-attention keys/values and the spliced speech
         are computed once, at prefill, and reused for each decoded token; decoded tokens see what
-        the prompt's last token saw.
+        the prompt's last token saw (see :func:`mm.model.generation.stream`).
         """
-        b, s = input_ids.shape
-        with torch.inference_mode():
-            vision = self.vision_state(
-                pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask
-            )
-            video = self.video_state(
-                video_pixel_values,
-                video_aspect_ratio_ids,
-                video_aspect_ratio_mask,
-                video_cross_attention_mask,
-                video_features,
-                video_group_size,
-            )
-            state = GenerationState(
-                cache=self.backbone.new_cache(b, s + max_new_tokens),
-                vision=vision,
-                last_mask_row=None if vision is None else cross_attention_mask[:, -1:],
-                video=video,
-                last_video_row=None if video is None else video_cross_attention_mask[:, -1:],
-            )
-            prefill = [True]
-            head = self.backbone.greedy_head if temperature == 0 else self.backbone.head
-
-            def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-                first = prefill[0]
-                prefill[0] = False
-                embeds = (
-                    self.input_embeddings(ids, audio_features, audio_lengths) if first else self.embed(ids)
-                )
-                h, ctx = self.backbone.prepare(
-                    input_ids=ids if embeds is None else None,
-                    inputs_embeds=embeds,
-                    attention_mask=mask,
-                    cache=state.cache,
-                )
-                h = self.run_layers(
-                    h,
-                    ctx,
-                    vision=state.vision,
-                    cross_attention_mask=cross_attention_mask if first else state.last_mask_row,
-                    video=state.video,
-                    video_cross_attention_mask=video_cross_attention_mask if first else state.last_video_row,
-                )
-                return head(h[:, -1])
-
-            stops = self.stop_token_ids if stop_token_ids is None else stop_token_ids
-            yield from stream_tokens(
-                step,
-                input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-                stop_token_ids=stops,
-                pad_token_id=self.config.text.pad_token_id or 0,
-            )
+        return generation.stream(
+            self,
+            input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            aspect_ratio_ids=aspect_ratio_ids,
+            aspect_ratio_mask=aspect_ratio_mask,
+            cross_attention_mask=cross_attention_mask,
+            video=video,
+            audio=audio,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+        )
 
     def chat(self, messages, **options) -> str:
         """The answer to a chat conversation; see :func:`mm.model.chat.chat`."""

@@ -15,12 +15,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 from mm.adapters.speech_adapter import SpeechAdapterConfig
 from mm.encoders.conformer import ConformerConfig
 from mm.encoders.image_encoder import ImageEncoderConfig
-from mm.model.config import ModelConfig, SpeechConfig, VideoAdapterConfig
 from mm.text_backbone.config import TextConfig
 from mm.text_backbone.presets import TEXT_PRESETS
 
@@ -77,49 +76,47 @@ DEMO_SPEECH_ENCODER = ConformerConfig(width=64, num_layers=3, num_heads=4, ffn_d
 DEMO_SPEECH_ADAPTER = SpeechAdapterConfig(input_dim=64, width=128, num_heads=4, ffn_dim=256, output_dim=128)
 
 
-def _text_only(name: str) -> Callable[[], ModelConfig]:
-    return lambda: ModelConfig(text=TEXT_PRESETS[name])
-
-
-def _paper(text: str) -> Callable[[], ModelConfig]:
+def _paper(text: TextConfig) -> dict[str, Any]:
     """The Llama 3 paper's compositional model: image encoder and adapter, the video adapter (a
     perceiver resampler merging 32 frames into 1, video blocks before every 4th image block) and the
     speech encoder (1B Conformer) and adapter (~100M) at the text model's width."""
-    config = TEXT_PRESETS[text]
-    return lambda: ModelConfig(
-        text=config,
-        image_encoder=ImageEncoderConfig(),
-        video=VideoAdapterConfig(),
-        speech=SpeechConfig(adapter=SpeechAdapterConfig(output_dim=config.embed_dim)),
-    )
+    return {
+        "text": text,
+        "image_encoder": ImageEncoderConfig(),
+        "video": {},
+        "speech": {"encoder": ConformerConfig(), "adapter": SpeechAdapterConfig(output_dim=text.embed_dim)},
+    }
 
 
-def _llama32_vision(text: TextConfig) -> Callable[[], ModelConfig]:
+def _llama32_vision(text: TextConfig) -> dict[str, Any]:
     # Llama 3.2 Vision's text side: Llama 3.1's, with the <|image|> row among 8 extra embeddings
     # and pad id 128004.
-    return lambda: ModelConfig(text=text.replace(pad_token_id=128004), image_encoder=ImageEncoderConfig())
+    return {"text": text.replace(pad_token_id=128004), "image_encoder": ImageEncoderConfig()}
 
 
-MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
-    **{name: _text_only(name) for name in TEXT_PRESETS if name != "tiny"},
+#: Preset name -> the keyword arguments of its :class:`~mm.model.ModelConfig` (``video`` and ``speech``
+#: as the keyword arguments of their configs). Read by ``ModelConfig.preset``; this module imports
+#: no part of ``mm.model``.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    **{name: {"text": config} for name, config in TEXT_PRESETS.items() if name != "tiny"},
     "llama3.2-11b-vision": _llama32_vision(TEXT_PRESETS["llama3.1-8b"]),
     "llama3.2-90b-vision": _llama32_vision(TEXT_PRESETS["llama3.1-70b"]),
-    "llama3-8b": _paper("llama3.1-8b"),
-    "llama3-70b": _paper("llama3.1-70b"),
-    "llama3-405b": _paper("llama3.1-405b"),
-    "tiny": lambda: ModelConfig(text=TEXT_PRESETS["tiny"], image_encoder=TINY_IMAGE_ENCODER),
-    "tiny-av": lambda: ModelConfig(
-        text=TEXT_PRESETS["tiny"],
-        image_encoder=TINY_IMAGE_ENCODER,
-        video=VideoAdapterConfig(group_size=4, cross_attention_layers=(1, 3)),
-        speech=SpeechConfig(encoder=TINY_SPEECH_ENCODER, adapter=TINY_SPEECH_ADAPTER),
-    ),
-    "tiny-demo": lambda: ModelConfig(
-        text=DEMO_TEXT,
-        image_encoder=DEMO_IMAGE_ENCODER,
-        cross_attention_layers=(1, 3),
+    "llama3-8b": _paper(TEXT_PRESETS["llama3.1-8b"]),
+    "llama3-70b": _paper(TEXT_PRESETS["llama3.1-70b"]),
+    "llama3-405b": _paper(TEXT_PRESETS["llama3.1-405b"]),
+    "tiny": {"text": TEXT_PRESETS["tiny"], "image_encoder": TINY_IMAGE_ENCODER},
+    "tiny-av": {
+        "text": TEXT_PRESETS["tiny"],
+        "image_encoder": TINY_IMAGE_ENCODER,
+        "video": {"group_size": 4, "cross_attention_layers": (1, 3)},
+        "speech": {"encoder": TINY_SPEECH_ENCODER, "adapter": TINY_SPEECH_ADAPTER},
+    },
+    "tiny-demo": {
+        "text": DEMO_TEXT,
+        "image_encoder": DEMO_IMAGE_ENCODER,
+        "cross_attention_layers": (1, 3),
         # 16 frames merged 4 -> 1 (4 merged frames, in order) and a video block before each image block.
-        video=VideoAdapterConfig(group_size=4, cross_attention_layers=(1, 3)),
-        speech=SpeechConfig(encoder=DEMO_SPEECH_ENCODER, adapter=DEMO_SPEECH_ADAPTER),
-    ),
+        "video": {"group_size": 4, "cross_attention_layers": (1, 3)},
+        "speech": {"encoder": DEMO_SPEECH_ENCODER, "adapter": DEMO_SPEECH_ADAPTER},
+    },
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from mm.adapters.speech_adapter import SpeechAdapter, splice_audio
+from mm.datasets.inputs import AudioInputs
 from mm.encoders.conformer import ConformerEncoder
 from mm.model.config import ModelConfig
 
@@ -24,18 +25,17 @@ def build_speech_modules(config: ModelConfig) -> tuple[ConformerEncoder, SpeechA
     return ConformerEncoder(config.speech.encoder), SpeechAdapter(config.speech.adapter)
 
 
-def splice_speech(
-    model, embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor, lengths: torch.Tensor
-) -> torch.Tensor:
+def splice_speech(model, embeds: torch.Tensor, input_ids: torch.Tensor, audio: AudioInputs) -> torch.Tensor:
     """Token embeddings ``[b, s, d]`` with each ``<|audio|>`` run replaced by its clip's adapter output.
 
     Args:
         embeds: token embeddings ``[b, s, d]``.
         input_ids: ``[b, s]``; clip ``k`` (in reading order) fills the ``k``-th placeholder run.
-        features: log-mel features ``[a, F, 80]``; lengths: real frames of each ``[a]``.
+        audio: the clips' log-mel features ``[a, F, 80]`` and lengths ``[a]``.
     """
     if model.speech_encoder is None:
         raise ValueError("this model has no speech encoder")
+    features, lengths = audio.features, audio.frame_lengths()
     hidden, hidden_lengths = model.speech_encoder(features.to(embeds.dtype), lengths)  # [a, F', d_enc]
     out, out_lengths = model.speech_adapter(hidden, hidden_lengths)  # [a, F'', d]
     clips = [out[i, : int(n)] for i, n in enumerate(out_lengths.tolist())]

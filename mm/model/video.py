@@ -19,9 +19,11 @@ from torch import nn
 
 from mm.adapters.cross_attention import GatedCrossAttentionBlock
 from mm.adapters.temporal_aggregator import TemporalAggregator, default_aggregator_ffn_dim
+from mm.datasets.inputs import VideoInputs
 from mm.model.config import ModelConfig
+from mm.model.vision import VisionState, visible_rows
 
-__all__ = ["build_video_modules", "encode_video_frames", "video_tokens"]
+__all__ = ["build_video_modules", "encode_video_frames", "video_state", "video_tokens"]
 
 
 def build_video_modules(config: ModelConfig) -> tuple[TemporalAggregator, nn.ModuleList]:
@@ -74,3 +76,31 @@ def video_tokens(model, frame_tokens: torch.Tensor, group_size: int | None = Non
         rearrange(frame_tokens, "b v f t p d -> (b v) f t p d"), group_size=group_size
     )  # [(b v), f', t, p, d]
     return rearrange(merged, "(b v) g t p d -> b v (g t p) d", b=b)
+
+
+def video_state(model, video: VideoInputs | None) -> VisionState | None:
+    """Aggregate the frames of the rows that can see a video; project every video block's keys/values.
+
+    Cached frame tokens (``video.features``) replace the pixels and skip the image encoder.
+    ``None`` when there are no videos or no row sees one.
+    """
+    if video is None:
+        return None
+    if model.video_aggregator is None:
+        raise ValueError("this model has no video adapter")
+    rows = visible_rows(video.cross_attention_mask)  # [r]
+    if rows.numel() == 0:
+        return None
+    all_rows = rows.numel() == video.cross_attention_mask.shape[0]
+    if video.features is not None:
+        frames = video.features if all_rows else video.features[rows]
+    else:
+        pick = (lambda x: x) if all_rows else (lambda x: None if x is None else x[rows])
+        frames = encode_video_frames(
+            model, pick(video.pixel_values), pick(video.aspect_ratio_ids), pick(video.aspect_ratio_mask)
+        )  # [r, v, f, t, p, d]
+    tokens = video_tokens(model, frames.to(model.dtype), video.group_size)  # [r, v, m_v, d]
+    per_video = tokens.shape[2]
+    tokens = tokens.flatten(1, 2)  # [r, v m_v, d]
+    kv = [block.project_kv(tokens) for block in model.video_blocks]
+    return VisionState(rows=rows, kv=kv, tokens_per_tile=per_video, all_rows=all_rows)

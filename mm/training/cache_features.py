@@ -245,12 +245,12 @@ def read_features(data: bytes) -> tuple[torch.Tensor, dict[str, Any] | None]:
 
 def features_preprocessor(model, num_frames: int | None = None) -> Preprocessor:
     """The preprocessor a video stage of ``model`` decodes clips with (the trainer's
-    :func:`~mm.training.trainer.stage_preprocessor`): the model's saved settings, with ``num_frames`` frames
+    :func:`~mm.datasets.preprocessing.stage_preprocessor`): the model's saved settings, with ``num_frames`` frames
     per clip when given (else the saved number, or 16), tiles padded to the image encoder's when
     its tile count differs.
     """
+    from mm.datasets.preprocessing import stage_preprocessor
     from mm.datasets.video import VideoConfig
-    from mm.training.trainer import stage_preprocessor
 
     pre = model.preprocessor
     if pre is None or pre.image_processor is None:
@@ -397,8 +397,6 @@ def cache_features(
             already holds features, or two source shards share a file name.
         DataError: no sample could be written.
     """
-    from mm.model.multimodal import MultimodalModel
-
     started = time.perf_counter()
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -406,12 +404,7 @@ def cache_features(
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         dtype = _DTYPES[dtype]
-    model_dir = None
-    if not isinstance(model, MultimodalModel):
-        model_dir = str(Path(model).resolve())
-        model = MultimodalModel.from_pretrained(model)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model.eval().to(device)
+    model, model_dir = _model_on(model, device)
     preprocessor = features_preprocessor(model, num_frames)
     fingerprint = features_fingerprint(model, preprocessor)
     urls = expand_shards(src)
@@ -420,7 +413,6 @@ def cache_features(
         raise ValueError(
             f"source shards share file names ({sorted(names)}); cache them into separate folders"
         )
-
     out = Path(out)
     old = sorted(out.glob("*.tar")) + ([out / "manifest.json"] if (out / "manifest.json").exists() else [])
     if old and not overwrite:
@@ -442,40 +434,27 @@ def cache_features(
     )
     try:
         for url, name in zip(urls, names):
-            with tarfile.open(tmp / name, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                cacher = _ShardCacher(model, fingerprint, batch_size, dtype, tar)
-                for key, fields, problem in read_shard(url, counters):
-                    counters.seen += 1
-                    bar.update(1)
-                    item = _prepare(key, fields, problem, url, preprocessor, counters)
-                    if item is not None:
-                        cacher.add(item)
-                cacher.flush()
+            cacher = _cache_shard(
+                url, tmp / name, model, fingerprint, preprocessor, batch_size, dtype, counters, bar
+            )
             shards.append({"name": name, "samples": cacher.samples, "bytes": (tmp / name).stat().st_size})
             videos += cacher.videos
             frame_shape = cacher.frame_shape or frame_shape
         samples = sum(s["samples"] for s in shards)
         if samples == 0:
             raise DataError(f"no sample of {src!r} could be cached: {counters.summary() or 'no samples'}")
-        manifest = {
-            "format": "mm-webdataset",
-            "version": 1,
-            "samples": samples,
-            "shards": shards,
-            "settings": {"source": [str(u) for u in urls], "cache_features": True},
-            "features": {
-                "fingerprint": fingerprint,
-                "backbone_digest": model.backbone.digest(),
-                "model": model_dir,
-                "preprocessing": preprocessor.settings(),
-                "dtype": str(dtype or model.projector.weight.dtype).removeprefix("torch."),
-                "frame_tokens_shape": list(frame_shape) if frame_shape else None,
-                "videos": videos,
-                "skipped": dict(counters.bad_by_reason),
-                "skipped_examples": dict(counters.examples),
-            },
+        features = {
+            "fingerprint": fingerprint,
+            "backbone_digest": model.backbone.digest(),
+            "model": model_dir,
+            "preprocessing": preprocessor.settings(),
+            "dtype": str(dtype or model.projector.weight.dtype).removeprefix("torch."),
+            "frame_tokens_shape": list(frame_shape) if frame_shape else None,
+            "videos": videos,
+            "skipped": dict(counters.bad_by_reason),
+            "skipped_examples": dict(counters.examples),
         }
-        publish_shards(tmp, out, manifest, replace=old)
+        publish_shards(tmp, out, _manifest(urls, shards, features), replace=old)
     except BaseException:
         discard_shards(tmp, out, shards, remove_out=created)
         raise
@@ -491,6 +470,46 @@ def cache_features(
         seconds=time.perf_counter() - started,
         fingerprint=fingerprint,
     )
+
+
+def _model_on(model, device) -> tuple[Any, str | None]:
+    """The model (read from its folder when given a path) in eval mode on ``device``, and its folder."""
+    from mm.model.multimodal import MultimodalModel
+
+    model_dir = None
+    if not isinstance(model, MultimodalModel):
+        model_dir = str(Path(model).resolve())
+        model = MultimodalModel.from_pretrained(model)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.eval().to(device), model_dir
+
+
+def _cache_shard(
+    url, path, model, fingerprint, preprocessor, batch_size, dtype, counters, bar
+) -> _ShardCacher:
+    """Write the cached form of one source shard to ``path``; returns what it wrote (counts, shape)."""
+    with tarfile.open(path, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        cacher = _ShardCacher(model, fingerprint, batch_size, dtype, tar)
+        for key, fields, problem in read_shard(url, counters):
+            counters.seen += 1
+            bar.update(1)
+            item = _prepare(key, fields, problem, url, preprocessor, counters)
+            if item is not None:
+                cacher.add(item)
+        cacher.flush()
+    return cacher
+
+
+def _manifest(urls, shards: list[dict[str, Any]], features: dict[str, Any]) -> dict[str, Any]:
+    """``manifest.json`` of a cached folder: the shards, the source, and what made the features."""
+    return {
+        "format": "mm-webdataset",
+        "version": 1,
+        "samples": sum(s["samples"] for s in shards),
+        "shards": shards,
+        "settings": {"source": [str(u) for u in urls], "cache_features": True},
+        "features": features,
+    }
 
 
 def _prepare(

@@ -1,14 +1,18 @@
-"""Training objectives a stage can name: next-token prediction, and BEST-RQ for the speech encoder.
+"""Training objectives a stage can name, each owning the modules it needs and calling the model's parts.
 
 * ``lm`` (every image, video and speech stage of the Llama 3 paper): next-token cross-entropy on
   the labelled tokens. A micro-batch weighs its number of labelled tokens, so the loss is the mean
   over the labelled tokens of the whole global batch, whatever the number of processes.
 * ``best_rq`` (section 8.1.3, speech encoder pre-training): a frozen random-projection quantiser
   gives each 40 ms frame 16 codebook targets; spans of masked input frames are predicted by
-  per-codebook classifiers on the encoder output. A micro-batch weighs 1 (its loss is already a
-  mean over its masked frames). The classifiers exist only during the stage: they are attached to
-  the model as ``best_rq_head`` (so DDP/FSDP synchronise them and checkpoints keep them for a
-  resume) and removed before the model is saved.
+  per-codebook classifiers on the speech encoder's output. A micro-batch weighs 1 (its loss is
+  already a mean over its masked frames). The quantiser and classifiers belong to the objective,
+  not to the model: they exist while the stage trains and are never part of a saved model.
+
+An objective is an ``nn.Module`` (its heads are its submodules). The trainer wraps the model and the
+objective in one :class:`TrainStep`, which is what DDP or FSDP see: the heads are synchronised and
+checkpointed (under ``objective.``) like the adapters, and the model is called exactly as a user
+calls it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from torch import nn
 
 from mm.encoders.best_rq import BestRqHead, BestRqQuantizer, best_rq_loss
 
-__all__ = ["BestRqSettings", "attach_objective", "batch_weight", "detach_objective", "objective_loss_sum"]
+__all__ = [
+    "OBJECTIVES",
+    "BestRq",
+    "BestRqSettings",
+    "LanguageModeling",
+    "Objective",
+    "TrainStep",
+    "build_objective",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,67 +50,104 @@ class BestRqSettings:
     seed: int = 0
 
 
-def attach_objective(model: nn.Module, objective: str, settings: BestRqSettings | None) -> None:
-    """Add what an objective needs to ``model`` (the BEST-RQ quantiser and classifiers)."""
-    if objective == "lm":
-        return
-    if objective != "best_rq":
-        raise ValueError(f"unknown objective {objective!r}")
-    if model.speech_encoder is None:
-        raise ValueError("the best_rq objective pre-trains the speech encoder; this model has none")
-    s = settings or BestRqSettings()
-    enc = model.speech_encoder.config
-    model.best_rq_quantizer = BestRqQuantizer(
-        input_dim=enc.input_dim,
-        stack=enc.stack,
-        proj_dim=s.proj_dim,
-        codebook_size=s.codebook_size,
-        num_codebooks=s.num_codebooks,
-        seed=s.seed,
-    ).to(model.device)
-    model.best_rq_head = BestRqHead(
-        enc.width, codebook_size=s.codebook_size, num_codebooks=s.num_codebooks
-    ).to(model.device)
-    model.best_rq_settings = s
+class Objective(nn.Module):
+    """A stage's loss. Subclasses say how much a micro-batch counts and what its loss sum is."""
+
+    name: str = ""
+
+    def weight(self, batch: dict[str, Any]) -> int:
+        """How much a micro-batch counts in the global mean (known before the forward pass)."""
+        raise NotImplementedError
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, Any], seed: int) -> torch.Tensor:
+        """The micro-batch's loss times its weight (its share of the global mean), in float32.
+
+        ``seed`` fixes whatever the objective draws for this micro-batch (a resumed run repeats it).
+        """
+        raise NotImplementedError
 
 
-def detach_objective(model: nn.Module) -> None:
-    """Remove what :func:`attach_objective` added, so the saved model holds only its own parts."""
-    for name in ("best_rq_quantizer", "best_rq_head"):
-        if hasattr(model, name):
-            delattr(model, name)
-    if hasattr(model, "best_rq_settings"):
-        del model.best_rq_settings
+class LanguageModeling(Objective):
+    """Next-token cross-entropy on the labelled tokens (logits only where there are labels)."""
 
+    name = "lm"
 
-def batch_weight(objective: str, batch: dict[str, Any]) -> int:
-    """How much a micro-batch counts in the global mean (known before the forward pass)."""
-    if objective == "lm":
+    def weight(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"][:, 1:] != -100).sum())
-    return 1
 
-
-def speech_pretraining_loss(
-    model, audio_features: torch.Tensor, audio_lengths: torch.Tensor, seed: int
-) -> torch.Tensor:
-    """The BEST-RQ loss of one micro-batch; ``seed`` fixes its masks (so a resumed run repeats them)."""
-    s = model.best_rq_settings
-    generator = torch.Generator(device=audio_features.device).manual_seed(int(seed))
-    return best_rq_loss(
-        model.speech_encoder,
-        model.best_rq_quantizer,
-        model.best_rq_head,
-        audio_features,
-        audio_lengths,
-        generator=generator,
-        prob=s.mask_prob,
-        span=s.span,
-        noise_std=s.noise_std,
-    )
-
-
-def objective_loss_sum(out, objective: str, weight: int) -> torch.Tensor:
-    """The micro-batch's loss times its weight (its share of the global mean), in float32."""
-    if objective == "lm":
+    def loss_sum(self, model: nn.Module, batch: dict[str, Any], seed: int) -> torch.Tensor:
+        out = model(**batch, return_logits=False)
         return out.loss.float() * out.num_label_tokens
-    return out.loss.float() * weight
+
+
+class BestRq(Objective):
+    """BEST-RQ pre-training of the speech encoder: a frozen quantiser gives the targets, a linear
+    classifier per codebook predicts them on masked frames (:mod:`mm.encoders.best_rq`)."""
+
+    name = "best_rq"
+
+    def __init__(self, model: nn.Module, settings: BestRqSettings | None = None) -> None:
+        super().__init__()
+        if model.speech_encoder is None:
+            raise ValueError("the best_rq objective pre-trains the speech encoder; this model has none")
+        s = settings or BestRqSettings()
+        enc = model.speech_encoder.config
+        self.settings = s
+        self.quantizer = BestRqQuantizer(
+            input_dim=enc.input_dim,
+            stack=enc.stack,
+            proj_dim=s.proj_dim,
+            codebook_size=s.codebook_size,
+            num_codebooks=s.num_codebooks,
+            seed=s.seed,
+        )
+        self.head = BestRqHead(enc.width, codebook_size=s.codebook_size, num_codebooks=s.num_codebooks)
+
+    def weight(self, batch: dict[str, Any]) -> int:
+        return 1
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, Any], seed: int) -> torch.Tensor:
+        audio = batch.get("audio")
+        if audio is None:
+            raise ValueError("the best_rq objective needs audio")
+        s = self.settings
+        generator = torch.Generator(device=audio.features.device).manual_seed(int(seed))
+        loss = best_rq_loss(
+            model.speech_encoder,
+            self.quantizer,
+            self.head,
+            audio.features,
+            audio.frame_lengths(),
+            generator=generator,
+            prob=s.mask_prob,
+            span=s.span,
+            noise_std=s.noise_std,
+        )
+        return loss.float()
+
+
+OBJECTIVES = {"lm": LanguageModeling, "best_rq": BestRq}
+
+
+def build_objective(name: str, model: nn.Module, best_rq: BestRqSettings | None = None) -> Objective:
+    """The objective a stage names, built for ``model`` (on its device)."""
+    if name == "lm":
+        return LanguageModeling()
+    if name == "best_rq":
+        return BestRq(model, best_rq).to(model.device)
+    raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
+
+
+class TrainStep(nn.Module):
+    """The model and its stage's objective as one module (what DDP or FSDP wrap).
+
+    ``forward(batch, seed)`` returns the micro-batch's loss sum (:meth:`Objective.loss_sum`).
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: dict[str, Any], seed: int = 0) -> torch.Tensor:
+        return self.objective.loss_sum(self.model, batch, seed)

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from mm._strict import build
 from mm.model.components import check_trainable
 from mm.training.objectives import BestRqSettings
 
@@ -47,24 +48,7 @@ class RecipeError(ValueError):
 
 def _build(cls, data: Any, where: str):
     """Construct dataclass ``cls`` from a mapping, refusing unknown keys and missing required ones."""
-    if not isinstance(data, Mapping):
-        raise RecipeError(f"{where} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise RecipeError(f"unknown keys in {where}: {unknown} (allowed: {sorted(fields)})")
-    required = [
-        n
-        for n, f in fields.items()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [n for n in required if n not in data]
-    if missing:
-        raise RecipeError(f"{where} is missing {missing}")
-    try:
-        return cls(**dict(data))
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"{where}: {e}") from None
+    return build(cls, data, where, error=RecipeError)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,40 +15,23 @@ stage:
 5. writes checkpoints that resume exactly, metrics (JSONL, TensorBoard, ``loss.png``) and the final
    model folder (adapters only; the backbone is referred to by path and digest).
 
-FSDP2 (``fsdp=True`` on several processes) shards with ``torch.distributed.fsdp.fully_shard``, one
-unit per
+Under FSDP2 (``fsdp=True`` on several processes; :mod:`mm.training.fsdp`) the backbone digest,
+checkpoints and the final model gather whole tensors on every rank (collectives) and rank 0 writes
+the same files a single process writes; resuming cuts them back into shards. A sharded stage ends by
+gathering the whole model into a plain copy on the CPU of every rank, which it returns (and the next
+stage shards again).
 
-* backbone decoder layer — frozen, but the bulk of the memory: each rank keeps ``1/N`` of it and
-  gathers one layer at a time, in the forward and again in the backward (gradients flow *through*
-  the frozen layers to earlier adapters);
-* image-encoder layer (local and global), and the image encoder itself (patch and position
-  embeddings, norms);
-* image cross-attention block; its ``project_kv`` runs outside its ``forward`` (vision keys/values
-  are computed once, before the layer loop) and is registered as an FSDP forward method;
-* and the root: everything left — token embeddings, final norm and output head (``prepare`` and
-  ``head`` are called on the backbone, outside any unit but inside the root's forward), placeholder
-  embeddings and the projector.
-
-Gradients are reduce-scattered as averages, as DDP all-reduces them, so the same loss scaling gives
-the same update; clipping takes the global norm over the sharded gradients. Each rank must call the
-same units in the same order: for a micro-batch in which some rank has images, ranks without any run
-the image path on a row that sees no image (see ``MultimodalModel.run_media_path``). The backbone
-digest, checkpoints and the final model gather whole tensors on every rank (collectives) and rank 0
-writes the same files a single process writes; resuming cuts them back into shards. A sharded stage
-ends by gathering the whole model into a plain copy on the CPU of every rank, which it returns (and
-the next stage shards again).
+A stage reads top to bottom: :meth:`Trainer.setup_stage` (model, objective, optimiser, resume,
+data), :meth:`Trainer.train_loop` (one :meth:`Trainer.train_step` per optimiser step, logging and
+checkpoints), :meth:`Trainer.finish_stage` (last checkpoint, the model folder, the summary).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
-import json
 import logging
-import math
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,15 +41,17 @@ import torch
 from tqdm.auto import tqdm
 
 from mm._io import atomic_write_json
-from mm.datasets.preprocessing import AudioTokens, Preprocessor
+from mm.datasets.preprocessing import Preprocessor, stage_preprocessor
 from mm.encoders import ImageEncoder, resize_image_encoder
+from mm.model import ModelConfig, MultimodalModel
 from mm.model.components import set_trainable
-from mm.model.config import ModelConfig
-from mm.model.multimodal import MultimodalModel
 from mm.text_backbone import ByteTokenizer, TextBackbone, load_tokenizer
+from mm.training.cache_features import features_fingerprint
 from mm.training.data import StageData
+from mm.training.fsdp import align_media, quiet_fsdp_views, shard_step, unsharded_copy
 from mm.training.metrics import MetricsLog
-from mm.training.objectives import attach_objective, batch_weight, detach_objective, objective_loss_sum
+from mm.training.objectives import TrainStep, build_objective
+from mm.training.optim import lr_factor, param_groups
 from mm.training.recipe import Recipe, RecipeError, Stage
 from mm.training.state import (
     full_optimizer_state,
@@ -79,7 +64,7 @@ from mm.training.state import (
     shard_like,
 )
 
-__all__ = ["BackboneChanged", "StageResult", "Trainer", "shard_model", "stage_preprocessor"]
+__all__ = ["BackboneChanged", "StageResult", "StageRun", "Trainer", "summary_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,56 +96,57 @@ class StageResult:
         }
 
 
-def lr_factor(step: int, *, steps: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``steps``."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+@dataclass
+class StageRun:
+    """Everything one stage holds while it trains (built by :meth:`Trainer.setup_stage`).
 
-
-def _param_groups(model: torch.nn.Module, weight_decay: float, lr: float, lr_scale: Mapping[str, float]):
-    """AdamW groups: matrices decay, norms/biases/gates/embedding rows do not; ``lr_scale`` by glob."""
-    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = weight_decay if p.ndim >= 2 and "embed" not in name else 0.0
-        scale = next((float(f) for pat, f in lr_scale.items() if fnmatch.fnmatch(name, pat)), 1.0)
-        groups.setdefault((decay, lr * scale), []).append(p)
-    return [{"params": ps, "weight_decay": d, "lr": g_lr} for (d, g_lr), ps in sorted(groups.items())]
-
-
-def shard_model(model: MultimodalModel, device: torch.device, world_size: int) -> MultimodalModel:
-    """Shard ``model`` in place with FSDP2 over ``world_size`` processes (layout: module docstring).
-
-    Call after freezing and any resizing, before building the optimizer: parameters become DTensors.
+    Attributes:
+        model: the model being trained (unwrapped; under FSDP its parameters are shards).
+        step_module: what the optimiser's loss comes from: the :class:`TrainStep` of the model and
+            the objective, wrapped by DDP or sharded by FSDP where several processes run.
+        train_step: the same :class:`TrainStep`, unwrapped.
+        params: the parameters that learn, in the optimiser's order.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    mesh = init_device_mesh(device.type, (world_size,))
-    for layer in model.backbone.layers:
-        fully_shard(layer, mesh=mesh)
-    enc = model.image_encoder
-    if enc is not None:
-        if isinstance(enc, ImageEncoder):
-            for layer in [*enc.layers, *enc.global_layers]:
-                fully_shard(layer, mesh=mesh)
-        fully_shard(enc, mesh=mesh)
-    for block in model.image_blocks:
-        fully_shard(block, mesh=mesh)
-        register_fsdp_forward_method(block, "project_kv")
-    fully_shard(model, mesh=mesh)
-    return model
+    stage: Stage
+    folder: Path
+    seed: int
+    digest: str
+    model: MultimodalModel
+    step_module: torch.nn.Module
+    train_step: TrainStep
+    sharded: bool
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    preprocessor: Preprocessor
+    data: StageData | None = None
+    log: MetricsLog | None = None
+    start_step: int = 0
+    resumed: dict[str, Any] | None = None
+    losses: list[float] = field(default_factory=list)
+    last: dict[str, float] = field(default_factory=dict)
+    tokens_seen: int = 0
+    seconds: float = 0.0
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.folder / "checkpoints"
+
+    def lr(self, step: int) -> float:
+        """The learning-rate factor of ``step`` (warm-up, then cosine decay)."""
+        return lr_factor(
+            step,
+            steps=self.stage.steps,
+            warmup=self.stage.schedule.warmup_steps,
+            min_ratio=self.stage.schedule.min_lr_ratio,
+        )
 
 
 def _features_fingerprint(model: MultimodalModel, preprocessor: Preprocessor) -> dict[str, Any] | None:
     """What cached frame features (``mm data cache-features``) must have been made with to be read
     in a stage of ``model``; None where there are none to read: the model takes no video, or the
     stage trains the image encoder or projector, whose frame tokens then change at every step."""
-    from mm.training.cache_features import features_fingerprint
-
     if (
         model.video_aggregator is None
         or model.image_encoder is None
@@ -173,30 +159,6 @@ def _features_fingerprint(model: MultimodalModel, preprocessor: Preprocessor) ->
     if any(p.requires_grad for p in frame_path):
         return None
     return features_fingerprint(model, preprocessor)
-
-
-def _unsharded_copy(model: MultimodalModel, weights: Mapping[str, torch.Tensor]) -> MultimodalModel:
-    """A plain (unsharded) model of ``model``'s configuration holding ``weights`` (its whole state)."""
-    with torch.device("meta"):
-        plain = MultimodalModel(model.config, backbone=TextBackbone(model.config.text))
-    plain.load_state_dict(weights, strict=True, assign=True)
-    plain.backbone.source = model.backbone.source
-    plain.preprocessor = model.preprocessor
-    plain.activation_checkpointing = model.activation_checkpointing
-    return plain
-
-
-_MEDIA_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
-
-
-@contextlib.contextmanager
-def _quiet_fsdp_views():
-    """Silence FSDP2's warning that a unit returned a view (the image encoder's ``[..., :p]``
-    slice, ``project_kv``'s transposed values): the model never changes those outputs in place,
-    which is the only case the warning is about."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-        yield
 
 
 class Trainer:
@@ -304,16 +266,7 @@ class Trainer:
             previous.swap_backbone(TextBackbone.from_pretrained(start.path))
         return previous
 
-    def _preprocessor(self, model: MultimodalModel, stage: Stage) -> Preprocessor:
-        return stage_preprocessor(
-            model,
-            max_seq_len=stage.max_seq_len,
-            image=stage.image,
-            num_frames=None if stage.video is None else stage.video.num_frames,
-            stage_name=stage.name,
-        )
-
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the stages
     def run(self, *, stages: Sequence[str] | None = None, resume: bool = False) -> list[StageResult]:
         """Run the recipe's stages in order (or only ``stages``), each from where the last ended."""
         wanted = list(stages) if stages else [s.name for s in self.recipe.stages]
@@ -329,90 +282,64 @@ class Trainer:
             self.results.append(result)
         return self.results
 
-    def _check_backbone(self, model: MultimodalModel, digest: str, stage: Stage) -> None:
-        now = model.backbone.digest()
-        if now != digest:
-            raise BackboneChanged(
-                f"stage {stage.name!r} changed the backbone (digest {digest[:16]}… became {now[:16]}…); "
-                "no checkpoint was written"
-            )
-
     def run_stage(
         self, stage: Stage, model: MultimodalModel, *, resume: bool = False
     ) -> tuple[MultimodalModel, StageResult]:
-        acc = self.accelerator
-        folder = self._stage_dir(stage)
-        ckpt_dir = folder / "checkpoints"
+        """Train one stage of ``model``; returns the trained (unwrapped, unsharded) model and the result."""
+        run = self.setup_stage(stage, model, resume=resume)
+        self.train_loop(run)
+        return self.finish_stage(run)
+
+    # ------------------------------------------------------------------ setup
+    def setup_stage(self, stage: Stage, model: MultimodalModel, *, resume: bool = False) -> StageRun:
+        """Everything before the first step: the model prepared for the stage, its objective, the
+        (wrapped) training module, the optimiser and schedule, the state of a resumed run, the data."""
         seed = self.recipe.seed if stage.seed is None else stage.seed
         torch.manual_seed(seed)
         digest = model.backbone.digest()
-        enc = model.image_encoder
-        if (
-            stage.image is not None
-            and isinstance(enc, ImageEncoder)
-            and stage.image.tile_size != enc.image_size
-        ):
-            # A stage at another resolution (the paper anneals at a higher one): resample the
-            # position tables to the new tile size before the optimiser sees the parameters.
-            resize_image_encoder(enc, stage.image.tile_size)
-            model.config = model.config.replace(image_encoder=enc.config)
-        preprocessor = self._preprocessor(model, stage)
-        model.preprocessor = preprocessor
-        attach_objective(model, stage.objective, stage.best_rq)
+        preprocessor = self._prepare_model(stage, model)
+        objective = build_objective(stage.objective, model, stage.best_rq)
         set_trainable(model, stage.trainable)
         preprocessor.video_features_fingerprint = _features_fingerprint(model, preprocessor)
         model.activation_checkpointing = stage.activation_checkpointing
         model.train()
-
-        start_step, data_state, losses = 0, None, []
-        resume_from = latest_checkpoint(ckpt_dir) if resume else None
-        state = None
-        model = model.to(acc.device)
+        acc = self.accelerator
+        model.to(acc.device)
+        train_step = TrainStep(model, objective)
         sharded = self.fsdp and acc.num_processes > 1
         if sharded:
-            wrapped = inner = shard_model(model, acc.device, acc.num_processes)
+            step_module = shard_step(train_step, acc.device, acc.num_processes)
+        elif acc.num_processes > 1 or self.fsdp:
+            step_module = acc.prepare_model(train_step)
         else:
-            wrapped = acc.prepare_model(model) if acc.num_processes > 1 or self.fsdp else model
-            inner: MultimodalModel = acc.unwrap_model(wrapped)
+            step_module = train_step
+        named = [*model.named_parameters(), *(("objective." + n, p) for n, p in objective.named_parameters())]
+        opt = stage.optimizer
         optimizer = torch.optim.AdamW(
-            _param_groups(inner, stage.optimizer.weight_decay, stage.optimizer.lr, stage.optimizer.lr_scale),
-            lr=stage.optimizer.lr,
-            betas=stage.optimizer.betas,
-            eps=stage.optimizer.eps,
+            param_groups(named, opt.weight_decay, opt.lr, opt.lr_scale),
+            lr=opt.lr,
+            betas=opt.betas,
+            eps=opt.eps,
         )
-        if resume_from is not None:
-            state = load_train_state(resume_from, None if sharded else optimizer)
-            if state["backbone_digest"] != digest:
-                raise BackboneChanged(
-                    f"{resume_from} was written for another backbone; cannot resume on this one"
-                )
-            adapters = state["adapters"]
-            if sharded:  # every rank read the whole tensors: each keeps its shards
-                own = inner.state_dict()
-                adapters = {k: shard_like(v, own[k]) if k in own else v for k, v in adapters.items()}
-            missing, unexpected = inner.load_state_dict(adapters, strict=False)
-            if unexpected or any(not k.startswith("backbone.") for k in missing):
-                raise RecipeError(
-                    f"{resume_from} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-                )
-            if sharded:
-                load_optimizer_state(optimizer, state.pop("optimizer"))
-            start_step = int(state["step"])
-            data_state = state["data"]["ranks"][acc.process_index]
-            logger.info("resuming stage %s from %s (step %d)", stage.name, resume_from, start_step)
-
-        def schedule(s: int) -> float:
-            return lr_factor(
-                s,
-                steps=stage.steps,
-                warmup=stage.schedule.warmup_steps,
-                min_ratio=stage.schedule.min_lr_ratio,
-            )
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        for _ in range(start_step):
-            scheduler.step()
-        data = StageData(
+        run = StageRun(
+            stage=stage,
+            folder=self._stage_dir(stage),
+            seed=seed,
+            digest=digest,
+            model=model,
+            step_module=step_module,
+            train_step=train_step,
+            sharded=sharded,
+            params=[p for _, p in named if p.requires_grad],
+            optimizer=optimizer,
+            scheduler=None,
+            preprocessor=preprocessor,
+        )
+        run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run.lr)
+        data_state = self._resume(run) if resume else None
+        for _ in range(run.start_step):
+            run.scheduler.step()
+        run.data = StageData(
             self.data.get(stage.name, stage.data),
             preprocessor,
             batch_size=stage.batch_size,
@@ -422,202 +349,252 @@ class Trainer:
             num_workers=stage.num_workers,
             state=data_state,
         )
-        log = MetricsLog(folder, enabled=acc.is_main_process, resume_step=start_step if resume_from else None)
-        params = [p for p in inner.parameters() if p.requires_grad]
+        run.log = MetricsLog(
+            run.folder, enabled=acc.is_main_process, resume_step=run.start_step if run.resumed else None
+        )
+        return run
+
+    def _prepare_model(self, stage: Stage, model: MultimodalModel) -> Preprocessor:
+        """The stage's tile size and preprocessor on ``model`` (a stage at another resolution — the
+        paper anneals at a higher one — resamples the position tables before the optimiser sees them)."""
+        enc = model.image_encoder
+        if (
+            stage.image is not None
+            and isinstance(enc, ImageEncoder)
+            and stage.image.tile_size != enc.image_size
+        ):
+            resize_image_encoder(enc, stage.image.tile_size)
+            model.config = model.config.replace(image_encoder=enc.config)
+        try:
+            preprocessor = stage_preprocessor(
+                model,
+                max_seq_len=stage.max_seq_len,
+                image=stage.image,
+                num_frames=None if stage.video is None else stage.video.num_frames,
+                stage_name=stage.name,
+            )
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        model.preprocessor = preprocessor
+        return preprocessor
+
+    def _resume(self, run: StageRun) -> dict[str, Any] | None:
+        """Load the stage's latest checkpoint into ``run``; returns this rank's data position."""
+        path = latest_checkpoint(run.checkpoints)
+        if path is None:
+            return None
+        state = load_train_state(path, None if run.sharded else run.optimizer)
+        if state["backbone_digest"] != run.digest:
+            raise BackboneChanged(f"{path} was written for another backbone; cannot resume on this one")
+        weights = {_step_key(k): v for k, v in state["adapters"].items()}
+        if run.sharded:  # every rank read the whole tensors: each keeps its shards
+            own = run.train_step.state_dict()
+            weights = {k: shard_like(v, own[k]) if k in own else v for k, v in weights.items()}
+        missing, unexpected = run.train_step.load_state_dict(weights, strict=False)
+        if unexpected or any(not k.startswith("model.backbone.") for k in missing):
+            raise RecipeError(
+                f"{path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        if run.sharded:
+            load_optimizer_state(run.optimizer, state.pop("optimizer"))
+        run.start_step = int(state["step"])
+        run.resumed = state
+        logger.info("resuming stage %s from %s (step %d)", run.stage.name, path, run.start_step)
+        return state["data"]["ranks"][self.accelerator.process_index]
+
+    # ------------------------------------------------------------------ the loop
+    def train_loop(self, run: StageRun) -> None:
+        """Every optimiser step of the stage, with metrics, callbacks and periodic checkpoints."""
+        acc, stage = self.accelerator, run.stage
         bar = tqdm(
             total=stage.steps,
-            initial=start_step,
+            initial=run.start_step,
             desc=stage.name,
             unit="step",
             disable=not (self.progress and acc.is_main_process),
             dynamic_ncols=True,
         )
+        t0 = time.perf_counter()
+        for step in range(run.start_step, stage.steps):
+            loss, total, tokens, grad_norm = self.train_step(run, step)
+            run.losses.append(loss)
+            run.tokens_seen += tokens
+            run.last = {
+                "loss": loss,
+                "lr": stage.optimizer.lr * run.lr(step),
+                "tokens_per_s": run.tokens_seen / max(time.perf_counter() - t0, 1e-9),
+                "label_tokens": total,
+            }
+            if grad_norm is not None:
+                run.last["grad_norm"] = grad_norm
+            done = step + 1
+            if done % stage.log_every == 0 or done == stage.steps:
+                run.log.log(done, run.last)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{run.last['tokens_per_s']:.0f}")
+            bar.update(1)
+            for callback in self.callbacks:
+                callback(run.model, done, run.last)
+            if stage.save_every and done % stage.save_every == 0 and done < stage.steps:
+                self._save_checkpoint(run, done)
+        bar.close()
+        run.seconds = time.perf_counter() - t0
+
+    def train_step(self, run: StageRun, step: int) -> tuple[float, int, int, float | None]:
+        """One optimiser step over ``grad_accum`` micro-batches.
+
+        Returns the step's loss (mean over the global batch's labelled tokens, or micro-batches), the
+        global batch's weight, its real tokens and the gradient norm before clipping (or ``None``).
+        """
+        acc, stage = self.accelerator, run.stage
+        micro = [
+            {k: v.to(acc.device) for k, v in run.data.next_batch().items()} for _ in range(stage.grad_accum)
+        ]
+        for mb in micro:
+            if stage.video is not None and stage.video.group_size is not None and "video" in mb:
+                mb["video"] = mb["video"].replace(group_size=stage.video.group_size)
+        objective = run.train_step.objective
+        counts = [objective.weight(mb) for mb in micro]
+        total = int(acc.reduce(torch.tensor(sum(counts), device=acc.device), reduction="sum"))
+        if run.sharded:
+            align_media(micro, run.model, acc.device)
         autocast = (
             acc.autocast
             if stage.precision == "fp32"
             else (lambda: torch.autocast(device_type=acc.device.type, dtype=torch.bfloat16))
         )
-        t0 = time.perf_counter()
-        tokens_seen, last = 0, {}
-        for step in range(start_step, stage.steps):
-            micro = [
-                {k: v.to(acc.device) for k, v in data.next_batch().items()} for _ in range(stage.grad_accum)
-            ]
-            for i, mb in enumerate(micro):
-                if stage.video is not None and stage.video.group_size is not None:
-                    mb["video_group_size"] = stage.video.group_size
-                if stage.objective != "lm":
-                    # Masks of a step are fixed by (seed, step, micro-batch, rank): a resume repeats them.
-                    mb["objective"] = stage.objective
-                    mb["objective_seed"] = ((seed * 1_000_003 + step) * 64 + i) * 4096 + acc.process_index
-            counts = [batch_weight(stage.objective, mb) for mb in micro]
-            total = int(acc.reduce(torch.tensor(sum(counts), device=acc.device), reduction="sum"))
-            media = self._align_media(micro, inner) if sharded else [False] * len(micro)
-            loss_sum = torch.zeros((), device=acc.device)
-            for i, mb in enumerate(micro):
-                sync = i == len(micro) - 1
-                ctx = contextlib.nullcontext() if sync or wrapped is inner else acc.no_sync(wrapped)
-                if sharded:
-                    # FSDP2's no_sync: keep this micro-batch's gradients unreduced until the last one.
-                    inner.set_requires_gradient_sync(sync)
-                    inner.run_media_path = media[i]
-                with ctx, _quiet_fsdp_views() if sharded else contextlib.nullcontext():
-                    with autocast():
-                        out = wrapped(**mb, return_logits=False)
-                    summed = objective_loss_sum(out, stage.objective, counts[i])
-                    if not summed.requires_grad and not sharded:
-                        # Nothing this micro-batch saw depends on what learns (text-only rows while
-                        # image parts train): anchor the loss so every rank still runs a backward
-                        # pass, giving exact zero gradients.
-                        summed = summed + sum(p.reshape(-1)[0] for p in params) * 0.0
-                    # Mean over the labelled tokens of the whole global batch; DDP averages over
-                    # processes, hence the world-size factor.
-                    acc.backward(summed * acc.num_processes / max(1, total))
-                    loss_sum += summed.detach()
-            inner.run_media_path = False
-            grad_norm = None
-            if stage.max_grad_norm is not None:
-                if sharded:
-                    # torch's own clipping takes the global norm over DTensor gradients (returning a
-                    # DTensor); accelerate's helper does the same unless it was configured for its
-                    # own FSDP, which this trainer does not use.
-                    norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
-                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                else:
-                    grad_norm = float(acc.clip_grad_norm_(params, stage.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = float(acc.reduce(loss_sum, reduction="sum")) / max(1, total)
-            losses.append(loss)
-            tokens_seen += int(
-                acc.reduce(
-                    torch.tensor(sum(int(mb["attention_mask"].sum()) for mb in micro), device=acc.device),
-                    reduction="sum",
-                )
+        loss_sum = torch.zeros((), device=acc.device)
+        for i, mb in enumerate(micro):
+            sync = i == len(micro) - 1
+            wrapped = run.step_module is not run.train_step
+            ctx = (
+                contextlib.nullcontext()
+                if sync or not wrapped or run.sharded
+                else acc.no_sync(run.step_module)
             )
-            elapsed = time.perf_counter() - t0
-            last = {
-                "loss": loss,
-                "lr": stage.optimizer.lr * schedule(step),
-                "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                "label_tokens": total,
-            }
-            if grad_norm is not None:
-                last["grad_norm"] = grad_norm
-            done = step + 1
-            if done % stage.log_every == 0 or done == stage.steps:
-                log.log(done, last)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            bar.update(1)
-            for callback in self.callbacks:
-                callback(inner, done, last)
-            if stage.save_every and done % stage.save_every == 0 and done < stage.steps:
-                self._save_checkpoint(inner, optimizer, done, data, digest, stage, ckpt_dir, last)
-        bar.close()
-        seconds = time.perf_counter() - t0
-        self._save_checkpoint(inner, optimizer, stage.steps, data, digest, stage, ckpt_dir, last)
-        if sharded:
+            if run.sharded:
+                # FSDP2's no_sync: keep this micro-batch's gradients unreduced until the last one.
+                run.step_module.set_requires_gradient_sync(sync)
+            # Masks of a step are fixed by (seed, step, micro-batch, rank): a resume repeats them.
+            seed = ((run.seed * 1_000_003 + step) * 64 + i) * 4096 + acc.process_index
+            with ctx, quiet_fsdp_views() if run.sharded else contextlib.nullcontext():
+                with autocast():
+                    summed = run.step_module(mb, seed)
+                if not summed.requires_grad and not run.sharded:
+                    # Nothing this micro-batch saw depends on what learns (text-only rows while image
+                    # parts train): anchor the loss so every rank still runs a backward pass, giving
+                    # exact zero gradients.
+                    summed = summed + sum(p.reshape(-1)[0] for p in run.params) * 0.0
+                # Mean over the labelled tokens of the whole global batch; DDP averages over
+                # processes, hence the world-size factor.
+                acc.backward(summed * acc.num_processes / max(1, total))
+                loss_sum += summed.detach()
+        grad_norm = self._clip(run)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss = float(acc.reduce(loss_sum, reduction="sum")) / max(1, total)
+        real = torch.tensor(sum(int(mb["attention_mask"].sum()) for mb in micro), device=acc.device)
+        return loss, total, int(acc.reduce(real, reduction="sum")), grad_norm
+
+    def _clip(self, run: StageRun) -> float | None:
+        """Clip the gradients to the stage's global norm; the norm before clipping."""
+        limit = run.stage.max_grad_norm
+        if limit is None:
+            return None
+        if run.sharded:
+            # torch's own clipping takes the global norm over DTensor gradients (returning a DTensor);
+            # accelerate's helper does the same unless it was configured for its own FSDP, which this
+            # trainer does not use.
+            norm = torch.nn.utils.clip_grad_norm_(run.params, limit)
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return float(self.accelerator.clip_grad_norm_(run.params, limit))
+
+    # ------------------------------------------------------------------ finish
+    def finish_stage(self, run: StageRun) -> tuple[MultimodalModel, StageResult]:
+        """The last checkpoint, the model folder (adapters, preprocessing, the backbone by reference)
+        and ``summary.json``; returns the trained model, unwrapped and unsharded."""
+        acc, stage = self.accelerator, run.stage
+        self._save_checkpoint(run, stage.steps)
+        model = run.model
+        if run.sharded:
             # Every rank gathers the whole model (its shards are of no use past this stage) and
             # carries on with a plain copy; rank 0 writes the folder from it.
-            del optimizer, scheduler, params  # free the moments before gathering
-            own = {k: v for k, v in inner.state_dict().items() if not k.startswith("best_rq_")}
-            inner = _unsharded_copy(inner, full_tensors(own))
-        detach_objective(inner)  # the BEST-RQ classifiers served this stage only
-        inner.eval()
-        set_trainable(inner, ())
-        model_dir = folder / "model"
+            del run.optimizer, run.scheduler, run.params  # free the moments before gathering
+            model = unsharded_copy(model, full_tensors(model.state_dict()))
+        model.eval()
+        set_trainable(model, ())
+        model_dir = run.folder / "model"
         if acc.is_main_process:
-            inner.save_pretrained(model_dir, copy_backbone=inner.backbone.source is None)
-        plot = log.close(stage.name)
-        skipped = {k: v for k, v in preprocessor.skipped.items()}
-        counters = [dataclasses.asdict(c) for c in data.counters]
+            model.save_pretrained(model_dir, copy_backbone=model.backbone.source is None)
+        plot = run.log.close(stage.name)
         result = StageResult(
             name=stage.name,
             steps=stage.steps,
-            seconds=seconds,
-            final_loss=losses[-1] if losses else (state or {}).get("metrics", {}).get("loss"),
+            seconds=run.seconds,
+            final_loss=run.losses[-1] if run.losses else (run.resumed or {}).get("metrics", {}).get("loss"),
             model_dir=str(model_dir),
-            backbone_digest=digest,
-            losses=losses,
+            backbone_digest=run.digest,
+            losses=run.losses,
         )
         if acc.is_main_process:
             atomic_write_json(
-                folder / "summary.json",
+                run.folder / "summary.json",
                 {
                     **result.to_dict(),
-                    "skipped": skipped,
-                    "data": counters,
+                    "skipped": dict(run.preprocessor.skipped),
+                    "data": [dataclasses.asdict(c) for c in run.data.counters],
                     "loss_plot": str(plot) if plot else None,
                 },
             )
         acc.wait_for_everyone()
-        return inner, result
+        return model, result
 
-    def _align_media(self, micro: list[dict[str, torch.Tensor]], model: MultimodalModel) -> list[bool]:
-        """Under FSDP, make every rank call the same sharded modules for each micro-batch.
+    # ------------------------------------------------------------------ checkpoints
+    def _check_backbone(self, run: StageRun) -> None:
+        now = run.model.backbone.digest()
+        if now != run.digest:
+            raise BackboneChanged(
+                f"stage {run.stage.name!r} changed the backbone (digest {run.digest[:16]}… became "
+                f"{now[:16]}…); no checkpoint was written"
+            )
 
-        One all-reduce tells each rank whether any rank's micro-batch has placeholder tokens or
-        images that some row can see (and the tile shape ``[t, 3, H, W]``). Where some rank has
-        images, a rank without any gets an image input that no row can see; where none has, image
-        inputs are dropped (no row could see them). Returns, per micro-batch, whether the media
-        paths must run (:attr:`MultimodalModel.run_media_path`).
-        """
+    def _save_checkpoint(self, run: StageRun, step: int) -> None:
+        """Write ``step``'s checkpoint (the weights that learn or belong to the stage's objective, the
+        optimiser, the schedule, every rank's data position); refuse if the backbone changed."""
+        self._check_backbone(run)
         acc = self.accelerator
-        vocab = model.config.text.vocab_size
-        info = torch.zeros(len(micro), 6, dtype=torch.long)
-        for i, mb in enumerate(micro):
-            if "cross_attention_mask" in mb and bool(mb["cross_attention_mask"].any()):
-                info[i, 0] = 1
-                info[i, 2:] = torch.tensor(mb["pixel_values"].shape[2:])  # [t, 3, H, W]
-            info[i, 1] = int(bool((mb["input_ids"] >= vocab).any()))
-        info = info.to(acc.device)
-        torch.distributed.all_reduce(info, op=torch.distributed.ReduceOp.MAX)
-        info = info.cpu()
-        flags = []
-        for i, mb in enumerate(micro):
-            if not info[i, 0]:
-                for key in _MEDIA_KEYS:
-                    mb.pop(key, None)
-            elif "pixel_values" not in mb:
-                b, s = mb["input_ids"].shape
-                t, c, h, w = (int(x) for x in info[i, 2:])
-                dev = mb["input_ids"].device
-                # Only one row is ever encoded: one tile set of zeros, broadcast (no copy) over rows.
-                mb["pixel_values"] = torch.zeros(1, 1, t, c, h, w, device=dev).expand(b, 1, t, c, h, w)
-                mb["aspect_ratio_ids"] = torch.zeros(b, 1, dtype=torch.long, device=dev)
-                mb["aspect_ratio_mask"] = torch.zeros(b, 1, t, dtype=torch.long, device=dev)
-                mb["cross_attention_mask"] = torch.zeros(b, s, 1, t, dtype=torch.long, device=dev)
-            flags.append(bool(info[i, :2].any()))
-        return flags
-
-    def _save_checkpoint(self, model, optimizer, step, data, digest, stage, folder, metrics) -> None:
-        self._check_backbone(model, digest, stage)
-        # Each rank reads its own shards: keep every rank's data position.
-        ranks = [data.state_dict()]
-        if self.accelerator.num_processes > 1:
-            ranks = [None] * self.accelerator.num_processes
-            torch.distributed.all_gather_object(ranks, data.state_dict())
-        main = self.accelerator.is_main_process
-        if self.fsdp and self.accelerator.num_processes > 1:
+        ranks = [run.data.state_dict()]  # each rank reads its own shards: keep every rank's position
+        if acc.num_processes > 1:
+            ranks = [None] * acc.num_processes
+            torch.distributed.all_gather_object(ranks, run.data.state_dict())
+        main = acc.is_main_process
+        weights = {
+            **run.model.adapter_state_dict(),
+            **{"objective." + k: v for k, v in run.train_step.objective.state_dict().items()},
+        }
+        optimizer = run.optimizer
+        if run.sharded:
             # Sharded weights and moments: every rank takes part in gathering them whole.
-            adapters = full_tensors(model.adapter_state_dict(), keep=main)
+            weights = full_tensors(weights, keep=main)
             optimizer = full_optimizer_state(optimizer, keep=main)
-        elif main:
-            adapters = model.adapter_state_dict()
         if main:
             save_train_state(
-                folder,
+                run.checkpoints,
                 step=step,
-                adapters=adapters,
+                adapters=weights,
                 optimizer=optimizer,
                 scheduler_step=step,
                 data_state={"ranks": ranks},
-                backbone_digest=digest,
-                metrics=metrics,
+                backbone_digest=run.digest,
+                metrics=run.last,
             )
-            prune_checkpoints(folder, stage.keep_last)
-        self.accelerator.wait_for_everyone()
+            prune_checkpoints(run.checkpoints, run.stage.keep_last)
+        acc.wait_for_everyone()
+
+
+def _step_key(name: str) -> str:
+    """A checkpoint's weight name as the :class:`TrainStep` names it (``objective.`` kept, else ``model.``)."""
+    return name if name.startswith("objective.") else "model." + name
 
 
 def summary_table(results: Sequence[StageResult]) -> str:
@@ -628,75 +605,3 @@ def summary_table(results: Sequence[StageResult]) -> str:
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
-
-
-def write_results(results: Sequence[StageResult], path: str | Path) -> None:
-    Path(path).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
-
-
-def stage_preprocessor(
-    model: MultimodalModel,
-    *,
-    max_seq_len: int,
-    image: Any = None,
-    num_frames: int | None = None,
-    stage_name: str = "",
-) -> Preprocessor:
-    """The preprocessor a stage decodes and tokenises its samples with: the model's saved settings,
-    with the stage's tile settings (``image``, a recipe's image settings) and frames per clip when
-    given, tiles padded to the image encoder's when their counts differ, and audio features for a
-    model with a speech encoder. ``mm data cache-features`` builds its clips' preprocessor here too,
-    so cached features match what the stage would decode.
-    """
-    from mm.datasets.image_processing import ImageProcessor
-    from mm.encoders import ImageEncoderConfig
-
-    pre = model.preprocessor
-    if pre is None:
-        raise RecipeError("the model has no preprocessor (tokenizer and preprocessing settings)")
-    processor = pre.image_processor
-    if image is not None:
-        enc_size = getattr(model.image_encoder, "image_size", image.tile_size)
-        if image.tile_size != enc_size:
-            raise RecipeError(
-                f"stage {stage_name!r} asks for {image.tile_size} px tiles; the image encoder takes {enc_size}"
-            )
-        base = processor.to_dict() if processor is not None else {}
-        processor = ImageProcessor.from_dict(
-            {**base, "tile_size": image.tile_size, "max_tiles": image.max_tiles}
-        )
-    enc = model.config.image_encoder
-    tiles = None
-    if (
-        isinstance(enc, ImageEncoderConfig)
-        and processor is not None
-        and processor.max_tiles != enc.max_num_tiles
-    ):
-        tiles = (enc.max_num_tiles, enc.supported_aspect_ratios)
-    video = pre.video
-    if num_frames is not None:
-        from mm.datasets.video import VideoConfig
-
-        video = dataclasses.replace(pre.video or VideoConfig(), num_frames=num_frames)
-    audio, audio_tokens = pre.audio, pre.audio_tokens
-    speech = model.config.speech
-    if speech is not None and audio is None:
-        from mm.datasets.audio import AudioConfig
-
-        audio = AudioConfig(n_mels=speech.encoder.input_dim)
-        audio_tokens = AudioTokens(
-            stack=speech.encoder.stack,
-            conv_kernel=speech.adapter.conv_kernel,
-            conv_stride=speech.adapter.conv_stride,
-        )
-    return Preprocessor(
-        pre.tokenizer,
-        processor,
-        mask_mode=pre.mask_mode,
-        max_seq_len=max_seq_len,
-        max_images=pre.max_images,
-        encoder_tiles=tiles,
-        video=video,
-        audio=audio,
-        audio_tokens=audio_tokens,
-    )
