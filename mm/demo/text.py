@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mm.demo.evaluate import perplexity
+from mm.training.optim import lr_factor
 
 __all__ = [
     "TextPhase",
@@ -155,11 +156,9 @@ def train_text_backbone(
             )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
+    # The stages' schedule (mm.training.optim): linear warm-up, then cosine decay to 10%.
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-        ),
+        opt, lambda s: lr_factor(s, steps=steps, warmup=warmup, min_ratio=0.1)
     )
     gen = torch.Generator().manual_seed(seed)
     losses = []
