@@ -243,10 +243,15 @@ def write_mp4(
     with av.open(str(path), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf)}
+        # No B-frames: with them, libx264 (as PyAV bundles it) encoded the same frames differently
+        # from run to run on a busy machine (about 1 clip in 25), which made the video stage's
+        # figures move between runs of one seed; with bframes=0 every byte repeats.
+        stream.options = {"crf": str(crf), "x264-params": "bframes=0"}
         stream.codec_context.thread_count = 1  # tiny frames: threads cost more than they save
-        for array in arrays:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        for i, array in enumerate(arrays):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return path
 
