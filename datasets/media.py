@@ -598,12 +598,15 @@ def normalize_messages(
     Content that is a string stays a string; the role is kept as given (the chat format checks it).
 
     Raises:
-        MediaError: a malformed message or part, an unknown part type, a refused or undecodable
-            medium, or more images than ``policy.max_images``.
+        MediaError: no messages, a malformed or empty message (no text but white space and no media),
+            an unknown part type, a refused or undecodable medium, or more images than
+            ``policy.max_images``.
     """
     policy = policy or MediaPolicy()
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise MediaError("messages must be a list of messages", param="messages", code="invalid_messages")
+    if not messages:
+        raise MediaError("the conversation has no messages", param="messages", code="invalid_messages")
     counted = _count_images(messages)
     if policy.max_images is not None and counted > policy.max_images:
         raise MediaError(
@@ -651,8 +654,27 @@ def normalize_messages(
                     )
                 parts.append(handler(part, policy, where))
             content = parts
+        if _is_empty(content):
+            where = f"messages[{i}]"
+            raise MediaError(
+                f"{where} ({message.get('role')}) is empty: it needs text or a media part",
+                param=f"{where}.content",
+                code="empty_message",
+            )
         out.append({**message, "content": content})
     return out
+
+
+def _is_empty(content: Any) -> bool:
+    """No text but white space, and no media part (a malformed content is left to the chat format)."""
+    if isinstance(content, str):
+        return not content.strip()
+    if isinstance(content, list):
+        return all(
+            isinstance(p, Mapping) and p.get("type") == "text" and not str(p.get("text") or "").strip()
+            for p in content
+        )
+    return False
 
 
 def _count_images(messages: Sequence[Any]) -> int:

@@ -170,6 +170,12 @@ def _serve(sub) -> None:
         default=d.media_timeout_s,
         help="seconds per image download (%(default)s)",
     )
+    limits.add_argument(
+        "--request-timeout",
+        type=float,
+        default=d.request_timeout_s,
+        help="seconds a client has to send a request's headers and body; then 408 (%(default)s)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_command("mm.serving.app", "run_serve"))
 

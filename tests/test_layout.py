@@ -27,7 +27,7 @@ SUBPACKAGES = ("model", "checkpoint", "training", "serving", "eval", "bench", "d
 
 #: Layer of each part of the package; a module may import its own layer or lower ones.
 RANK = {
-    "util": 0,  # mm itself (lazy names only), mm._io, mm._strict
+    "util": 0,  # mm itself (lazy names only) and its private helpers (mm._io, mm._strict, ...)
     "text_backbone": 1,
     "encoders": 1,
     "adapters": 1,
@@ -60,7 +60,7 @@ MODULES = {_module_name(p): p for folder in FOLDERS for p in (ROOT / folder).rgl
 
 def _part(module: str) -> str:
     parts = module.split(".")
-    if len(parts) == 1 or parts[1] in ("_io", "_strict"):
+    if len(parts) == 1 or parts[1].startswith("_"):  # mm's private helper modules (mm._io, mm._strict, ...)
         return "util"
     return parts[1]
 

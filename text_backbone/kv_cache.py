@@ -5,7 +5,12 @@ Shapes: b batch, kvh key/value heads, L cache capacity, hd head dim, s new token
 The cache owns one ``[b, kvh, L, hd]`` buffer per layer for keys and for values, allocated once, and
 a ``[b, L]`` validity mask for left-padded batches. :meth:`reserve` hands out the slots for the next
 ``s`` tokens; each layer then writes its keys/values there with :meth:`write` and reads everything
-up to the end of those slots. Nothing is concatenated or reallocated while decoding.
+up to the end of those slots. Nothing is concatenated or reallocated while a fixed batch decodes.
+
+Continuous batching (:mod:`mm.model.batching`) changes the batch between steps: :meth:`join` adds
+the rows of another cache, right-aligned to this cache's length (a row's keys keep the positions
+they were rotated with; the slots before them are padding), :meth:`select_rows` drops rows,
+:meth:`compact` drops leading slots no row uses, and :meth:`ensure_capacity` grows the buffers.
 """
 
 from __future__ import annotations
@@ -75,3 +80,64 @@ class KVCache:
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
         self.valid = self.valid[rows]
+
+    # ------------------------------------------------------------------ continuous batching
+    def _resized(self, capacity: int, shift: int) -> None:
+        """Reallocate to ``capacity`` slots with the current tokens moved ``shift`` slots right (or
+        left when negative: the first ``-shift`` slots are dropped)."""
+        b, kvh, _, hd = self.keys[0].shape if self.keys else (self.batch_size, 0, 0, 0)
+        keep = self.length if shift >= 0 else self.length + shift
+        src = slice(0, keep) if shift >= 0 else slice(-shift, self.length)
+        dst = slice(shift, shift + keep) if shift >= 0 else slice(0, keep)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(b, kvh, capacity, hd)
+            out[:, :, dst] = t[:, :, src]
+            return out
+
+        self.keys = [move(k) for k in self.keys]
+        self.values = [move(v) for v in self.values]
+        valid = torch.zeros(b, capacity, dtype=torch.bool, device=self.valid.device)
+        valid[:, dst] = self.valid[:, src]
+        self.valid = valid
+        self.capacity = capacity
+        self.length = keep + max(shift, 0)
+        self.has_padding = self.has_padding or shift > 0
+
+    def ensure_capacity(self, capacity: int) -> None:
+        """Hold at least ``capacity`` slots (doubling, so growing one token at a time stays cheap)."""
+        if capacity > self.capacity:
+            self._resized(max(capacity, 2 * self.capacity), 0)
+
+    def join(self, other: KVCache) -> None:
+        """Append ``other``'s rows. Their tokens end where this cache's do (this cache's tokens move
+        right first when ``other`` holds more); the slots before a row's tokens are padding."""
+        if self.batch_size == 0:
+            self.__dict__.update(other.__dict__)
+            return
+        if other.length > self.length:
+            self._resized(max(self.capacity, other.length), other.length - self.length)
+        start = self.length - other.length
+        self.ensure_capacity(self.length)
+        n, cap = other.length, self.capacity
+        self.keys = [torch.cat([k, _placed(o, start, n, cap)]) for k, o in zip(self.keys, other.keys)]
+        self.values = [torch.cat([v, _placed(o, start, n, cap)]) for v, o in zip(self.values, other.values)]
+        valid = torch.zeros(other.batch_size, self.capacity, dtype=torch.bool, device=self.valid.device)
+        valid[:, start : self.length] = other.valid[:, : other.length]
+        self.valid = torch.cat([self.valid, valid])
+        self.has_padding = self.has_padding or start > 0 or other.has_padding
+
+    def compact(self) -> None:
+        """Drop leading slots that no row uses (after rows left)."""
+        used = self.valid[:, : self.length].any(dim=0).nonzero()
+        first = int(used[0]) if used.numel() else self.length
+        if first > 0:
+            self._resized(self.capacity, -first)
+
+
+def _placed(t: torch.Tensor, start: int, n: int, capacity: int) -> torch.Tensor:
+    """The first ``n`` slots of ``t [b, kvh, L, hd]`` moved to slot ``start`` of a ``capacity``-slot buffer."""
+    b, kvh, _, hd = t.shape
+    out = t.new_zeros(b, kvh, capacity, hd)
+    out[:, :, start : start + n] = t[:, :, :n]
+    return out

@@ -341,7 +341,7 @@ def write_speech_data(out: Path, train: dict[str, list[SpeechSample]], *, seed: 
     from mm.datasets.shards import pack
 
     mixed = [s for samples in train.values() for s in samples]
-    random.Random(f"mm.demo.speech:mix:{seed}").shuffle(mixed)
+    random.Random(f"mm.demo_speech:mix:{seed}").shuffle(mixed)  # the stream's name: as it always was
     raw, shards = out / "raw" / "speech", out / "data" / "speech"
     shutil.rmtree(raw, ignore_errors=True)
     shutil.rmtree(shards, ignore_errors=True)

@@ -165,7 +165,8 @@ def make_speech_samples(num: int, task: str, *, split: str, seed: int) -> list[S
         raise ValueError(
             f"task must be 'asr', 'ast' or 'qa' and split 'train' or 'eval', got {task!r}, {split!r}"
         )
-    rng = random.Random(f"mm.demo.speech:{task}:{split}:{seed}")  # the stream's name is the data
+    # The stream's name is the data: it keeps the name of the module it was born in (mm.demo_speech).
+    rng = random.Random(f"mm.demo_speech:{task}:{split}:{seed}")
     templates = QA_TEMPLATES if task == "qa" else ASR_TEMPLATES
     if task != "qa":
         pairs = [(c, s) for c in COLOURS for s in SHAPES]

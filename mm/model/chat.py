@@ -15,9 +15,9 @@ by :meth:`mm.MultimodalModel.stream`):
 * Stop strings end the answer before the stop string. While streaming, text that could be the
   start of a stop string is held back until it is known not to be one, so a stream never shows a
   stop string or anything after it, and the streamed pieces always join to the non-streamed answer.
-* A batch holds conversations of any lengths and image counts (left-padded by the preprocessor);
-  each row has its own token limit and stop strings and leaves the batch's output when done.
-  Temperature, top-p and seed are shared by the batch (:meth:`GenerationOptions.batch_key`).
+* A batch holds conversations of any lengths, media and sampling settings (continuous batching,
+  :mod:`mm.model.batching`); each row has its own token limit, stop strings, temperature, top-p
+  and seeded generator, and leaves the batch the step it is done.
 
 Heavy modules (torch, the tokenizer) are imported on first use, so ``mm --help`` stays fast.
 """
@@ -45,6 +45,7 @@ __all__ = [
     "complete_batch",
     "encode_conversation",
     "generate_deltas",
+    "start_rows",
 ]
 
 Messages = Sequence[Mapping[str, Any]]
@@ -81,21 +82,10 @@ class GenerationOptions:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
-
-    def batch_key(self) -> tuple:
-        """Requests with equal keys may share a batch without changing each other's answers.
-
-        Greedy requests all share one key. Unseeded sampling shares a key per temperature and
-        top-p. A seeded sampled request gets a key of its own, so its answer never depends on
-        what it was batched with.
-        """
-        if self.temperature == 0:
-            return ("greedy",)
-        if self.seed is None:
-            return ("sample", float(self.temperature), float(self.top_p))
-        return ("seeded", id(self))
 
 
 @dataclass(frozen=True)
@@ -231,29 +221,15 @@ def encode_conversation(
     return sample
 
 
-def generate_deltas(
-    model: MultimodalModel,
-    samples: Sequence[EncodedSample],
-    options: Sequence[GenerationOptions],
-    *,
-    is_cancelled: Callable[[int], bool] | None = None,
-) -> Iterator[list[tuple[int, Delta]]]:
-    """Decode a batch of encoded conversations together, one step at a time.
+def start_rows(model, batch, keys, samples, options) -> tuple[list[_Row], list[int]]:
+    """Prefill ``samples`` and add them to ``batch`` (a :class:`mm.model.batching.DecodeBatch`) under
+    ``keys``; returns each one's text state and first token.
 
-    Args:
-        model: the model; its preprocessor pads the batch (left) and builds the image tensors.
-        samples: prompts from :func:`encode_conversation`.
-        options: one per sample; all must have the same :meth:`GenerationOptions.batch_key`.
-        is_cancelled: ``row -> bool``, checked every step; a cancelled row gets no more deltas.
-
-    Yields:
-        Per decoding step, ``(row, delta)`` for each row still generating. Every row's last delta
-        has a ``finish_reason``. Decoding ends as soon as every row is finished or cancelled.
+    Raises:
+        ValueError: a prompt fills the model's context.
     """
-    if len(samples) != len(options) or not samples:
-        raise ValueError(f"need one options per sample, got {len(samples)} samples and {len(options)}")
-    if len({o.batch_key() for o in options}) != 1:
-        raise ValueError("options of one batch must share temperature, top_p and seed")
+    from mm.model.batching import Sampling
+
     pre = _preprocessor(model)
     context = model.config.text.max_seq_len
     stop_ids = _stop_ids(model)
@@ -263,36 +239,55 @@ def generate_deltas(
     ]
     if any(r.limit < 1 for r in rows):
         raise ValueError(f"a prompt fills the model's context of {context} tokens")
-    batch = pre.collate(list(samples), padding_side="left")
-    batch.pop("labels")
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    first = options[0]
-    steps = model.stream(
-        batch.pop("input_ids"),
-        **batch,
-        max_new_tokens=max(r.limit for r in rows),
-        temperature=first.temperature,
-        top_p=first.top_p,
-        seed=first.seed,
-        stop_token_ids=tuple(sorted(stop_ids)),
-    )
-    try:
-        for tokens in steps:
-            out = []
-            for i, token in enumerate(tokens.tolist()):
-                row = rows[i]
-                if row.done:
-                    continue
-                if is_cancelled is not None and is_cancelled(i):
-                    row.done = True
-                    continue
-                out.append((i, row.push(token)))
-            if out:
-                yield out
-            if all(r.done for r in rows):
-                break
-    finally:
-        steps.close()
+    prompts = pre.collate(list(samples), padding_side="left")
+    prompts.pop("labels")
+    prompts = {k: v.to(model.device) for k, v in prompts.items()}
+    sampling = [Sampling(o.temperature, o.top_p, o.seed) for o in options]
+    return rows, batch.join(keys, prompts, sampling)
+
+
+def generate_deltas(
+    model: MultimodalModel,
+    samples: Sequence[EncodedSample],
+    options: Sequence[GenerationOptions],
+    *,
+    is_cancelled: Callable[[int], bool] | None = None,
+) -> Iterator[list[tuple[int, Delta]]]:
+    """Decode a batch of encoded conversations together, one step at a time.
+
+    Rows decode together (:class:`mm.model.batching.DecodeBatch`), each with its own sampling
+    settings; a row leaves the batch the step it finishes.
+
+    Args:
+        model: the model; its preprocessor pads the batch (left) and builds the media tensors.
+        samples: prompts from :func:`encode_conversation`.
+        options: one per sample.
+        is_cancelled: ``row -> bool``, checked every step; a cancelled row gets no more deltas.
+
+    Yields:
+        Per decoding step, ``(row, delta)`` for each row still generating. Every row's last delta
+        has a ``finish_reason``. Decoding ends as soon as every row is finished or cancelled.
+    """
+    from mm.model.batching import DecodeBatch
+
+    if len(samples) != len(options) or not samples:
+        raise ValueError(f"need one options per sample, got {len(samples)} samples and {len(options)}")
+    batch = DecodeBatch(model)
+    rows, tokens = start_rows(model, batch, list(range(len(samples))), samples, options)
+    keys = list(batch.keys)
+    while keys:
+        out = []
+        for i, token in zip(keys, tokens):
+            if is_cancelled is not None and is_cancelled(i):
+                rows[i].done = True
+                continue
+            out.append((i, rows[i].push(token)))
+        if out:
+            yield out
+        batch.leave([i for i in keys if rows[i].done])
+        keys = list(batch.keys)
+        if keys:
+            tokens = batch.step()
 
 
 def _options(model, options: GenerationOptions | None, kwargs: dict[str, Any]) -> GenerationOptions:

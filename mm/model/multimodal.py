@@ -302,13 +302,25 @@ class MultimodalModel(nn.Module):
         cross_attention_mask: torch.Tensor | None = None,
         video: VisionState | None = None,
         video_cross_attention_mask: torch.Tensor | None = None,
+        vision_mask: torch.Tensor | None = None,
+        video_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The backbone's layers with the adapters in front of theirs; ``h [b, s, d]`` in and out.
 
-        In front of a layer that has both, the video block runs before the image block.
+        In front of a layer that has both, the video block runs before the image block. The blocks'
+        masks come from the ``[b, s, n, t]`` / ``[b, s, v]`` cross-attention masks, or ready-made as
+        boolean ``[r, s, m]`` masks of the rows in ``vision`` / ``video`` (continuous batching).
         """
-        xmask = None if vision is None else token_mask(cross_attention_mask, vision)
-        vmask = None if video is None else token_mask(video_cross_attention_mask, video)
+        xmask = (
+            vision_mask
+            if vision is None or vision_mask is not None
+            else token_mask(cross_attention_mask, vision)
+        )
+        vmask = (
+            video_mask
+            if video is None or video_mask is not None
+            else token_mask(video_cross_attention_mask, video)
+        )
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.backbone.layers):
             k = self._video_block_at.get(i)

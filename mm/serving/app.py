@@ -55,6 +55,7 @@ __all__ = [
     "parse_chat_request",
     "run_serve",
     "serve",
+    "server_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,14 @@ def _add_error_handlers(app) -> None:
 
     @app.exception_handler(RequestError)
     async def _request_error(request, exc: RequestError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"Connection": "close"} if exc.status == 408 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(_ClientGone)
+    async def _client_gone(request, exc: _ClientGone):
+        from fastapi.responses import Response
+
+        return Response(status_code=499)  # nobody reads it: the client has left
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, exc: HTTPException):
@@ -214,7 +222,7 @@ def _add_chat_completions(app, served: _Served) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        raw = await read_body(request, served.limits.max_request_bytes)
+        raw = await read_body(request, served.limits.max_request_bytes, served.limits.request_timeout_s)
         body = await run_in_threadpool(parse_json, raw)
         req = parse_chat_request(body, model_id=served.model_id, limits=served.limits)
         engine: Engine = app.state.engine
@@ -231,7 +239,7 @@ def _add_chat_completions(app, served: _Served) -> None:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         prompt_tokens = len(sample.ids)
         if not req.stream:
-            return await _whole_answer(served, req, job, results, rid, prompt_tokens)
+            return await _whole_answer(served, req, job, results, rid, prompt_tokens, request)
         return _streamed_answer(served, req, job, results, rid, prompt_tokens)
 
 
@@ -279,6 +287,33 @@ def _prepare(served: _Served, req: ChatRequest):
     return sample, options
 
 
+class _ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its answer was complete."""
+
+
+#: How often a non-streaming request checks that its client is still there while it waits.
+_DISCONNECT_POLL_S = 0.25
+
+
+async def _next_delta_while_connected(results: asyncio.Queue, request, checked: list[float]):
+    """:func:`_next_delta`, or :class:`_ClientGone` once the client has disconnected (looked at every
+    :data:`_DISCONNECT_POLL_S`, whether deltas keep coming or not; ``checked[0]`` is the last look)."""
+    waiting = asyncio.ensure_future(_next_delta(results))
+    try:
+        while True:
+            wait = max(0.0, checked[0] + _DISCONNECT_POLL_S - time.monotonic())
+            done, _ = await asyncio.wait({waiting}, timeout=wait)
+            if time.monotonic() >= checked[0] + _DISCONNECT_POLL_S:
+                checked[0] = time.monotonic()
+                if await request.is_disconnected():
+                    raise _ClientGone()
+            if done:
+                return waiting.result()
+    finally:
+        if not waiting.done():
+            waiting.cancel()
+
+
 async def _next_delta(results: asyncio.Queue):
     """The next :class:`mm.model.chat.Delta` the worker sent; an exception it sent is raised."""
     item = await results.get()
@@ -288,15 +323,20 @@ async def _next_delta(results: asyncio.Queue):
 
 
 async def _whole_answer(
-    served: _Served, req: ChatRequest, job: Job, results: asyncio.Queue, rid: str, prompt_tokens: int
+    served: _Served, req: ChatRequest, job: Job, results: asyncio.Queue, rid: str, prompt_tokens: int, request
 ) -> dict[str, Any]:
-    """The ``chat.completion`` once the answer is complete, spoken too when the request asked."""
+    """The ``chat.completion`` once the answer is complete, spoken too when the request asked.
+
+    A client that hangs up before the answer is complete cancels it: its row leaves the batch at
+    the engine's next step and its slot is free again.
+    """
     from starlette.concurrency import run_in_threadpool
 
     texts = []
+    checked = [time.monotonic()]
     try:
         while True:
-            delta = await _next_delta(results)
+            delta = await _next_delta_while_connected(results, request, checked)
             texts.append(delta.text)
             if delta.finish_reason is not None:
                 break
@@ -379,13 +419,24 @@ def serve(
     from mm.model.multimodal import MultimodalModel
 
     model = MultimodalModel.from_pretrained(model_dir).eval()
+    limits = limits or ServerLimits()
     app = create_app(
         model,
         model_id=model_id or Path(model_dir).resolve().name,
         limits=limits,
         allowed_media_domains=tuple(allowed_media_domains),
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.Server(server_config(app, limits, host=host, port=port, log_level=log_level)).run()
+
+
+def server_config(app, limits: ServerLimits, **options):
+    """The uvicorn configuration ``mm serve`` runs with: HTTP/1.1 whose requests must arrive (headers
+    and body) within ``limits.request_timeout_s`` (:class:`mm.serving.http.DeadlineH11Protocol`)."""
+    import uvicorn
+
+    from mm.serving.http import deadline_protocol
+
+    return uvicorn.Config(app, http=deadline_protocol(limits.request_timeout_s), lifespan="on", **options)
 
 
 def limits_from_args(args: argparse.Namespace) -> ServerLimits:
@@ -401,6 +452,7 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
         max_concurrent_requests=args.max_concurrent_requests,
         max_batch_size=args.max_batch_size,
         media_timeout_s=args.media_timeout,
+        request_timeout_s=args.request_timeout,
     )
 
 

@@ -2,12 +2,13 @@
 
 Requests are admitted up to ``max_concurrent_requests`` (counting those being prepared, waiting and
 decoding; beyond it the server answers 429), prepared (media fetched and decoded, prompt
-tokenised) in a thread pool, and put on a queue. The worker batches dynamically: it takes the
-oldest waiting request and every other waiting request with the same sampling settings (greedy
-requests always share), up to ``max_batch_size``, decodes them together, and streams each row's
-text to its own request through its own asyncio queue, so rows never see each other's output.
-Requests arriving meanwhile form the next batch. Greedy answers equal those the request gets
-alone; a seeded sampled request runs alone, so its answer never depends on its neighbours.
+tokenised) in a thread pool, and put on a queue. The worker batches continuously
+(:class:`mm.model.batching.DecodeBatch`): between two decoding steps, waiting requests are
+prefilled together and join the running rows (up to ``max_batch_size``), and a row leaves the step
+it finishes, or the step after its client went away; its admission slot is free at once. Rows of
+any sampling settings, media or none, share the steps; each streams its text to its own request
+through its own asyncio queue. Greedy answers equal those the request gets alone, and a seeded
+sampled request draws from its own generator, so its answer never depends on its neighbours.
 
 Torch is imported by the worker when it first decodes, not by importing this module.
 """
@@ -110,28 +111,31 @@ class Engine:
 
     # ------------------------------------------------------------------ the worker
     def _work(self) -> None:
+        from mm.model.batching import DecodeBatch
+
         pending: deque[Job] = deque()
+        running: dict[Job, Any] = {}  # job -> its text state (mm.model.chat row)
+        batch = DecodeBatch(self.model)
         closing = False
         while not closing:
-            if not pending:
-                job = self._queue.get()
+            if not pending and not running:
+                job = self._queue.get()  # idle: wait for work
                 if job is None:
                     break
                 pending.append(job)
-            with self._model_lock:  # (pause() holds it: what arrives meanwhile joins this batch)
+            with self._model_lock:  # (pause() holds it: what arrives meanwhile joins together)
                 closing = self._drain(pending)
-                batch = self._take_batch(pending)
-                self.batches += 1
-                self.largest_batch = max(self.largest_batch, len(batch))
-                self._started += len(batch)
-                self._run(batch)
-        for job in pending:  # shutting down: refuse what never ran
+                self._join(batch, running, pending)
+                if running:
+                    self._step(batch, running)
+        for job in [*pending, *running]:  # shutting down: refuse what never finished
             self._emit(job, RuntimeError("the server is shutting down"))
-            self.release()
+            if not job.finished:
+                self.release()
 
     def _drain(self, pending: deque[Job]) -> bool:
-        """Move everything already waiting onto ``pending`` (it may join this batch); ``True`` when
-        the queue asked the worker to stop."""
+        """Move everything already waiting onto ``pending``; ``True`` when the queue asked the
+        worker to stop."""
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -141,49 +145,78 @@ class Engine:
                 return True
             pending.append(job)
 
-    def _take_batch(self, pending: deque[Job]) -> list[Job]:
-        """The oldest pending job and up to ``max_batch_size - 1`` others with its sampling settings."""
-        first = pending.popleft()
-        key = first.options.batch_key()
-        batch, rest = [first], deque()
-        while pending:
+    def _join(self, batch, running: dict, pending: deque[Job]) -> None:
+        """Prefill waiting requests (as many as the batch has room for) and add them to it."""
+        from mm.model.chat import start_rows
+
+        joining = []
+        while pending and len(running) + len(joining) < self.max_batch_size:
             job = pending.popleft()
-            if len(batch) < self.max_batch_size and job.options.batch_key() == key:
-                batch.append(job)
+            self._started += 1
+            if job.cancelled.is_set():
+                self.release()
             else:
-                rest.append(job)
-        pending.extend(rest)
-        return batch
+                joining.append(job)
+        if not joining:
+            return
+        try:
+            rows, first = start_rows(
+                self.model, batch, joining, [j.sample for j in joining], [j.options for j in joining]
+            )
+        except Exception as e:  # a fault of the model or the server, not of a request
+            log.exception("prefilling %d requests failed", len(joining))
+            for job in joining:
+                self._emit(job, e)
+                self.release()
+            return
+        self.batches += 1
+        for job, row, token in zip(joining, rows, first):
+            running[job] = row
+            self._push(job, row, token)
+        self.largest_batch = max(self.largest_batch, len(batch))
+        self._leave_finished(batch, running)
+
+    def _step(self, batch, running: dict) -> None:
+        """One decoding step of every running row; finished and abandoned rows leave."""
+        try:
+            tokens = batch.step()
+        except Exception as e:
+            log.exception("decoding a batch of %d failed", len(batch))
+            for job in running:
+                self._emit(job, e)
+                if not job.finished:
+                    self.release()
+            running.clear()
+            batch.leave(list(batch.keys))
+            return
+        for job, token in zip(list(batch.keys), tokens):
+            if not job.cancelled.is_set():
+                self._push(job, running[job], token)
+        self._leave_finished(batch, running)
+
+    def _push(self, job: Job, row, token: int) -> None:
+        if job.cancelled.is_set():
+            return
+        delta = row.push(token)
+        if delta.finish_reason is not None:
+            # The slot is free before the client learns the answer is complete: a client that
+            # sends its next request at once is never refused for its own finished one.
+            job.finished = True
+            self.release()
+        self._emit(job, delta)
+
+    def _leave_finished(self, batch, running: dict) -> None:
+        """Rows that finished or whose client left give their place (and, if a client left, its slot)
+        back now."""
+        gone = [job for job in batch.keys if job.finished or job.cancelled.is_set()]
+        batch.leave(gone)
+        for job in gone:
+            del running[job]
+            if not job.finished:
+                self.release()
 
     def _emit(self, job: Job, item: Any) -> None:
         try:
             job.emit(item)
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
             job.cancelled.set()
-
-    def _run(self, batch: list[Job]) -> None:
-        """Decode ``batch`` together, each row's deltas to its own job; release every slot."""
-        from mm.model.chat import generate_deltas
-
-        live = [job for job in batch if not job.cancelled.is_set()]
-        try:
-            if live:
-                steps = generate_deltas(
-                    self.model,
-                    [job.sample for job in live],
-                    [job.options for job in live],
-                    is_cancelled=lambda i: live[i].cancelled.is_set(),
-                )
-                for step in steps:
-                    for row, delta in step:
-                        job = live[row]
-                        job.finished = delta.finish_reason is not None
-                        self._emit(job, delta)
-        except Exception as e:  # a fault of the model or the server, not of a request
-            log.exception("decoding a batch of %d failed", len(live))
-            for job in live:
-                if not job.finished:
-                    self._emit(job, e)
-        finally:
-            for _ in batch:
-                self.release()

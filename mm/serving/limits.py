@@ -29,6 +29,9 @@ class ServerLimits:
         max_concurrent_requests: requests in flight (being prepared, waiting or decoding).
         max_batch_size: requests decoded together in one batch.
         media_timeout_s: per socket operation and per download of an image URL.
+        request_timeout_s: time a client has to send a request's headers and body, from the
+            connection (or the end of its previous request); past it the server answers 408 and
+            closes the connection, so slow senders cannot hold connections.
     """
 
     max_image_pixels: int = 16_777_216
@@ -41,6 +44,7 @@ class ServerLimits:
     max_concurrent_requests: int = 16
     max_batch_size: int = 8
     media_timeout_s: float = 10.0
+    request_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

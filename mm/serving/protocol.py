@@ -58,6 +58,8 @@ __all__ = [
 ]
 
 _MAX_STOP_STRINGS = 4
+#: Seeds a request may give (those a torch generator takes: 64 bits, kept non-negative).
+SEED_MAX = 2**63 - 1
 _UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs")
 
 DONE_EVENT = "data: [DONE]\n\n"
@@ -84,8 +86,9 @@ class RequestError(Exception):
 
 
 # ---------------------------------------------------------------------------------------- the body
-async def read_body(request, limit: int) -> bytes:
-    """The body, refused with 413 past ``limit`` bytes (declared or counted) without keeping the excess.
+async def read_body(request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The body, refused with 413 past ``limit`` bytes (declared or counted) without keeping the
+    excess, and with 408 when it has not all arrived within ``timeout_s`` seconds.
 
     A refused body is still read and dropped, up to another ``limit`` bytes, so the client can
     finish sending and read the 413 instead of a reset connection.
@@ -93,7 +96,21 @@ async def read_body(request, limit: int) -> bytes:
     Args:
         request: a Starlette request (``headers`` and the async ``stream()`` of body chunks).
         limit: ``max_request_bytes``.
+        timeout_s: ``request_timeout_s`` (``None``: no deadline).
     """
+    import asyncio
+
+    try:
+        return await asyncio.wait_for(_read_body(request, limit), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(
+            408,
+            f"the request body did not arrive within {timeout_s:g} seconds (request_timeout_s)",
+            code="request_timeout",
+        ) from None
+
+
+async def _read_body(request, limit: int) -> bytes:
 
     def too_large(size: str) -> RequestError:
         return RequestError(
@@ -177,7 +194,7 @@ def parse_chat_request(body: Any, *, model_id: str, limits: ServerLimits) -> Cha
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        seed=_int(body, "seed"),
+        seed=_int(body, "seed", 0, SEED_MAX),
         stop=stop,
         stream=stream,
         include_usage=bool(options.get("include_usage")),
@@ -343,10 +360,17 @@ def _number(
     return float(value)
 
 
-def _int(body: dict, name: str) -> int | None:
+def _int(body: dict, name: str, low: int = -(2**63), high: int = 2**63 - 1) -> int | None:
+    """An optional integer field, 400 naming it when it is not an int in ``[low, high]``."""
     value = body.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(400, f"'{name}' must be an integer", param=name, code="invalid_type")
+    if not low <= value <= high:
+        raise RequestError(
+            400, f"'{name}' must be in [{low}, {high}], got {value}", param=name, code="invalid_value"
+        )
     return value
 
 

@@ -1,0 +1,159 @@
+"""Continuous batching (mm.model.batching): rows joining and leaving between steps decode what they
+decode alone, whatever they share a batch with (text only, images, two images, video, speech)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from mm_testing import random_images
+
+from mm import ModelConfig, MultimodalModel
+from mm.datasets import AudioConfig, ImageProcessor, VideoConfig
+from mm.datasets.preprocessing import AudioTokens, Preprocessor
+from mm.model.batching import DecodeBatch, Sampling
+from mm.text_backbone import ByteTokenizer, KVCache
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = MultimodalModel(ModelConfig.preset("tiny-av")).eval()
+    with torch.no_grad():  # open every gate and stir the weights, so every path changes the answer
+        for name, p in m.named_parameters():
+            if "gate" in name:
+                p.fill_(0.8)
+            elif not name.startswith("backbone."):
+                p.add_(torch.randn_like(p) * 0.05)
+    m.preprocessor = Preprocessor(
+        ByteTokenizer(),
+        ImageProcessor(tile_size=28, max_tiles=4),
+        video=VideoConfig(num_frames=8),
+        audio=AudioConfig(),
+        audio_tokens=AudioTokens(stack=4, conv_kernel=3, conv_stride=2),
+    )
+    return m
+
+
+def _conversations():
+    images = random_images([(60, 40), (30, 90), (50, 50)], seed=3)
+    frames = random_images([(40, 30)] * 8, seed=4)
+    tone = 0.3 * torch.sin(2 * math.pi * 440 * torch.arange(12000) / 16000)
+    user = lambda *parts: [{"role": "user", "content": list(parts)}]  # noqa: E731
+    text = lambda t: {"type": "text", "text": t}  # noqa: E731
+    return {
+        "text": user(text("Name a colour, any colour at all.")),
+        "image": user({"type": "image", "image": images[0]}, text("What is it?")),
+        "two images": user(
+            {"type": "image", "image": images[1]},
+            text("and"),
+            {"type": "image", "image": images[2]},
+            text("?"),
+        ),
+        "video": user({"type": "video", "video": frames}, text("Which way?")),
+        "speech": user(text("Repeat:"), {"type": "audio", "audio": tone}),
+        "longer text": user(
+            text("A much longer question than the others, so that its prompt is the longest.")
+        ),
+    }
+
+
+def _alone(model, conv) -> list[int]:
+    batch = model.preprocessor.prompts([conv])
+    return model.generate(batch.pop("input_ids"), **batch, max_new_tokens=STEPS, stop_token_ids=())[
+        0
+    ].tolist()
+
+
+def _prompts(model, convs):
+    pre = model.preprocessor
+    batch = pre.collate([pre.encode(c, add_generation_prompt=True) for c in convs], padding_side="left")
+    batch.pop("labels")
+    return batch
+
+
+def test_interleaved_arrivals_decode_what_each_request_decodes_alone(model):
+    convs = _conversations()
+    expected = {name: _alone(model, conv) for name, conv in convs.items()}
+    assert len({tuple(v) for v in expected.values()}) > 1  # the requests do differ
+    batch = DecodeBatch(model)
+    got: dict[str, list[int]] = {}
+    # Arrivals between steps: one, then two more, then three more (the longest prompt last, so the
+    # running rows move right in the cache); rows leave when they have their tokens.
+    arrivals = [["image"], ["text", "two images"], [], ["video", "speech", "longer text"]]
+    for wave in [*arrivals, *[[]] * (STEPS + 2)]:
+        if wave:
+            first = batch.join(wave, _prompts(model, [convs[n] for n in wave]), [Sampling()] * len(wave))
+            for name, token in zip(wave, first):
+                got[name] = [token]
+        elif len(batch):
+            for name, token in zip(list(batch.keys), batch.step()):
+                got[name].append(token)
+        batch.leave([n for n in batch.keys if len(got[n]) == STEPS])
+    assert not len(batch)
+    assert got == expected
+
+
+def test_a_row_leaving_early_frees_its_slot_and_changes_no_other(model):
+    convs = _conversations()
+    expected = {name: _alone(model, convs[name]) for name in ("image", "video", "text")}
+    batch = DecodeBatch(model)
+    names = ["image", "video", "text"]
+    got = {
+        n: [t]
+        for n, t in zip(
+            names, batch.join(names, _prompts(model, [convs[n] for n in names]), [Sampling()] * 3)
+        )
+    }
+    batch.leave(["video"])  # its client went away after the first token
+    assert batch.keys == ["image", "text"]
+    while len(got["image"]) < STEPS:
+        for name, token in zip(list(batch.keys), batch.step()):
+            got[name].append(token)
+    assert got["image"] == expected["image"] and got["text"] == expected["text"]
+
+
+def test_seeded_sampling_is_the_rows_own(model):
+    convs = _conversations()
+    batch = model.preprocessor.prompts([convs["text"]])
+    alone = model.generate(
+        batch.pop("input_ids"), **batch, max_new_tokens=STEPS, stop_token_ids=(), temperature=0.9, seed=7
+    )[0].tolist()
+    together = DecodeBatch(model)
+    names = ["image", "text"]
+    sampling = [Sampling(), Sampling(temperature=0.9, seed=7)]
+    first = together.join(names, _prompts(model, [convs[n] for n in names]), sampling)
+    got = [first[1]]
+    for _ in range(STEPS - 1):
+        got.append(together.step()[1])
+    assert got == alone
+
+
+def test_kv_cache_join_compact_and_grow():
+    def cache(b, length, fill):
+        c = KVCache(
+            num_layers=1,
+            batch_size=b,
+            num_kv_heads=1,
+            head_dim=2,
+            capacity=length,
+            dtype=torch.float32,
+            device="cpu",
+        )
+        c.reserve(length)
+        c.write(0, 0, torch.full((b, 1, length, 2), float(fill)), torch.full((b, 1, length, 2), -float(fill)))
+        return c
+
+    a, b = cache(1, 3, 1), cache(2, 5, 2)
+    a.join(b)  # b is longer: a's tokens move right, and every row's tokens end at slot 5
+    assert a.length == 5 and a.batch_size == 3
+    assert a.valid.tolist()[0][:5] == [False, False, True, True, True]
+    assert a.keys[0][0, 0, 2:5].eq(1).all() and a.keys[0][1:, 0, :5].eq(2).all()
+    a.select_rows(torch.tensor([0]))  # the long rows leave: two slots are nobody's
+    a.compact()
+    assert a.length == 3 and a.valid[0, :3].all() and a.keys[0][0, 0, :3].eq(1).all()
+    a.ensure_capacity(a.capacity + 1)
+    assert a.capacity >= 2 * 5 and a.keys[0][0, 0, :3].eq(1).all()
