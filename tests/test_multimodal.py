@@ -298,3 +298,23 @@ def test_unknown_config_keys_are_errors():
     assert ModelConfig.from_dict(data) == ModelConfig.preset("tiny")
     with pytest.raises(ValueError, match="unknown keys"):
         ModelConfig.from_dict({**data, "cross_attn_every": 4})
+
+
+def test_logits_are_computed_when_read(ours, monkeypatch):
+    """The Hugging Face-style call ``model(**batch, labels=labels)`` projects to the vocabulary only
+    the labelled positions for the loss; the full logits cost nothing until ``.logits`` is read."""
+    prompts = [[IMAGE] + text(12, 31)]
+    batch = make_batch(prompts, [random_images([(50, 40)], 12)])
+    labels = batch["input_ids"].clone()
+    labels[:, :8] = -100
+    rows = []
+    head = ours.backbone.head
+    monkeypatch.setattr(ours.backbone, "head", lambda h: rows.append(h.shape[:-1].numel()) or head(h))
+    with torch.no_grad():
+        out = ours(**batch, labels=labels)
+        assert rows == [int((labels[:, 1:] != -100).sum())]  # the loss's positions only
+        logits = out.logits
+        assert rows[1:] == [batch["input_ids"].numel()] and out.logits is logits  # computed once
+        eager = ours(**batch).logits
+    assert torch.equal(logits, eager)
+    assert ours(**batch, labels=labels, return_logits=False).logits is None

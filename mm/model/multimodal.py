@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +34,51 @@ from mm.text_backbone import TextBackbone
 __all__ = ["MultimodalModel", "MultimodalOutput", "VisionState"]
 
 
-@dataclass
 class MultimodalOutput:
-    """What a forward pass returns: ``logits [b, s, V]`` (``None`` when not asked for) and ``loss``."""
+    """What a forward pass returns: ``logits [b, s, V]`` and ``loss`` (with ``labels``).
 
-    logits: torch.Tensor | None
-    loss: torch.Tensor | None = None
-    num_label_tokens: int = 0
+    The logits are computed when first read: a training loop that only calls ``out.loss.backward()``
+    (the Hugging Face way) never pays for the ``[b, s, V]`` projection, whose output head is most of
+    a small model's work and memory; reading ``out.logits`` computes them from the final hidden
+    states, under the same gradient and inference mode as the forward pass. ``logits`` is ``None``
+    when the forward pass was told ``return_logits=False``.
+
+    Attributes:
+        loss: mean next-token cross-entropy over the labelled tokens (``None`` without labels).
+        num_label_tokens: labelled tokens the loss averages over.
+    """
+
+    def __init__(
+        self,
+        logits: torch.Tensor | None = None,
+        loss: torch.Tensor | None = None,
+        num_label_tokens: int = 0,
+        *,
+        hidden: torch.Tensor | None = None,
+        head=None,
+    ) -> None:
+        self._logits = logits
+        self.loss = loss
+        self.num_label_tokens = num_label_tokens
+        self._hidden, self._head = hidden, head
+        self._grad = torch.is_grad_enabled()
+        self._inference = torch.is_inference_mode_enabled()
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        if self._logits is None and self._hidden is not None:
+            with torch.inference_mode(self._inference), torch.set_grad_enabled(self._grad):
+                self._logits = self._head(self._hidden)
+            self._hidden = self._head = None
+        return self._logits
+
+    @logits.setter
+    def logits(self, value: torch.Tensor | None) -> None:
+        self._logits, self._hidden, self._head = value, None, None
+
+    def __repr__(self) -> str:
+        shown = "(not computed yet)" if self._logits is None and self._hidden is not None else self._logits
+        return f"MultimodalOutput(logits={shown!r}, loss={self.loss!r}, num_label_tokens={self.num_label_tokens})"
 
 
 class MultimodalModel(nn.Module):
@@ -363,7 +400,8 @@ class MultimodalModel(nn.Module):
             labels: ``[b, s]`` next-token targets in Hugging Face's convention (shifted inside,
                 -100 ignored); the loss is the mean over labelled tokens, and only those positions
                 are projected to the vocabulary for it.
-            return_logits: compute the full ``[b, s, V]`` logits (training can skip them).
+            return_logits: keep what the full ``[b, s, V]`` logits need, computed when
+                ``.logits`` is first read (``False``: no logits at all).
             video: the batch's videos (:class:`~mm.datasets.inputs.VideoInputs`).
             audio: the log-mel clips whose ``<|audio|>`` runs stand in ``input_ids``
                 (:class:`~mm.datasets.inputs.AudioInputs`).
@@ -396,8 +434,9 @@ class MultimodalModel(nn.Module):
         loss, count = None, 0
         if labels is not None:
             loss, count = self.label_loss(h, labels)
-        logits = self.backbone.head(h) if return_logits else None
-        return MultimodalOutput(logits=logits, loss=loss, num_label_tokens=count)
+        if not return_logits:
+            return MultimodalOutput(loss=loss, num_label_tokens=count)
+        return MultimodalOutput(loss=loss, num_label_tokens=count, hidden=h, head=self.backbone.head)
 
     def input_embeddings(
         self, input_ids: torch.Tensor, audio: AudioInputs | None, *, force: bool = False
