@@ -13,7 +13,8 @@ logits are the backbone's bit for bit; rows of a batch that see no image skip ev
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from mm.text_backbone import TextBackbone
 __all__ = ["MultimodalModel", "MultimodalOutput", "VisionState"]
 
 
+@dataclass(repr=False, eq=False)
 class MultimodalOutput:
     """What a forward pass returns: ``logits [b, s, V]`` and ``loss`` (with ``labels``).
 
@@ -43,41 +45,41 @@ class MultimodalOutput:
     states, under the same gradient and inference mode as the forward pass. ``logits`` is ``None``
     when the forward pass was told ``return_logits=False``.
 
+    A dataclass, so that wrappers which walk a module's output for its tensors (FSDP2 registers its
+    pre-backward hooks on them) find ``loss`` and the hidden states.
+
     Attributes:
         loss: mean next-token cross-entropy over the labelled tokens (``None`` without labels).
         num_label_tokens: labelled tokens the loss averages over.
+        hidden: the final hidden states ``[b, s, d]`` the logits are computed from (``None`` once
+            they are, or when no logits were asked for).
+        head: the output projection applied to ``hidden``.
     """
 
-    def __init__(
-        self,
-        logits: torch.Tensor | None = None,
-        loss: torch.Tensor | None = None,
-        num_label_tokens: int = 0,
-        *,
-        hidden: torch.Tensor | None = None,
-        head=None,
-    ) -> None:
-        self._logits = logits
-        self.loss = loss
-        self.num_label_tokens = num_label_tokens
-        self._hidden, self._head = hidden, head
+    loss: torch.Tensor | None = None
+    num_label_tokens: int = 0
+    hidden: torch.Tensor | None = None
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        self._logits: torch.Tensor | None = None
         self._grad = torch.is_grad_enabled()
         self._inference = torch.is_inference_mode_enabled()
 
     @property
     def logits(self) -> torch.Tensor | None:
-        if self._logits is None and self._hidden is not None:
+        if self._logits is None and self.hidden is not None:
             with torch.inference_mode(self._inference), torch.set_grad_enabled(self._grad):
-                self._logits = self._head(self._hidden)
-            self._hidden = self._head = None
+                self._logits = self.head(self.hidden)
+            self.hidden = self.head = None
         return self._logits
 
     @logits.setter
     def logits(self, value: torch.Tensor | None) -> None:
-        self._logits, self._hidden, self._head = value, None, None
+        self._logits, self.hidden, self.head = value, None, None
 
     def __repr__(self) -> str:
-        shown = "(not computed yet)" if self._logits is None and self._hidden is not None else self._logits
+        shown = "(not computed yet)" if self._logits is None and self.hidden is not None else self._logits
         return f"MultimodalOutput(logits={shown!r}, loss={self.loss!r}, num_label_tokens={self.num_label_tokens})"
 
 
