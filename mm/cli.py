@@ -213,7 +213,18 @@ def _train(sub) -> None:
     p = sub.add_parser("train", help="run the stages of a recipe (YAML file or shipped name)")
     p.add_argument("recipe", help="a recipe YAML file, or the name of a shipped one (e.g. tiny-demo)")
     p.add_argument("--stage", action="append", default=[], help="run only this stage (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from each stage's latest checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each stage from its latest checkpoint (which must belong to the same run: same stage "
+        "settings, seed and starting model)",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="discard what an earlier run left in the stages' folders (checkpoints, model, metrics) and start "
+        "over; without it a stage folder holding checkpoints is an error",
+    )
     p.add_argument("--output-dir", help="where stages write (default: the recipe's output_dir)")
     p.add_argument(
         "--var", action="append", default=[], metavar="NAME=VALUE", help="replace ${NAME} in recipe paths"
@@ -230,6 +241,11 @@ def _data(sub) -> None:
     q.add_argument("out", help="output folder for shard-NNNNNN.tar and manifest.json")
     q.add_argument("--shard-size", default="64MB", help="target shard size (e.g. 64MB, 1GiB)")
     q.add_argument("--overwrite", action="store_true", help="replace an earlier pack in OUT")
+    q.add_argument(
+        "--allow-outside-source",
+        action="store_true",
+        help="read files outside SRC (the manifest's folder): links leading out, absolute and '..' paths",
+    )
     q.set_defaults(func=_command("mm.training.commands", "run_pack"))
 
     q = data_sub.add_parser(
@@ -269,13 +285,77 @@ def _average(sub) -> None:
     p.set_defaults(func=_command("mm.checkpoint.average", "run_average"))
 
 
+def _eval(sub) -> None:
+    from mm.eval.tasks import TASK_NAMES
+
+    p = sub.add_parser(
+        "eval",
+        help="answer a benchmark from its published files and score it with its official metric",
+        description=(
+            "Answer a benchmark read from its published files (nothing is downloaded) with a saved model, "
+            "greedily and in batches, and score it with the benchmark's official metric. Writes "
+            "OUT/eval.json ({task, score, metric, n, samples: [{id, prediction, score}]}) and OUT/eval.md. "
+            "Tasks and layouts: vqav2 (questions JSON or folder; --answers ANNOTATIONS), textvqa "
+            "(TextVQA_0.5.1_val.json), docvqa (val_v1.0.json), chartqa (test_human.json + png/), mcq "
+            "(MMMU / AI2D parquet), video-mcq (Video-MME / PerceptionTest JSON), asr (a LibriSpeech "
+            "split folder), ast (a CoVoST 2 TSV + clips/), text (lm-eval style multiple-choice JSONL; "
+            "also checks that text prompts give the backbone's log-likelihoods and answers exactly)."
+        ),
+    )
+    p.add_argument("model", help="folder written by save_pretrained, or a Llama 3.2 Vision folder")
+    p.add_argument("task", choices=TASK_NAMES, help="the benchmark's kind")
+    p.add_argument("data", help="the benchmark's file or folder, in its published layout")
+    p.add_argument("--out", required=True, help="folder for eval.json and eval.md")
+    p.add_argument("--batch-size", type=_positive, default=8, help="samples decoding together (default: 8)")
+    p.add_argument("--limit", type=_positive, default=None, help="score only the first N samples")
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        default=None,
+        help="answer length limit (default: the task's: 16 for VQA/ChartQA, 32 for DocVQA and choices, "
+        "256 for speech, 32 for the text regression's answers)",
+    )
+    p.add_argument(
+        "--answers",
+        default=None,
+        metavar="FILE",
+        help="vqav2: the annotations file (default: found beside DATA)",
+    )
+    p.add_argument(
+        "--split",
+        default=None,
+        help="vqav2: the split of a folder (val2014); asr: LibriSpeech split folder (test-clean); mcq: "
+        "parquet files NAME-*.parquet (validation); ast: rows of the TSV's split column",
+    )
+    p.add_argument(
+        "--media",
+        default=None,
+        metavar="DIR",
+        help="folder of the images, videos or clips (default: the format's usual place beside DATA)",
+    )
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help="the instruction instead of the task's default (asr: 'Repeat after me in English.', ast: "
+        "'Translate the following sentence into English.'; see the README)",
+    )
+    p.add_argument(
+        "--device", default=None, help="where the model runs (default: cuda if available, else cpu)"
+    )
+    p.add_argument(
+        "--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="default: the saved dtype"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_command("mm.eval.run", "run_eval"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mm",
         description="Give a frozen Llama 3 text model new senses without changing a single weight of it.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_demo, _ask, _serve, _bench, _info, _train, _data, _average):
+    for add in (_demo, _ask, _serve, _bench, _info, _train, _data, _average, _eval):
         add(sub)
     return parser
 

@@ -10,9 +10,17 @@ place mm departs from it and why.
 * :mod:`mm.eval.speech` — WER with Whisper's English normaliser, and sacreBLEU.
 * :mod:`mm.eval.aggregate` — dataset score = mean of per-sample scores.
 
+``mm eval`` on top of them:
+
+* :mod:`mm.eval.tasks` — the tasks (reader, metric, aggregation); :mod:`mm.eval.samples` — what a reader
+  returns; the readers of the published layouts: :mod:`mm.eval.vqa_tasks`, :mod:`mm.eval.choice_tasks`,
+  :mod:`mm.eval.speech_tasks`, :mod:`mm.eval.text` (which also checks the backbone's promise).
+* :mod:`mm.eval.run` — :func:`evaluate` (answer and score), ``eval.json`` / ``eval.md``, the command.
+
 Conventions: the prediction comes first, the gold answer(s) second; per-sample scores lie in [0, 1], WER is
 a fraction and BLEU is on 0-100. Importing this package loads neither torch nor the speech libraries
-(``jiwer``, ``sacrebleu`` and ``whisper_normalizer`` are imported on first use).
+(``jiwer``, ``sacrebleu`` and ``whisper_normalizer`` are imported on first use; so are torch, pandas and
+tqdm by ``mm eval``'s modules).
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from mm.eval.choice import (
     extract_videomme_official,
     option_letters,
 )
+from mm.eval.run import EvalResult, SampleResult, evaluate, write_result
+from mm.eval.samples import EvalDataError, EvalSample, TaskData, TaskOptions
 from mm.eval.speech import (
     corpus_bleu,
     corpus_wer,
@@ -36,6 +46,7 @@ from mm.eval.speech import (
     sentence_bleu,
     word_errors,
 )
+from mm.eval.tasks import TASK_NAMES, TASKS, Task, get_task, read_task, score_predictions
 from mm.eval.vqa import (
     normalize_textvqa_answer,
     normalize_vqa_answer,
@@ -47,25 +58,39 @@ from mm.eval.vqa import (
 __all__ = [
     "ANLS_THRESHOLD",
     "MAX_RELATIVE_CHANGE",
+    "TASKS",
+    "TASK_NAMES",
     "VIDEO_ANSWER_PREFIXES",
+    "EvalDataError",
+    "EvalResult",
+    "EvalSample",
+    "SampleResult",
+    "Task",
+    "TaskData",
+    "TaskOptions",
     "anls",
     "choice_accuracy",
     "corpus_bleu",
     "corpus_wer",
+    "evaluate",
     "extract_choice",
     "extract_video_choice",
     "extract_videomme_official",
+    "get_task",
     "levenshtein_distance",
     "mean_score",
     "normalize_textvqa_answer",
     "normalize_transcript",
     "normalize_vqa_answer",
     "option_letters",
+    "read_task",
     "relaxed_correctness",
     "sample_wer",
+    "score_predictions",
     "sentence_bleu",
     "textvqa_accuracy",
     "vqa_accuracy",
     "vqa_soft_accuracy",
     "word_errors",
+    "write_result",
 ]
