@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mm._values import ConfigValueError, as_float, as_int, check_values
 from mm.encoders.conformer import ConformerConfig, RotarySelfAttention, lengths_to_mask
 from mm.text_backbone.layers import RMSNorm, SwiGLU
 from mm.text_backbone.rope import rope_cos_sin, rope_frequencies
@@ -66,12 +67,25 @@ class SpeechAdapterConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
+        """Types and ranges of every field (:mod:`mm._values`): sizes are positive ints, ``norm_eps``
+        and ``rope_theta`` positive numbers; ``width`` splits into heads of even size."""
+        positive = as_int(minimum=1)
+        check_values(
+            self,
+            {
+                "input_dim": positive,
+                "width": positive,
+                "num_heads": positive,
+                "ffn_dim": positive,
+                "output_dim": positive,
+                "conv_kernel": positive,
+                "conv_stride": positive,
+                "norm_eps": as_float(positive=True),
+                "rope_theta": as_float(positive=True),
+            },
+        )
         if self.width % self.num_heads or (self.width // self.num_heads) % 2:
-            raise ValueError(
-                f"SpeechAdapterConfig: width {self.width} must split into {self.num_heads} heads of even size"
-            )
-        if self.conv_kernel < 1 or self.conv_stride < 1:
-            raise ValueError("SpeechAdapterConfig: conv_kernel and conv_stride must be positive")
+            raise ConfigValueError(f"width {self.width} must split into {self.num_heads} heads of even size")
 
     @property
     def head_dim(self) -> int:

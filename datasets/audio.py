@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torchaudio
 
+from mm.datasets._media_file import read_media_file
+
 __all__ = ["AudioConfig", "AudioError", "load_audio", "log_mel", "num_frames", "pad_features"]
 
 AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
@@ -163,11 +165,7 @@ def _read_source(source: AudioSource, max_bytes: int | None) -> tuple[bytes, str
         data, name = bytes(source), "<bytes>"
     elif isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
-        size = os.path.getsize(name)  # FileNotFoundError for a missing path
-        if max_bytes is not None and size > max_bytes:
-            raise AudioError(f"{name}: file is {size} bytes, over the cap of max_bytes={max_bytes}")
-        with open(name, "rb") as fh:
-            data = fh.read()
+        data = read_media_file(name, kind="audio", error=AudioError, max_bytes=max_bytes)
     elif hasattr(source, "read"):
         name = str(getattr(source, "name", "<file object>"))
         data = source.read(-1 if max_bytes is None else max_bytes + 1)

@@ -51,6 +51,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
+from mm.datasets._media_file import read_media_file
+
 __all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "ImageError", "ImageLike", "load_image", "to_rgb"]
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
@@ -88,9 +90,9 @@ def load_image(source: ImageLike, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS)
         return _finish(source, _describe(source), max_pixels)
     label = _describe(source)
     if isinstance(source, (str, os.PathLike)):
-        if os.path.isfile(source) and os.path.getsize(source) == 0:
-            raise ImageError(f"{label}: empty file (0 bytes), there is no image data")
-        fp: BinaryIO | str | os.PathLike = source
+        fp: BinaryIO | str | os.PathLike = io.BytesIO(
+            read_media_file(source, kind="image", error=ImageError, missing=ImageError)
+        )
     elif isinstance(source, (bytes, bytearray, memoryview)):
         if not memoryview(source).nbytes:
             raise ImageError(f"{label}: empty, there is no image data")

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from mm._strict import check_fields
+from mm._values import ConfigValueError, as_choice, as_int, as_int_tuple, check_values, describe, nested
 from mm.datasets.cross_attention_mask import MASK_MODES, batch_cross_attention_mask
 from mm.datasets.image_processing import ImageProcessor
 from mm.datasets.images import load_image
@@ -51,6 +53,10 @@ class AudioTokens:
     stack: int = 4
     conv_kernel: int = 3
     conv_stride: int = 2
+
+    def __post_init__(self) -> None:
+        positive = as_int(minimum=1)
+        check_values(self, {"stack": positive, "conv_kernel": positive, "conv_stride": positive})
 
     def count(self, feature_frames: int) -> int:
         """``<|audio|>`` placeholders for ``feature_frames`` log-mel frames."""
@@ -118,20 +124,26 @@ class Preprocessor:
         audio=None,
         audio_tokens: AudioTokens | None = None,
     ) -> None:
-        if mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        positive = as_int(minimum=1)
+        self.mask_mode = as_choice(MASK_MODES)("mask_mode", mask_mode)
+        self.max_seq_len = positive("max_seq_len", max_seq_len)
+        self.max_images = positive("max_images", max_images)
         if (audio is None) != (audio_tokens is None):
-            raise ValueError("audio settings and audio_tokens go together")
+            raise ConfigValueError("audio settings and audio_tokens go together")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.mask_mode = mask_mode
-        self.max_seq_len = max_seq_len
-        self.max_images = max_images
         self.encoder_tiles = None
         if encoder_tiles is not None:
+            if isinstance(encoder_tiles, str | bytes | Mapping) or not (
+                isinstance(encoder_tiles, Sequence) and len(encoder_tiles) == 2
+            ):
+                raise ConfigValueError(
+                    f"must be [max_tiles, [[rows, cols], ...]], got {describe(encoder_tiles)}",
+                    key="encoder_tiles",
+                )
             self.encoder_tiles = (
-                int(encoder_tiles[0]),
-                tuple(tuple(int(v) for v in r) for r in encoder_tiles[1]),
+                positive("encoder_tiles[0]", encoder_tiles[0]),
+                nested(as_int_tuple(positive, size=2))("encoder_tiles[1]", encoder_tiles[1]),
             )
         self.video = video
         self.audio = audio
@@ -165,11 +177,19 @@ class Preprocessor:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, settings: Mapping[str, Any]) -> Preprocessor:
-        """The preprocessor saved by :meth:`save` (strict: unknown settings are errors)."""
+        """The preprocessor saved by :meth:`save` (strict: unknown settings are errors).
+
+        Raises:
+            ConfigValueError: a malformed setting, named by its key (``preprocessing.max_images
+                must be a positive int, got 0``).
+            OSError, ValueError: the tokenizer file is missing or unreadable (the file is named).
+        """
         return cls._from_settings(load_tokenizer(Path(directory)), settings)
 
-    @classmethod
-    def _from_settings(cls, tokenizer: Tokenizer, settings: Mapping[str, Any]) -> Preprocessor:
+    @staticmethod
+    def _check_settings(settings: Any) -> Mapping[str, Any]:
+        if not isinstance(settings, Mapping):
+            raise ConfigValueError(f"must be a mapping, got {describe(settings)}", key="preprocessing")
         known = {
             "image",
             "mask_mode",
@@ -182,31 +202,46 @@ class Preprocessor:
         }
         unknown = sorted(set(settings) - known)
         if unknown:
-            raise ValueError(f"unknown preprocessing settings {unknown}")
-        image = settings.get("image")
-        if isinstance(image, Mapping):
-            image = ImageProcessor.from_dict(image)
-        video, audio, tokens = settings.get("video"), settings.get("audio"), settings.get("audio_tokens")
-        if isinstance(video, Mapping):
+            raise ConfigValueError(f"unknown preprocessing settings {unknown}", where=("preprocessing",))
+        return settings
+
+    @classmethod
+    def _from_settings(cls, tokenizer: Tokenizer, settings: Mapping[str, Any]) -> Preprocessor:
+        """Errors are :class:`ConfigValueError` naming the key under ``preprocessing``."""
+        settings = cls._check_settings(settings)
+        try:
+            return cls._build(tokenizer, settings)
+        except ConfigValueError as e:
+            raise e.within("preprocessing") from None
+
+    @classmethod
+    def _build(cls, tokenizer: Tokenizer, settings: Mapping[str, Any]) -> Preprocessor:
+        def video(data: Mapping[str, Any]):
             from mm.datasets.video import VideoConfig
 
-            video = VideoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in video.items()})
-        if isinstance(audio, Mapping):
+            data = check_fields(VideoConfig, data, "video settings", error=ConfigValueError)
+            return VideoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+        def audio(data: Mapping[str, Any]):
             from mm.datasets.audio import AudioConfig
 
-            audio = AudioConfig(**audio)
-        if isinstance(tokens, Mapping):
-            tokens = AudioTokens(**tokens)
+            return AudioConfig(**check_fields(AudioConfig, data, "audio settings", error=ConfigValueError))
+
+        def audio_tokens(data: Mapping[str, Any]):
+            return AudioTokens(
+                **check_fields(AudioTokens, data, "audio_tokens settings", error=ConfigValueError)
+            )
+
         return cls(
             tokenizer,
-            image,
+            _setting(settings, "image", ImageProcessor.from_dict),
             mask_mode=settings.get("mask_mode", "all_previous"),
-            max_seq_len=int(settings.get("max_seq_len", 2048)),
-            max_images=int(settings.get("max_images", 16)),
+            max_seq_len=settings.get("max_seq_len", 2048),
+            max_images=settings.get("max_images", 16),
             encoder_tiles=settings.get("encoder_tiles"),
-            video=video,
-            audio=audio,
-            audio_tokens=tokens,
+            video=_setting(settings, "video", video),
+            audio=_setting(settings, "audio", audio),
+            audio_tokens=_setting(settings, "audio_tokens", audio_tokens),
         )
 
     # ------------------------------------------------------------------ one sample
@@ -452,6 +487,21 @@ class Preprocessor:
         batch = self.collate(samples, padding_side="left")
         batch.pop("labels")
         return batch
+
+
+def _setting(settings: Mapping[str, Any], key: str, build) -> Any:
+    """``build(settings[key])`` for a mapping, ``None`` for null or absent; errors name ``key``."""
+    value = settings.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigValueError(f"must be a mapping or null, got {describe(value)}", key=key)
+    try:
+        return build(value)
+    except ConfigValueError as e:
+        raise e.within(key) from None
+    except (TypeError, ValueError) as e:
+        raise ConfigValueError(str(e), where=(key,)) from None
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

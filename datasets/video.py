@@ -7,6 +7,8 @@ mov file into those frames with PyAV (torchvision's video reader is gone):
 
 * ``load_video`` decodes a clip into a ``VideoClip`` of exactly ``num_frames`` RGB frames in
   display orientation (rotation and flips of the container's display matrix applied).
+* ``check_video`` runs the same checks and decodes only the first frame: whether a clip is
+  usable, for ``mm data pack``, which stores clips as they are.
 * ``frames_to_tensor`` prepares each frame as a one-tile image with ``ImageProcessor`` (resize
   without distortion, pad, CLIP normalisation): ``[f, 3, tile, tile]``.
 
@@ -55,12 +57,14 @@ import torch
 from av.sidedata.sidedata import Type as SideDataType
 from PIL import Image
 
+from mm.datasets._media_file import check_media_path
 from mm.datasets.image_processing import CLIP_MEAN, CLIP_STD, ImageProcessor
 
 __all__ = [
     "VideoClip",
     "VideoConfig",
     "VideoError",
+    "check_video",
     "frames_to_tensor",
     "load_video",
 ]
@@ -146,16 +150,17 @@ def load_video(source: VideoSource, *, config: VideoConfig | None = None) -> Vid
             or no frames, or exceeds a limit of ``config``.
     """
     config = config or VideoConfig()
-    data = _read_source(source, config.max_bytes)
-    try:
-        start, end, fps = _measure_timeline(data, config)
-        targets = [
-            start + (end - start) * Fraction(2 * k + 1, 2 * config.num_frames)
-            for k in range(config.num_frames)
-        ]
-        chosen = _decode_at(data, targets, config)
-    except av.FFmpegError as err:
-        raise VideoError(f"corrupt or unreadable video data: {err}") from err
+    with _naming(source):
+        data = _read_source(source, config.max_bytes)
+        try:
+            start, end, fps = _measure_timeline(data, config)
+            targets = [
+                start + (end - start) * Fraction(2 * k + 1, 2 * config.num_frames)
+                for k in range(config.num_frames)
+            ]
+            chosen = _decode_at(data, targets, config)
+        except av.FFmpegError as err:
+            raise VideoError(f"corrupt or unreadable video data: {err}") from err
     frames, times, rotations = zip(*chosen, strict=True)
     return VideoClip(
         frames=list(frames),
@@ -164,6 +169,38 @@ def load_video(source: VideoSource, *, config: VideoConfig | None = None) -> Vid
         fps=fps,
         rotation=rotations[0],
     )
+
+
+def check_video(source: VideoSource, *, config: VideoConfig | None = None) -> float:
+    """Check that a clip is usable without sampling it, for writers that store it as it is.
+
+    The same checks as :func:`load_video` (allowed container, a video stream within the limits,
+    packets that cover the duration the header declares: not truncated), then only the first frame
+    is decoded, to prove the codec reads the data. Much cheaper than sampling the clip.
+
+    Args:
+        source: as for :func:`load_video`.
+        config: the limits; ``num_frames`` is not used. The defaults of ``VideoConfig`` when ``None``.
+
+    Returns:
+        The length of the video timeline in seconds.
+
+    Raises:
+        VideoError: as :func:`load_video`.
+    """
+    config = config or VideoConfig()
+    with _naming(source):
+        data = _read_source(source, config.max_bytes)
+        try:
+            start, end, _ = _measure_timeline(data, config)
+            with _open(data, config) as container:
+                stream = _video_stream(container, config)
+                with contextlib.closing(_timed_frames(container, stream, config)) as timed:
+                    if next(timed, None) is None:
+                        raise VideoError("empty video: no frame could be decoded")
+        except av.FFmpegError as err:
+            raise VideoError(f"corrupt or unreadable video data: {err}") from err
+    return float(end - start)
 
 
 def frames_to_tensor(
@@ -199,12 +236,21 @@ def frames_to_tensor(
     return torch.cat([processor.tile(frame)[0] for frame in frames])  # [f, 3, tile, tile]
 
 
+@contextlib.contextmanager
+def _naming(source: VideoSource) -> Iterator[None]:
+    """Name the file in a ``VideoError`` about a clip given by its path."""
+    try:
+        yield
+    except VideoError as err:
+        if not isinstance(source, (str, os.PathLike)) or str(err).startswith("video file "):
+            raise
+        raise VideoError(f"video file {os.fspath(source)!r}: {err}") from err
+
+
 def _read_source(source: VideoSource, max_bytes: int) -> bytes | str | os.PathLike:
     """Check the byte cap without reading past it; paths stay paths, everything else becomes bytes."""
     if isinstance(source, (str, os.PathLike)):
-        size = os.path.getsize(source)
-        if size > max_bytes:
-            raise VideoError(f"video file has {size} bytes, over max_bytes={max_bytes}")
+        check_media_path(source, kind="video", error=VideoError, max_bytes=max_bytes)
         return source
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -228,7 +274,7 @@ def _open(data: bytes | str | os.PathLike, config: VideoConfig) -> Iterator[av.c
         except av.FFmpegError as err:
             raise VideoError(
                 f"not a readable video in an allowed container format ({', '.join(config.formats)}): "
-                f"{err.strerror or err}"
+                f"{'FFmpeg recognises none in it' if err.strerror == 'Invalid argument' else err.strerror or err}"
             ) from err
         with container:
             yield container

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from mm._values import ConfigValueError, as_bool, as_choice, as_float, as_int, check_values
 from mm.text_backbone.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 __all__ = [
@@ -80,16 +81,33 @@ class ConformerConfig:
     conv_norm: Literal["layer", "group"] = "layer"
 
     def __post_init__(self) -> None:
+        """Types and ranges of every field (:mod:`mm._values`), then the checks that combine them.
+
+        Sizes are positive ints, ``conv_kernel`` odd, ``dropout`` in ``[0, 1)``, ``norm_eps`` and
+        ``rope_theta`` positive numbers, ``rotary`` a bool.
+        """
+        positive = as_int(minimum=1)
+        check_values(
+            self,
+            {
+                "input_dim": positive,
+                "stack": positive,
+                "width": positive,
+                "num_layers": positive,
+                "num_heads": positive,
+                "ffn_dim": positive,
+                "conv_kernel": positive,
+                "dropout": as_float(minimum=0.0, below=1.0),
+                "norm_eps": as_float(positive=True),
+                "rotary": as_bool(),
+                "rope_theta": as_float(positive=True),
+                "conv_norm": as_choice(("layer", "group")),
+            },
+        )
         if self.width % self.num_heads or (self.width // self.num_heads) % 2:
-            raise ValueError(
-                f"ConformerConfig: width {self.width} must split into {self.num_heads} heads of even size"
-            )
+            raise ConfigValueError(f"width {self.width} must split into {self.num_heads} heads of even size")
         if self.conv_kernel % 2 == 0:
-            raise ValueError(f"ConformerConfig: conv_kernel must be odd, got {self.conv_kernel}")
-        if self.conv_norm not in ("layer", "group"):
-            raise ValueError(f"ConformerConfig: conv_norm must be 'layer' or 'group', not {self.conv_norm!r}")
-        if self.stack < 1:
-            raise ValueError("ConformerConfig: stack must be at least 1")
+            raise ConfigValueError(f"must be odd, got {self.conv_kernel}", key="conv_kernel")
 
     @property
     def head_dim(self) -> int:

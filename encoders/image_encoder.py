@@ -49,6 +49,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mm._strict import check_fields
+from mm._values import ConfigValueError, as_float, as_int, as_int_tuple, check_values, nested
 
 __all__ = ["ImageEncoder", "ImageEncoderConfig", "resize_image_encoder", "resize_patch_grid"]
 
@@ -96,26 +97,55 @@ class ImageEncoderConfig:
     num_channels: int = 3
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "intermediate_layers", tuple(int(i) for i in self.intermediate_layers))
-        object.__setattr__(
+        """Types and ranges of every field (:mod:`mm._values`), then the checks that combine them.
+
+        Sizes are positive ints (``num_global_layers`` may be 0); ``norm_eps`` a positive number;
+        ``intermediate_layers`` indices of local layers; every aspect ratio a ``(rows, cols)`` pair
+        of positive ints that fits in ``max_num_tiles``, none twice.
+        """
+        positive = as_int(minimum=1)
+        check_values(
             self,
-            "supported_aspect_ratios",
-            tuple((int(w), int(h)) for w, h in self.supported_aspect_ratios),
+            {
+                "image_size": positive,
+                "patch_size": positive,
+                "width": positive,
+                "num_layers": positive,
+                "num_global_layers": as_int(minimum=0),
+                "num_heads": positive,
+                "mlp_dim": positive,
+                "norm_eps": as_float(positive=True),
+                "max_num_tiles": positive,
+                "num_channels": positive,
+            },
+        )
+        check_values(
+            self,
+            {
+                "intermediate_layers": as_int_tuple(as_int(minimum=0, below=self.num_layers)),
+                "supported_aspect_ratios": nested(as_int_tuple(positive, size=2)),
+            },
         )
         if self.image_size % self.patch_size:
-            raise ValueError(
+            raise ConfigValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
         if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-        bad = [i for i in self.intermediate_layers if not 0 <= i < self.num_layers]
-        if bad:
-            raise ValueError(f"intermediate_layers {bad} are outside the {self.num_layers} local layers")
-        too_big = [r for r in self.supported_aspect_ratios if r[0] * r[1] > self.max_num_tiles or min(r) < 1]
+            raise ConfigValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        too_big = [r for r in self.supported_aspect_ratios if r[0] * r[1] > self.max_num_tiles]
         if too_big:
-            raise ValueError(f"aspect ratios {too_big} do not fit in max_num_tiles={self.max_num_tiles}")
+            raise ConfigValueError(
+                f"holds grids of more tiles than max_num_tiles={self.max_num_tiles}: "
+                f"{[list(r) for r in too_big]}",
+                key="supported_aspect_ratios",
+            )
         if not self.supported_aspect_ratios:
-            raise ValueError("supported_aspect_ratios is empty")
+            raise ConfigValueError("must not be empty", key="supported_aspect_ratios")
+        if len(set(self.supported_aspect_ratios)) != len(self.supported_aspect_ratios):
+            raise ConfigValueError(
+                f"names a grid twice: {[list(r) for r in self.supported_aspect_ratios]}",
+                key="supported_aspect_ratios",
+            )
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -154,7 +184,7 @@ class ImageEncoderConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ImageEncoderConfig:
         """Strict inverse of :meth:`to_dict`: unknown keys are an error."""
-        data = check_fields(cls, data, "image encoder config")
+        data = check_fields(cls, data, "image encoder config", error=ConfigValueError)
         return cls(**data)
 
     def replace(self, **changes: Any) -> ImageEncoderConfig:

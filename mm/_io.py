@@ -5,13 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_write_json", "atomic_write_bytes"]
+__all__ = ["atomic_dir", "atomic_write_json", "atomic_write_bytes", "remove_atomic_leftovers"]
+
+# What atomic_dir and atomic_write_bytes name their temporary entries: ".NAME.tmp-" + tempfile's
+# random letters, digits and underscores.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-[A-Za-z0-9_]+$")
 
 
 @contextlib.contextmanager
@@ -56,3 +61,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def remove_atomic_leftovers(
+    folder: str | os.PathLike, names: Collection[str] | Callable[[str], bool]
+) -> list[Path]:
+    """Remove what a killed :func:`atomic_dir` or :func:`atomic_write_bytes` left in ``folder``.
+
+    A kill (not an exception) skips their clean-up and leaves ``.NAME.tmp-XXXXXXXX``. Only such
+    entries whose ``NAME`` is one of ``names`` (or for which ``names(NAME)`` is true) are removed:
+    never anything else, whatever it is called. Returns what was removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    wanted = names if callable(names) else (lambda name: name in names)
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        match = _TEMPORARY.match(entry.name)
+        if match is None or not wanted(match["name"]):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed

@@ -19,6 +19,7 @@ import pytest
 import torch.utils.data
 from PIL import Image
 
+from mm.datasets import shards
 from mm.datasets.shards import PackError, pack, parse_size
 from mm.datasets.webdata import DataCounters, DataError, ShardStream, expand_shards, normalize_sample
 
@@ -157,7 +158,9 @@ def test_pack_manifest_round_trip_and_url_stream(tmp_path):
     ]
     manifest = tmp_path / "data" / "train.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    result = pack(manifest, tmp_path / "out", shard_bytes="1MB")
+    with pytest.raises(PackError, match="line 3: .* is an absolute path"):
+        pack(manifest, tmp_path / "out", shard_bytes="1MB")
+    result = pack(manifest, tmp_path / "out", shard_bytes="1MB", allow_outside_source=True)
     assert result.samples == 3 and len(result.shards) == 1
 
     shard = tmp_path / "out" / result.shards[0]
@@ -279,20 +282,30 @@ def test_bad_folder_sample_aborts(tmp_path, files, message):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
-def test_failure_while_writing_leaves_no_shard(tmp_path):
-    """A file that stats as empty but reads as text (a /proc file) fails only in the write phase,
-    after earlier shards were written: none of them may be left behind."""
+def test_failure_while_writing_leaves_no_shard(tmp_path, monkeypatch):
+    """A file that changes after it was checked fails only in the write phase, after earlier shards
+    were written: none of them may be left behind, nor the staging folder."""
     src = tmp_path / "src"
     _caption_folder(src, 4)
-    (src / "zz.png").symlink_to("/proc/self/status")
+    (src / "zz.png").write_bytes(_png(7))
     (src / "zz.txt").write_text("last")
+    plan_source = shards.plan_source
+
+    def plan_then_change(*args, **kwargs):
+        plans = plan_source(*args, **kwargs)
+        data = bytearray((src / "zz.png").read_bytes())
+        data[-20] ^= 0xFF  # same size, other bytes
+        (src / "zz.png").write_bytes(bytes(data))
+        return plans
+
+    monkeypatch.setattr(shards, "plan_source", plan_then_change)
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.md").write_text("keep me")
-    with pytest.raises(PackError, match="zz.txt: .* changed while packing"):
+    with pytest.raises(PackError, match="zz.txt: zz.png changed while packing"):
         pack(src, out, shard_bytes=1)
     assert [p.name for p in out.iterdir()] == ["notes.md"]
+    (src / "zz.png").write_bytes(_png(7))
     with pytest.raises(PackError, match="changed while packing"):
         pack(src, tmp_path / "new", shard_bytes=1)
     assert not (tmp_path / "new").exists()

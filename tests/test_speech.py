@@ -165,7 +165,7 @@ def test_bad_audio_gives_clear_errors(tmp_path):
     mp3 = _pyav_bytes(_tone(44100, 1.0), 44100, "mp3", "libmp3lame")
     webm = _pyav_bytes(_tone(48000, 1.0), 48000, "webm", "libopus")
     (tmp_path / "empty.wav").write_bytes(b"")
-    with pytest.raises(AudioError, match="empty input"):
+    with pytest.raises(AudioError, match=r"empty file \(0 bytes\)"):
         load_audio(tmp_path / "empty.wav")
     with pytest.raises(AudioError, match="unsupported or unrecognised"):
         load_audio(np.random.default_rng(0).bytes(4096))

@@ -225,11 +225,32 @@ def test_resume_after_kill_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_corrupt_shard_member_is_skipped_and_counted(tmp_path):
-    from mm.datasets import pack
+def write_colour_shard(path, n, seed=0, corrupt=()):
+    """One shard of the colour task, written by hand: ``mm data pack`` refuses a broken image, and
+    the trainer must cope with shards that hold one. Samples in ``corrupt`` get a cut-off PNG."""
+    import io
+    import tarfile
 
-    write_colour_folder(tmp_path / "src", 40, seed=6, corrupt={7})
-    pack(tmp_path / "src", tmp_path / "shards", shard_bytes=1 << 20)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for i, conv in enumerate(colour_conversations(n, seed)):
+            buf = io.BytesIO()
+            conv[0]["content"][0]["image"].save(buf, format="PNG")
+            png = buf.getvalue()[: len(buf.getvalue()) // 3] if i in corrupt else buf.getvalue()
+            conv[0]["content"][0]["image"] = "png"
+            for name, data in (
+                (f"s{i:05d}.json", json.dumps({"messages": conv}).encode()),
+                (f"s{i:05d}.png", png),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_corrupt_shard_member_is_skipped_and_counted(tmp_path):
+    write_colour_shard(tmp_path / "shards" / "shard-000000.tar", 40, seed=6, corrupt={7})
     recipe = _shard_recipe(tmp_path, tmp_path / "shards", steps=12, save_every=0)
     text = recipe.read_text().replace("shuffle_buffer: 8}", "shuffle_buffer: 8, max_bad_fraction: 0.1}")
     recipe.write_text(text)

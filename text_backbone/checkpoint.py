@@ -199,13 +199,25 @@ def collect_strict(
     device: torch.device | str,
     source: Path,
     allowed_extra: Callable[[str], bool] = lambda name: False,
+    one_dtype: torch.dtype | bool = False,
+    one_dtype_of: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Gather ``(name, tensor, file)`` items for the names of ``expected``, strictly.
 
     Every expected name must come exactly once with the expected shape; any other name is an
     error unless ``allowed_extra(name)``. Errors name the tensor and the file.
+
+    Args:
+        dtype: cast every tensor to it; ``None`` keeps what is stored.
+        one_dtype: with ``dtype=None``, refuse a tensor whose stored dtype is not this one
+            (``True``: the first tensor's), so that a model never loads with weights of several
+            dtypes and fails later inside a matrix product.
+        one_dtype_of: what ``one_dtype`` is the dtype of, for the message (``"the backbone"``).
     """
     loaded: dict[str, torch.Tensor] = {}
+    reference: tuple[str, torch.dtype] | None = None
+    if dtype is None and isinstance(one_dtype, torch.dtype):
+        reference = (one_dtype_of or "the rest of the model", one_dtype)
     for name, t, file in tensors:
         if name not in expected:
             if allowed_extra(name):
@@ -222,6 +234,15 @@ def collect_strict(
             raise CheckpointError(
                 f"tensor {name!r} in {file} has dtype {t.dtype}; weights must be floating point"
             )
+        if dtype is None and one_dtype is not False:
+            if reference is None:
+                reference = (f"tensor {name!r}", t.dtype)
+            elif t.dtype != reference[1]:
+                raise CheckpointError(
+                    f"tensor {name!r} in {file} is {_dtype_name(t.dtype)}, but {reference[0]} is "
+                    f"{_dtype_name(reference[1])}: a model loads in one dtype "
+                    "(pass dtype= to from_pretrained to cast every weight to it)"
+                )
         loaded[name] = t.to(device=device, dtype=dtype or t.dtype)
     missing = sorted(set(expected) - set(loaded))
     if missing:
@@ -253,7 +274,7 @@ def load_backbone(cls, path: str | os.PathLike, *, dtype: torch.dtype | None, de
             raise CheckpointError(f"{path}/config.json has model_type {model_type!r}, not 'llama'{hint}")
         try:
             config = TextConfig.from_hf(hf)
-        except (KeyError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}/config.json: {e}") from None
 
         def tensors():
@@ -271,7 +292,7 @@ def load_backbone(cls, path: str | os.PathLike, *, dtype: torch.dtype | None, de
         params = read_json(path / "params.json")
         try:
             config = TextConfig.from_meta(params, vocab_size=_meta_vocab(path, params))
-        except (KeyError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}/params.json: {e}") from None
 
         def tensors():
@@ -280,7 +301,9 @@ def load_backbone(cls, path: str | os.PathLike, *, dtype: torch.dtype | None, de
         allowed = lambda n: False  # noqa: E731
     with torch.device("meta"):
         model = cls(config)
-    assign_strict(model, tensors(), dtype=dtype, device=device, source=path, allowed_extra=allowed)
+    assign_strict(
+        model, tensors(), dtype=dtype, device=device, source=path, allowed_extra=allowed, one_dtype=True
+    )
     model.source = {"path": str(path.resolve()), "format": layout}
     return model
 

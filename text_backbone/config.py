@@ -13,8 +13,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mm._strict import check_fields
+from mm._values import ConfigValueError, as_bool, as_float, as_int, check_values, optional
 
 __all__ = ["RopeScaling", "TextConfig"]
+
+_POSITIVE = as_int(minimum=1)
+_POSITIVE_FLOAT = as_float(positive=True)
+
+
+def _token_id(vocab_size: int):
+    """An id of the base vocabulary: ``0 <= id < vocab_size``."""
+
+    def rule(key: str, value: Any) -> int:
+        value = as_int()(key, value)
+        if not 0 <= value < vocab_size:
+            raise ConfigValueError(f"must be a token id below vocab_size {vocab_size}, got {value}", key=key)
+        return value
+
+    return rule
+
+
+def _token_ids(vocab_size: int):
+    def rule(key: str, value: Any) -> tuple[int, ...]:
+        if isinstance(value, str | bytes | Mapping) or not isinstance(value, list | tuple):
+            raise ConfigValueError(f"must be a list of token ids, got {value!r}", key=key)
+        return tuple(_token_id(vocab_size)(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+    return rule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +54,22 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
+
+    def __post_init__(self) -> None:
+        check_values(
+            self,
+            {
+                "factor": _POSITIVE_FLOAT,
+                "low_freq_factor": _POSITIVE_FLOAT,
+                "high_freq_factor": _POSITIVE_FLOAT,
+                "original_max_seq_len": _POSITIVE,
+            },
+        )
+        if self.high_freq_factor <= self.low_freq_factor:  # the smooth band between them would be empty
+            raise ConfigValueError(
+                f"must be above low_freq_factor {self.low_freq_factor}, got {self.high_freq_factor}",
+                key="high_freq_factor",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,17 +109,55 @@ class TextConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        """Types and ranges of every field (:mod:`mm._values`), then the checks that combine them.
+
+        Every size is a positive int; ``norm_eps``, ``rope_theta`` positive numbers; special ids
+        lie in the base vocabulary; ``head_dim`` is even (RoPE rotates pairs of channels).
+        """
+        check_values(self, {"vocab_size": _POSITIVE})
+        token = _token_id(self.vocab_size)
+        check_values(
+            self,
+            {
+                "embed_dim": _POSITIVE,
+                "num_layers": _POSITIVE,
+                "num_heads": _POSITIVE,
+                "num_kv_heads": _POSITIVE,
+                "intermediate_dim": _POSITIVE,
+                "head_dim": optional(_POSITIVE),
+                "norm_eps": _POSITIVE_FLOAT,
+                "rope_theta": _POSITIVE_FLOAT,
+                "max_seq_len": _POSITIVE,
+                "tie_embeddings": as_bool(),
+                "bos_token_id": optional(token),
+                "eos_token_ids": _token_ids(self.vocab_size),
+                "pad_token_id": optional(token),
+            },
+        )
+        scaling = self.rope_scaling
+        if isinstance(scaling, Mapping):
+            fields = check_fields(RopeScaling, scaling, "rope_scaling", error=ConfigValueError)
+            try:
+                scaling = RopeScaling(**fields)
+            except ConfigValueError as e:
+                raise e.within("rope_scaling") from None
+            object.__setattr__(self, "rope_scaling", scaling)
+        elif scaling is not None and not isinstance(scaling, RopeScaling):
+            raise ConfigValueError(f"must be a mapping or None, got {scaling!r}", key="rope_scaling")
         if self.head_dim is None:
             if self.embed_dim % self.num_heads:
-                raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+                raise ConfigValueError(
+                    f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+                )
             object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
+        if self.head_dim % 2:
+            raise ConfigValueError(
+                f"must be even (RoPE rotates pairs of channels), got {self.head_dim}", key="head_dim"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigValueError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
             )
-        if isinstance(self.rope_scaling, Mapping):
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
     # ------------------------------------------------------------------ presets and dicts
     @classmethod
@@ -95,8 +174,8 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TextConfig:
-        """Strict inverse of :meth:`to_dict`: unknown keys are an error."""
-        data = check_fields(cls, data, "text config")
+        """Strict inverse of :meth:`to_dict`: unknown and missing keys are errors."""
+        data = check_fields(cls, data, "text config", required=True, error=ConfigValueError)
         return cls(**data)
 
     def replace(self, **changes: Any) -> TextConfig:
@@ -132,6 +211,9 @@ class TextConfig:
         eos = hf.get("eos_token_id")
         eos_ids = () if eos is None else (tuple(eos) if isinstance(eos, list | tuple) else (int(eos),))
         num_heads = int(hf["num_attention_heads"])
+        pad = hf.get("pad_token_id")
+        if isinstance(pad, int) and pad < 0:  # older Llama folders write -1 for "no padding token"
+            pad = None
         return cls(
             vocab_size=int(hf["vocab_size"]),
             embed_dim=int(hf["hidden_size"]),
@@ -147,7 +229,7 @@ class TextConfig:
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            pad_token_id=hf.get("pad_token_id"),
+            pad_token_id=pad,
         )
 
     def to_hf(self, dtype: str = "float32") -> dict[str, Any]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import abc
 import base64
 import codecs
-import hashlib
 import json
 import os
 import re
@@ -50,9 +49,12 @@ __all__ = [
     "PLACEHOLDERS",
     "SpecialTokenError",
     "StreamDecoder",
+    "TOKENIZER_FILES",
     "TiktokenTokenizer",
     "Tokenizer",
     "load_tokenizer",
+    "read_tiktoken_ranks",
+    "tokenizer_file",
 ]
 
 PLACEHOLDERS: tuple[str, ...] = ("<|image|>", "<|video|>", "<|audio|>")
@@ -397,6 +399,35 @@ class ByteTokenizer(Tokenizer):
 
 
 # ---------------------------------------------------------------------------------------- tiktoken
+def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """The BPE ranks of a ``tokenizer.model``: one ``base64(token) rank`` line per token.
+
+    Read as tiktoken's ``load_tiktoken_bpe`` reads them (empty lines skipped), but strictly and
+    without its cache: every error names the file and the line.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: a line is not ``base64(token) rank``, a token repeats, or there is no token.
+    """
+    ranks: dict[bytes, int] = {}
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line:
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError("expected two fields")
+            token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+        except ValueError:  # binascii.Error is one
+            raise ValueError(f"{path} line {number} is not 'base64(token) rank': {line[:60]!r}") from None
+        if token in ranks:
+            raise ValueError(f"{path} line {number} repeats the token {token!r}")
+        ranks[token] = rank
+    if not ranks:
+        raise ValueError(f"{path} holds no tokens")
+    return ranks
+
+
 class TiktokenTokenizer(Tokenizer):
     """Meta's Llama 3 ``tokenizer.model``: tiktoken BPE ranks (lines ``base64(token) rank``).
 
@@ -413,17 +444,13 @@ class TiktokenTokenizer(Tokenizer):
 
     def __init__(self, path: str | os.PathLike) -> None:
         import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
 
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.model"
         if not path.is_file():
             raise FileNotFoundError(f"tiktoken ranks file not found: {path}")
-        # tiktoken caches files by path; the content hash makes a changed file at the same path
-        # replace the cached copy instead of being shadowed by it.
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        ranks = load_tiktoken_bpe(str(path), expected_hash=digest)
+        ranks = read_tiktoken_ranks(path)
         if sorted(ranks.values()) != list(range(len(ranks))):
             raise ValueError(f"{path}: ranks are not the ids 0..{len(ranks) - 1} each used once")
         num_base = len(ranks)
@@ -519,10 +546,17 @@ class HFTokenizer(Tokenizer):
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer.json not found: {path}")
-        text = path.read_text(encoding="utf-8")
-        # Two instances instead of toggling a flag per call: encode stays safe across threads.
-        self._with_specials = RustTokenizer.from_str(text)
-        self._plain = RustTokenizer.from_str(text)
+        try:
+            text = path.read_text(encoding="utf-8")
+            # Two instances instead of toggling a flag per call: encode stays safe across threads.
+            self._with_specials = RustTokenizer.from_str(text)
+            self._plain = RustTokenizer.from_str(text)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+        except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+            if isinstance(e, OSError):
+                raise
+            raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
         self._plain.encode_special_tokens = True  # special-token strings encode as ordinary text
 
         vocab = self._plain.get_vocab(with_added_tokens=True)
@@ -599,6 +633,15 @@ def _unicode_to_byte() -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------- loading
+#: The files :func:`load_tokenizer` looks for in a folder, the first found deciding.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model", "mm_tokenizer.json")
+
+
+def tokenizer_file(folder: str | os.PathLike) -> Path | None:
+    """The file :func:`load_tokenizer` reads in ``folder`` (``None`` when there is none)."""
+    return next((Path(folder) / n for n in TOKENIZER_FILES if (Path(folder) / n).is_file()), None)
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Open the tokenizer stored at ``path``.
 
@@ -609,17 +652,19 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """
     path = Path(path)
     if path.is_dir():
-        candidates = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model", "mm_tokenizer.json")
-        for name in candidates:
-            if (path / name).is_file():
-                return load_tokenizer(path / name)
-        raise FileNotFoundError(f"no tokenizer in {path}: looked for {', '.join(candidates)}")
+        found = tokenizer_file(path)
+        if found is None:
+            raise FileNotFoundError(f"no tokenizer in {path}: looked for {', '.join(TOKENIZER_FILES)}")
+        return load_tokenizer(found)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer path does not exist: {path}")
     if path.suffix != ".json":
         return TiktokenTokenizer(path)
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
     if isinstance(data, dict) and "model" in data:
         return HFTokenizer(path)
     if isinstance(data, dict) and data == {"type": "byte"}:

@@ -377,7 +377,12 @@ def load_meta(cls, path: Path, *, dtype: torch.dtype | None, device: torch.devic
     with torch.device("meta"):
         model = cls(config, backbone=TextBackbone(config.text))
     loaded = collect_strict(
-        model.state_dict(keep_vars=True), _mm_tensors(path, config), dtype=dtype, device=device, source=path
+        model.state_dict(keep_vars=True),
+        _mm_tensors(path, config),
+        dtype=dtype,
+        device=device,
+        source=path,
+        one_dtype=True,
     )
     model.load_state_dict(loaded, strict=True, assign=True)
     model.backbone.source = {"path": str(path.resolve()), "format": "meta_vision"}
@@ -397,7 +402,12 @@ def load_meta_backbone(path: Path, *, dtype: torch.dtype | None, device: torch.d
             yield name[len("backbone.") :], t, file
 
     loaded = collect_strict(
-        backbone.state_dict(keep_vars=True), tensors(), dtype=dtype, device=device, source=path
+        backbone.state_dict(keep_vars=True),
+        tensors(),
+        dtype=dtype,
+        device=device,
+        source=path,
+        one_dtype=True,
     )
     backbone.load_state_dict(loaded, strict=True, assign=True)
     backbone.source = {"path": str(path.resolve()), "format": "meta_vision"}

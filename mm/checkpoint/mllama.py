@@ -152,15 +152,19 @@ def mllama_tensor_names(
     raise KeyError(name)
 
 
-def load_mllama(cls, path: Path, *, dtype: torch.dtype | None, device: torch.device | str = "cpu"):
-    """Build a :class:`~mm.MultimodalModel` from a Hugging Face Mllama folder (strict)."""
+def _read_config(path: Path) -> ModelConfig:
     hf = read_json(path / "config.json")
     try:
-        config = mllama_config(hf)
+        return mllama_config(hf)
     except (KeyError, ValueError, TypeError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{path}/config.json is not a usable Mllama config: {e}") from None
+
+
+def load_mllama(cls, path: Path, *, dtype: torch.dtype | None, device: torch.device | str = "cpu"):
+    """Build a :class:`~mm.MultimodalModel` from a Hugging Face Mllama folder (strict)."""
+    config = _read_config(path)
     if config.text.tie_embeddings:
         raise CheckpointError("tied embeddings are not supported for Mllama checkpoints")
     with torch.device("meta"):
@@ -176,7 +180,7 @@ def load_mllama(cls, path: Path, *, dtype: torch.dtype | None, device: torch.dev
                 yield mm_name, part, file
 
     loaded = collect_strict(
-        model.state_dict(keep_vars=True), tensors(), dtype=dtype, device=device, source=path
+        model.state_dict(keep_vars=True), tensors(), dtype=dtype, device=device, source=path, one_dtype=True
     )
     model.load_state_dict(loaded, strict=True, assign=True)
     model.backbone.source = {"path": str(path.resolve()), "format": "mllama"}
@@ -189,7 +193,7 @@ def load_mllama(cls, path: Path, *, dtype: torch.dtype | None, device: torch.dev
 
 def load_mllama_backbone(path: Path, *, dtype: torch.dtype | None, device: torch.device | str = "cpu"):
     """Only the text backbone of a Mllama folder (for mm folders that refer to one)."""
-    config = mllama_config(read_json(path / "config.json"))
+    config = _read_config(path)
     with torch.device("meta"):
         backbone = TextBackbone(config.text)
 
@@ -204,7 +208,12 @@ def load_mllama_backbone(path: Path, *, dtype: torch.dtype | None, device: torch
                     yield mm_name[len("backbone.") :], part, file
 
     loaded = collect_strict(
-        backbone.state_dict(keep_vars=True), tensors(), dtype=dtype, device=device, source=path
+        backbone.state_dict(keep_vars=True),
+        tensors(),
+        dtype=dtype,
+        device=device,
+        source=path,
+        one_dtype=True,
     )
     backbone.load_state_dict(loaded, strict=True, assign=True)
     backbone.source = {"path": str(path.resolve()), "format": "mllama"}

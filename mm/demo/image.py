@@ -213,7 +213,9 @@ def run_image_phase(
     recipe = dataclasses.replace(
         recipe, stages=tuple(dataclasses.replace(s, steps=steps.get(s.name, s.steps)) for s in recipe.stages)
     )
-    results = Trainer(recipe, output_dir=out / "runs", progress=progress).run()
+    results = Trainer(recipe, output_dir=out / "runs", progress=progress).run(
+        replace=True
+    )  # a rerun starts afresh
     curves = {r.name: read_metrics(out / "runs" / r.name / "metrics.jsonl") for r in results}
     plot_loss_curves(curves, out / "plots" / "image-stages.png")
     return ImagePhase(

@@ -387,7 +387,9 @@ def train_speech_stages(
         recipe,
         stages=tuple(dataclasses.replace(s, steps=steps[s.name]) for s in recipe.stages if steps[s.name] > 0),
     )
-    results = Trainer(recipe, output_dir=out / "runs", progress=progress).run()
+    results = Trainer(recipe, output_dir=out / "runs", progress=progress).run(
+        replace=True
+    )  # a rerun starts afresh
     curves = {r.name: read_metrics(out / "runs" / r.name / "metrics.jsonl") for r in results}
     plot_loss_curves(curves, out / "plots" / "speech-stages.png")
     model_dir = out / "model-speech"

@@ -178,8 +178,9 @@ def train_video_stage(
         video=dataclasses.replace(recipe.stages[0].video, num_frames=settings.num_frames),
     )
     recipe = dataclasses.replace(recipe, stages=(stage,), seed=seed)
-    shutil.rmtree(out / "runs" / stage.name, ignore_errors=True)
-    (result,) = Trainer(recipe, output_dir=out / "runs", progress=progress).run()
+    (result,) = Trainer(recipe, output_dir=out / "runs", progress=progress).run(
+        replace=True
+    )  # a rerun starts afresh
     plot_loss_curves(
         {stage.name: read_metrics(out / "runs" / stage.name / "metrics.jsonl")},
         out / "plots" / "video-stage.png",

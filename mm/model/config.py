@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mm._strict import check_fields
+from mm._values import ConfigValueError, as_int, as_int_tuple, check_values, optional
 from mm.adapters.speech_adapter import SpeechAdapterConfig
 from mm.encoders.conformer import ConformerConfig
 from mm.encoders.image_encoder import ImageEncoderConfig
 from mm.model.presets import MODEL_PRESETS
 from mm.text_backbone.config import TextConfig
+from mm.text_backbone.tokenizer import PLACEHOLDERS
 
 __all__ = ["ModelConfig", "SpeechConfig", "VideoAdapterConfig", "default_cross_attention_layers"]
 
@@ -28,6 +30,13 @@ NUM_EXTRA_TOKENS = 8
 def default_cross_attention_layers(num_layers: int, interval: int = 4) -> tuple[int, ...]:
     """Backbone layers that get an image block in front of them: 3, 7, 11, … (Llama 3.2 Vision)."""
     return tuple(range(interval - 1, num_layers, interval))
+
+
+def _check_increasing(layers: tuple[int, ...], key: str, num_layers: int) -> None:
+    if list(layers) != sorted(set(layers)):
+        raise ConfigValueError(
+            f"must be increasing backbone layer indices below {num_layers}, got {list(layers)}", key=key
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +59,20 @@ class VideoAdapterConfig:
     ffn_dim: int | None = None
     cross_attention_layers: tuple[int, ...] | None = None
 
+    def __post_init__(self) -> None:
+        """Sizes are positive ints; the layers ints (their range is checked by :class:`ModelConfig`)."""
+        positive = as_int(minimum=1)
+        check_values(
+            self,
+            {
+                "group_size": positive,
+                "num_layers": positive,
+                "num_heads": optional(positive),
+                "ffn_dim": optional(positive),
+                "cross_attention_layers": optional(as_int_tuple()),
+            },
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         if d["cross_attention_layers"] is not None:
@@ -58,10 +81,7 @@ class VideoAdapterConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VideoAdapterConfig:
-        data = check_fields(cls, data, "video config")
-        if data.get("cross_attention_layers") is not None:
-            data["cross_attention_layers"] = tuple(data["cross_attention_layers"])
-        return cls(**data)
+        return cls(**check_fields(cls, data, "video config", error=ConfigValueError))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,17 +98,24 @@ class SpeechConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"encoder": dataclasses.asdict(self.encoder), "adapter": dataclasses.asdict(self.adapter)}
 
+    def __post_init__(self) -> None:
+        for key, kind in (("encoder", ConformerConfig), ("adapter", SpeechAdapterConfig)):
+            if not isinstance(getattr(self, key), kind):
+                raise ConfigValueError(f"must be a {kind.__name__}, got {getattr(self, key)!r}", key=key)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SpeechConfig:
-        data = check_fields(cls, data, "speech config")
-        return cls(
-            encoder=ConformerConfig(
-                **check_fields(ConformerConfig, data.get("encoder", {}), "speech encoder config")
-            ),
-            adapter=SpeechAdapterConfig(
-                **check_fields(SpeechAdapterConfig, data.get("adapter", {}), "speech adapter config")
-            ),
-        )
+        data = check_fields(cls, data, "speech config", error=ConfigValueError)
+        parts = {}
+        for key, kind, where in (
+            ("encoder", ConformerConfig, "speech encoder config"),
+            ("adapter", SpeechAdapterConfig, "speech adapter config"),
+        ):
+            try:
+                parts[key] = kind(**check_fields(kind, data.get(key, {}), where, error=ConfigValueError))
+            except ConfigValueError as e:
+                raise e.within(key) from None
+        return cls(**parts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,45 +143,98 @@ class ModelConfig:
     num_extra_tokens: int = NUM_EXTRA_TOKENS
 
     def __post_init__(self) -> None:
+        """Types and ranges of every field (:mod:`mm._values`; the nested configs check their own),
+        then how the parts fit together: block layers are increasing indices of backbone layers,
+        the speech adapter's widths are the encoder's and the backbone's, and there are embedding
+        rows for the placeholders of every attached modality."""
+        self._check_parts()
+        text = self.text
+        layer = as_int(minimum=0, below=text.num_layers)
+        check_values(
+            self,
+            {
+                "cross_attention_layers": optional(as_int_tuple(layer)),
+                "cross_attention_intermediate_dim": optional(as_int(minimum=1)),
+                "num_extra_tokens": as_int(minimum=0),
+            },
+        )
         if self.cross_attention_layers is None:
-            layers = (
-                default_cross_attention_layers(self.text.num_layers) if self.image_encoder is not None else ()
-            )
+            layers = default_cross_attention_layers(text.num_layers) if self.image_encoder is not None else ()
             object.__setattr__(self, "cross_attention_layers", layers)
-        layers = tuple(int(i) for i in self.cross_attention_layers)
-        object.__setattr__(self, "cross_attention_layers", layers)
-        if list(layers) != sorted(set(layers)) or any(not 0 <= i < self.text.num_layers for i in layers):
-            raise ValueError(
-                f"cross_attention_layers must be increasing backbone layer indices below "
-                f"{self.text.num_layers}, got {list(layers)}"
-            )
+        layers = self.cross_attention_layers
+        _check_increasing(layers, "cross_attention_layers", text.num_layers)
         if layers and self.image_encoder is None:
-            raise ValueError("cross_attention_layers given without an image_encoder")
+            raise ConfigValueError("cross_attention_layers given without an image_encoder")
         if self.cross_attention_intermediate_dim is None:
-            object.__setattr__(self, "cross_attention_intermediate_dim", self.text.intermediate_dim)
+            object.__setattr__(self, "cross_attention_intermediate_dim", text.intermediate_dim)
         if self.video is not None:
-            if self.image_encoder is None or not layers:
-                raise ValueError("a video adapter needs the image encoder and image cross-attention blocks")
-            vlayers = self.video.cross_attention_layers
-            if vlayers is None:
-                vlayers = layers[::4]
-            vlayers = tuple(int(i) for i in vlayers)
-            if list(vlayers) != sorted(set(vlayers)) or any(
-                not 0 <= i < self.text.num_layers for i in vlayers
-            ):
-                raise ValueError(
-                    f"video cross_attention_layers must be increasing backbone layers, got {vlayers}"
-                )
-            object.__setattr__(self, "video", dataclasses.replace(self.video, cross_attention_layers=vlayers))
+            self._check_video(layers)
         if self.speech is not None:
-            if self.speech.adapter.input_dim != self.speech.encoder.width:
-                raise ValueError(
-                    f"speech adapter input_dim {self.speech.adapter.input_dim} != encoder width {self.speech.encoder.width}"
+            encoder, adapter = self.speech.encoder, self.speech.adapter
+            if adapter.input_dim != encoder.width:
+                raise ConfigValueError(
+                    f"{adapter.input_dim} must equal speech.encoder.width {encoder.width}",
+                    key="adapter.input_dim",
+                    where=("speech",),
                 )
-            if self.speech.adapter.output_dim != self.text.embed_dim:
-                raise ValueError(
-                    f"speech adapter output_dim {self.speech.adapter.output_dim} != backbone width {self.text.embed_dim}"
+            if adapter.output_dim != text.embed_dim:
+                raise ConfigValueError(
+                    f"{adapter.output_dim} must equal the backbone width text.embed_dim {text.embed_dim}",
+                    key="adapter.output_dim",
+                    where=("speech",),
                 )
+        # <|image|>, <|video|>, <|audio|> are rows 0, 1, 2 after the text vocabulary.
+        needed = max(
+            (
+                k + 1
+                for k, part in enumerate((self.image_encoder, self.video, self.speech))
+                if part is not None
+            ),
+            default=0,
+        )
+        if self.num_extra_tokens < needed:
+            raise ConfigValueError(
+                f"must be at least {needed} (rows for {', '.join(PLACEHOLDERS[:needed])}), "
+                f"got {self.num_extra_tokens}",
+                key="num_extra_tokens",
+            )
+
+    def _check_parts(self) -> None:
+        """Each part is a config of its kind (or a backend spec for the image encoder)."""
+        kinds = {"text": TextConfig, "video": VideoAdapterConfig, "speech": SpeechConfig}
+        for key, kind in kinds.items():
+            value = getattr(self, key)
+            if not isinstance(value, kind) and not (value is None and key != "text"):
+                raise ConfigValueError(f"must be a {kind.__name__}, got {value!r}"[:200], key=key)
+        enc = self.image_encoder
+        if enc is not None and not isinstance(enc, ImageEncoderConfig | Mapping):
+            raise ConfigValueError(
+                f"must be an ImageEncoderConfig, a backend spec (a mapping) or None, got {enc!r}"[:200],
+                key="image_encoder",
+            )
+
+    def _check_video(self, image_layers: tuple[int, ...]) -> None:
+        text, video = self.text, self.video
+        if self.image_encoder is None or not image_layers:
+            raise ConfigValueError("a video adapter needs the image encoder and image cross-attention blocks")
+        vlayers = video.cross_attention_layers
+        if vlayers is None:
+            vlayers = image_layers[::4]
+        try:
+            vlayers = as_int_tuple(as_int(minimum=0, below=text.num_layers))(
+                "cross_attention_layers", vlayers
+            )
+            _check_increasing(vlayers, "cross_attention_layers", text.num_layers)
+        except ConfigValueError as e:
+            raise e.within("video") from None
+        heads = video.num_heads or text.num_heads
+        if text.embed_dim % heads:
+            raise ConfigValueError(
+                f"{heads} does not divide the backbone width text.embed_dim {text.embed_dim}",
+                key="num_heads",
+                where=("video",),
+            )
+        object.__setattr__(self, "video", dataclasses.replace(video, cross_attention_layers=vlayers))
 
     @property
     def has_media(self) -> bool:
@@ -206,16 +286,23 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        data = check_fields(cls, data, "model config")
-        data["text"] = TextConfig.from_dict(data["text"])
+        """Strict inverse of :meth:`to_dict`: unknown keys and bad values are errors naming the key
+        (``text.vocab_size must be a positive int, got -1``)."""
+        data = check_fields(cls, data, "model config", required=True, error=ConfigValueError)
+        readers = {
+            "text": TextConfig.from_dict,
+            "video": VideoAdapterConfig.from_dict,
+            "speech": SpeechConfig.from_dict,
+        }
         enc = data.get("image_encoder")
         if isinstance(enc, Mapping) and enc.get("type", "llama3") == "llama3":
-            fields = {k: v for k, v in enc.items() if k != "type"}
-            data["image_encoder"] = ImageEncoderConfig.from_dict(fields)
-        if data.get("cross_attention_layers") is not None:
-            data["cross_attention_layers"] = tuple(data["cross_attention_layers"])
-        if data.get("video") is not None:
-            data["video"] = VideoAdapterConfig.from_dict(data["video"])
-        if data.get("speech") is not None:
-            data["speech"] = SpeechConfig.from_dict(data["speech"])
+            data["image_encoder"] = {k: v for k, v in enc.items() if k != "type"}
+            readers["image_encoder"] = ImageEncoderConfig.from_dict
+        for key, read in readers.items():
+            if data.get(key) is None and key != "text":
+                continue
+            try:
+                data[key] = read(data[key])
+            except ConfigValueError as e:
+                raise e.within(key) from None
         return cls(**data)

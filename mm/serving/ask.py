@@ -40,6 +40,7 @@ def ask_messages(
 
 def run_ask(args: argparse.Namespace) -> int:
     """``mm ask`` (arguments: :mod:`mm.cli`)."""
+    from mm.datasets._media_file import check_media_path
     from mm.model.multimodal import MultimodalModel
 
     try:
@@ -58,6 +59,9 @@ def run_ask(args: argparse.Namespace) -> int:
             from mm.serving.speech_out import get_synthesizer
 
             get_synthesizer()  # fail before answering if speech output cannot work
+        for kind, paths in (("image", args.image), ("video", args.video), ("audio", args.audio)):
+            for path in paths or ():
+                check_media_path(path, kind=kind, error=ValueError)  # before the model is read
         model = MultimodalModel.from_pretrained(args.model).eval()
         options = _options(model, None, given)  # what was not given: the model's saved defaults
         messages = ask_messages(args.question, args.image, args.system, videos=args.video, audios=args.audio)

@@ -17,11 +17,22 @@ Two kinds of data:
 :meth:`StageData.state_dict` records what was *consumed* (not what workers prefetched): per source
 the epoch and, per worker, one past the last sample position used; plus the mixing generator. A
 resumed run therefore continues with exactly the samples an uninterrupted one would have used.
+
+It also records the counts of bad, filtered and too-long samples, so that a resumed stage reports
+the counts of an uninterrupted one (``summary.json``). A resumed shard stream reads its epoch again
+from the start, skipping the samples already used: what it counts while *reading* (samples seen,
+bad JSON, truncated shards, dropped members) it counts again, identically, while what it counts
+while *decoding* (``decode failed (...)``, ``filtered``) it does not, as skipped samples are not
+decoded. The restored counters are therefore those of the epoch's start plus what decoding counted
+since (:func:`_resumed_counters`). (With DataLoader workers the counts live in the workers and
+``summary.json`` shows only what the main process saw: see :mod:`mm.datasets.webdata`.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,7 +41,7 @@ import torch
 
 from mm.datasets.preprocessing import EncodedSample, Preprocessor
 from mm.datasets.shards import is_features
-from mm.datasets.webdata import DataCounters, ShardStream
+from mm.datasets.webdata import DataCounters, DataError, ShardStream
 from mm.training.recipe import DataSource
 
 __all__ = ["StageData"]
@@ -81,6 +92,33 @@ def _identity(item: Any) -> Any:
     return item
 
 
+#: Reasons :class:`~mm.datasets.webdata.ShardStream` counts when its ``decode`` callable raises.
+_DECODE_REASON = "decode failed ("
+
+
+def _resumed_counters(saved: Mapping[str, Any], epoch_start: Mapping[str, Any]) -> DataCounters:
+    """The counters of a shard source resumed from a checkpoint that recorded ``saved`` counters,
+    which were ``epoch_start`` when its epoch began: what reading counts is counted again as the
+    epoch is read again; what decoding counted since the epoch began is not, so it is kept."""
+    reasons = {r: n for r, n in epoch_start["bad_by_reason"].items() if not r.startswith(_DECODE_REASON)}
+    reasons.update({r: n for r, n in saved["bad_by_reason"].items() if r.startswith(_DECODE_REASON)})
+    examples = {
+        k: v
+        for k, v in saved["examples"].items()
+        if k in reasons or (k == "unreadable shard" and epoch_start["bad_shards"])
+    }
+    return DataCounters(
+        seen=epoch_start["seen"],
+        bad=sum(reasons.values()),
+        bad_by_reason=reasons,
+        examples=examples,
+        skipped_pickle=epoch_start["skipped_pickle"],
+        skipped_other=epoch_start["skipped_other"],
+        bad_shards=epoch_start["bad_shards"],
+        filtered=saved["filtered"],
+    )
+
+
 class _Decode:
     """Picklable decode callable for DataLoader workers: shard sample -> (EncodedSample, worker, position)."""
 
@@ -111,10 +149,18 @@ class _ShardSource:
         self.counters = DataCounters()
         self.epoch = int(state["epoch"]) if state else 0
         self.next_position = {int(k): int(v) for k, v in (state["next_position"] if state else {}).items()}
+        if state and "counters" in state:  # checkpoints of older mm versions have none
+            self.counters = _resumed_counters(state["counters"], state["epoch_start"])
+        self.epoch_start = dataclasses.asdict(self.counters)  # the counters when this epoch began
         self._iter: Iterator | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "next_position": {str(k): v for k, v in self.next_position.items()}}
+        return {
+            "epoch": self.epoch,
+            "next_position": {str(k): v for k, v in self.next_position.items()},
+            "counters": dataclasses.asdict(self.counters),
+            "epoch_start": self.epoch_start,
+        }
 
     def _open(self) -> Iterator:
         workers = max(1, self.num_workers)
@@ -145,11 +191,15 @@ class _ShardSource:
                 # One pass over this rank's shards is done: the next epoch reshuffles.
                 self.epoch += 1
                 self.next_position = {}
+                self.epoch_start = dataclasses.asdict(self.counters)
                 self._iter = None
                 continue
             self.next_position[worker] = position + 1
             return encoded
-        raise RuntimeError(f"data source {self.source.shards!r} yielded no usable sample in a whole epoch")
+        raise DataError(
+            f"data source {self.source.shards!r} yielded no usable sample in a whole epoch "
+            f"({self.counters.summary() or 'every sample was filtered or too long'})"
+        )
 
 
 class _MemorySource:
@@ -169,10 +219,10 @@ class _MemorySource:
         self.items, self.preprocessor = conversations, preprocessor
         self.rank, self.world, self.seed, self.batch_size = rank, world, seed, batch_size
         self.cursor = int(state["cursor"]) if state else 0  # global sample index, same on every rank
-        self.counters = DataCounters()
+        self.counters = DataCounters(**state["counters"]) if state and "counters" in state else DataCounters()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cursor": self.cursor}
+        return {"cursor": self.cursor, "counters": dataclasses.asdict(self.counters)}
 
     def _item(self, index: int) -> Mapping:
         epoch, offset = divmod(index, len(self.items))
@@ -221,6 +271,8 @@ class StageData:
         self.preprocessor = preprocessor
         self.batch_size = batch_size
         state = state or {}
+        if "skipped" in state:  # too-long samples are counted as they are encoded, never twice
+            preprocessor.skipped = Counter(state["skipped"])
         self.memory: _MemorySource | None = None
         self.shards: list[_ShardSource] = []
         if data and isinstance(data[0], DataSource):
@@ -257,11 +309,13 @@ class StageData:
         return [self.memory.counters] if self.memory is not None else [s.counters for s in self.shards]
 
     def state_dict(self) -> dict[str, Any]:
+        skipped = dict(self.preprocessor.skipped)
         if self.memory is not None:
-            return {"memory": self.memory.state_dict()}
+            return {"memory": self.memory.state_dict(), "skipped": skipped}
         return {
             "sources": {str(i): s.state_dict() for i, s in enumerate(self.shards)},
             "mix": self.mix.bit_generator.state,
+            "skipped": skipped,
         }
 
     def next_batch(self) -> dict[str, torch.Tensor]:

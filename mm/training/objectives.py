@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm._values import as_int, check_values
 from mm.encoders.best_rq import BestRqHead, BestRqQuantizer, best_rq_loss
+from mm.training._ranges import number
 
 __all__ = [
     "OBJECTIVES",
@@ -48,6 +50,20 @@ class BestRqSettings:
     span: int = 32
     noise_std: float = 0.1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_values(
+            self,
+            {
+                "proj_dim": as_int(minimum=1),
+                "codebook_size": as_int(minimum=2),
+                "num_codebooks": as_int(minimum=1),
+                "mask_prob": number(low=0, high=1, low_open=True),
+                "span": as_int(minimum=1),
+                "noise_std": number(low=0),
+                "seed": as_int(minimum=0),
+            },
+        )
 
 
 class Objective(nn.Module):

@@ -4,7 +4,37 @@ A recipe names the model to start from and a list of stages (Llama 3 paper, sect
 image adapter pre-training, annealing, video adapter, supervised fine-tuning with a hot-swapped
 instruct backbone, speech stages). Every stage states its objective, data mix, the components that
 learn (everything else is frozen), optimiser and schedule, batch and accumulation, resolution,
-steps, and where it starts. Unknown keys anywhere are errors, so a typo never silently changes a run.
+steps, and where it starts. Unknown keys anywhere are errors, so a typo never silently changes a run;
+every value is checked for its type (:func:`mm._strict.build`) and its range (each dataclass's
+``__post_init__``) before any work starts, and an error names the key path
+(``stages[0].optimizer.lr``). The ranges:
+
+=========================================  ===========================================================
+``seed`` (recipe), ``stages[].seed``       an int >= 0 (a stage's may be null: the recipe's)
+``steps``, ``batch_size``, ``grad_accum``  ints >= 1
+``max_seq_len``, ``keep_last``,            ints >= 1
+``log_every``
+``save_every``, ``num_workers``            ints >= 0 (``save_every: 0``: only the final checkpoint)
+``max_grad_norm``                          a number > 0, or null (no clipping); a negative one
+                                           would flip the gradients
+``optimizer.lr``                           in (0, 1)
+``optimizer.betas``                        two numbers in [0, 1)
+``optimizer.eps``                          > 0
+``optimizer.weight_decay``                 >= 0
+``optimizer.lr_scale``                     factors > 0 (freezing is ``trainable``'s job)
+``schedule.warmup_steps``                  an int >= 0, and less than ``steps`` (as written in YAML)
+``schedule.min_lr_ratio``                  in [0, 1]
+``image.tile_size``, ``image.max_tiles``   ints >= 1 (the tile also a multiple of the patch size)
+``video.num_frames``, ``video.group_size``  ints >= 1, the frames a multiple of the group
+``data[].weight``                          > 0
+``data[].max_bad_fraction``                in [0, 1]
+``data[].shuffle_buffer``                  an int >= 0
+``best_rq``                                ``codebook_size`` >= 2, ``proj_dim``, ``num_codebooks``,
+                                           ``span`` >= 1, ``mask_prob`` in (0, 1],
+                                           ``noise_std`` >= 0, ``seed`` >= 0
+``name`` (stage)                           a folder name: letters, digits, ``.``, ``_``, ``-``
+paths and names                            non-empty strings
+=========================================  ===========================================================
 
 Shipped recipes live in ``mm/recipes/`` and are found by name (``mm train tiny-demo``).
 """
@@ -22,7 +52,9 @@ from typing import Any
 import yaml
 
 from mm._strict import build
+from mm._values import ConfigValueError, as_bool, as_int, check_values, optional
 from mm.model.components import check_trainable
+from mm.training._ranges import fraction, nullable, number, pair, scales, text, texts
 from mm.training.objectives import BestRqSettings
 
 __all__ = [
@@ -46,9 +78,14 @@ class RecipeError(ValueError):
     """A recipe that cannot be run as written."""
 
 
-def _build(cls, data: Any, where: str):
-    """Construct dataclass ``cls`` from a mapping, refusing unknown keys and missing required ones."""
-    return build(cls, data, where, error=RecipeError)
+def _build(cls, data: Any, where: str, path: str | None = None):
+    """Construct dataclass ``cls`` from a mapping, refusing unknown keys, missing required ones, and
+    values of the wrong type or out of range (errors name the key path)."""
+    return build(cls, data, where, error=RecipeError, path=path)
+
+
+#: A stage's name is its output folder's.
+_STAGE_NAME = text(r"[A-Za-z0-9][A-Za-z0-9._-]*", "a folder name (letters, digits, '.', '_', '-')")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,10 +105,15 @@ class DataSource:
     shuffle_buffer: int = 0
 
     def __post_init__(self) -> None:
-        if self.weight <= 0:
-            raise ValueError(f"weight must be positive, got {self.weight}")
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ValueError(f"max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
+        check_values(
+            self,
+            {
+                "shards": text(),
+                "weight": number(low=0, low_open=True),
+                "max_bad_fraction": fraction(),
+                "shuffle_buffer": as_int(minimum=0),
+            },
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,11 +132,16 @@ class OptimizerConfig:
     lr_scale: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if any(float(v) <= 0 for v in self.lr_scale.values()):
-            raise ValueError(f"lr_scale factors must be positive, got {self.lr_scale}")
+        check_values(
+            self,
+            {
+                "lr": number(low=0, high=1, low_open=True, high_open=True, why="AdamW diverges at 1"),
+                "weight_decay": number(low=0),
+                "betas": pair(number(low=0, high=1, high_open=True)),
+                "eps": number(low=0, low_open=True),
+                "lr_scale": scales(number(low=0, low_open=True, why="freezing is the trainable list's job")),
+            },
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +150,9 @@ class ScheduleConfig:
 
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_values(self, {"warmup_steps": as_int(minimum=0), "min_lr_ratio": fraction()})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +168,7 @@ class StartFrom:
     path: str | None = None
 
     def __post_init__(self) -> None:
+        check_values(self, {"path": optional(text())})
         if self.kind not in ("previous", "checkpoint", "hot_swap"):
             raise ValueError(
                 f"start must be 'previous', {{checkpoint: PATH}} or {{hot_swap: PATH}}, got {self.kind!r}"
@@ -131,7 +182,9 @@ class StartFrom:
             return cls()
         if isinstance(value, Mapping) and len(value) == 1:
             ((kind, path),) = value.items()
-            return _build(cls, {"kind": kind, "path": str(path)}, where)
+            if kind in ("checkpoint", "hot_swap") and not isinstance(path, str):
+                raise RecipeError(f"{where}.{kind}: expected a path (a string), got {path!r}")
+            return _build(cls, {"kind": kind, "path": path}, where)
         raise RecipeError(
             f"{where} must be 'previous', {{checkpoint: PATH}} or {{hot_swap: PATH}}; got {value!r}"
         )
@@ -144,6 +197,9 @@ class ImageSettings:
     tile_size: int
     max_tiles: int = 4
 
+    def __post_init__(self) -> None:
+        check_values(self, {"tile_size": as_int(minimum=1), "max_tiles": as_int(minimum=1)})
+
 
 @dataclass(frozen=True, kw_only=True)
 class VideoSettings:
@@ -152,6 +208,13 @@ class VideoSettings:
 
     num_frames: int = 16
     group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_values(self, {"num_frames": as_int(minimum=1), "group_size": optional(as_int(minimum=1))})
+        if self.group_size is not None and self.num_frames % self.group_size:
+            raise ConfigValueError(
+                f"must divide num_frames ({self.num_frames}), got {self.group_size}", key="group_size"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,48 +245,67 @@ class Stage:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        trainable = tuple(self.trainable)
-        object.__setattr__(self, "trainable", trainable)
-        check_trainable(trainable)
-        if not trainable:
-            raise ValueError("a stage must make at least one component trainable")
+        positive, counts = as_int(minimum=1), as_int(minimum=0)
+        check_values(
+            self,
+            {
+                "name": _STAGE_NAME,
+                "trainable": texts(),
+                "steps": positive,
+                "batch_size": positive,
+                "grad_accum": positive,
+                "max_grad_norm": nullable(
+                    number(low=0, low_open=True, why="a negative norm flips the gradients"), "no clipping"
+                ),
+                "max_seq_len": positive,
+                "activation_checkpointing": as_bool(),
+                "save_every": counts,
+                "keep_last": positive,
+                "log_every": positive,
+                "num_workers": counts,
+                "seed": optional(as_int(minimum=0)),
+            },
+        )
+        object.__setattr__(self, "data", tuple(self.data))
+        try:
+            check_trainable(self.trainable)
+        except ValueError as e:
+            raise ConfigValueError(str(e), key="trainable") from None
+        if not self.trainable:
+            raise ConfigValueError("must name at least one component", key="trainable")
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; known: {list(OBJECTIVES)}")
+            raise ConfigValueError(
+                f"unknown objective {self.objective!r}; known: {list(OBJECTIVES)}", key="objective"
+            )
         if self.best_rq is not None and self.objective != "best_rq":
-            raise ValueError("best_rq settings belong to a stage whose objective is best_rq")
+            raise ConfigValueError("belongs to a stage whose objective is best_rq", key="best_rq")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("steps", "batch_size", "grad_accum", "max_seq_len", "keep_last", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+            raise ConfigValueError(
+                f"must be one of {list(PRECISIONS)}, got {self.precision!r}", key="precision"
+            )
         if not self.data:
-            raise ValueError("a stage needs at least one data source")
+            raise ConfigValueError("a stage needs at least one data source", key="data")
 
     @classmethod
     def parse(cls, data: Any, where: str) -> Stage:
+        """A stage as written in YAML (``where`` is its key path, ``stages[0]``). Beyond the
+        fields' own checks, a recipe as written must warm up for fewer steps than it has."""
         if not isinstance(data, Mapping):
-            raise RecipeError(f"{where} must be a mapping")
+            raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__}")
         d = dict(data)
-        name = d.get("name", "?")
-        here = f"{where} ({name})"
-        if "data" in d:
-            sources = d["data"] if isinstance(d["data"], list) else [d["data"]]
-            d["data"] = tuple(_build(DataSource, s, f"{here}.data[{i}]") for i, s in enumerate(sources))
-        if "optimizer" in d:
-            d["optimizer"] = _build(OptimizerConfig, d["optimizer"], f"{here}.optimizer")
-        if "schedule" in d:
-            d["schedule"] = _build(ScheduleConfig, d["schedule"], f"{here}.schedule")
-        if d.get("image") is not None:
-            d["image"] = _build(ImageSettings, d["image"], f"{here}.image")
-        if d.get("video") is not None:
-            d["video"] = _build(VideoSettings, d["video"], f"{here}.video")
-        if d.get("best_rq") is not None:
-            d["best_rq"] = _build(BestRqSettings, d["best_rq"], f"{here}.best_rq")
+        if "data" in d and not isinstance(d["data"], list):
+            d["data"] = [d["data"]]  # one source may be written without the list
         if "start" in d:
-            d["start"] = StartFrom.parse(d["start"], f"{here}.start")
+            d["start"] = StartFrom.parse(d["start"], f"{where}.start")
         if "trainable" in d and isinstance(d["trainable"], str):
             d["trainable"] = [d["trainable"]]
-        return _build(cls, d, here)
+        stage = _build(cls, d, where)
+        warmup = stage.schedule.warmup_steps
+        if warmup and warmup >= stage.steps:
+            raise RecipeError(
+                f"{where}.schedule.warmup_steps: must be less than steps ({stage.steps}), got {warmup}"
+            )
+        return stage
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,8 +330,15 @@ class ModelSpec:
     checkpoint: str | None = None
 
     def __post_init__(self) -> None:
+        check_values(self, {f.name: optional(text()) for f in dataclasses.fields(self)})
         if (self.preset is None) == (self.checkpoint is None):
-            raise ValueError("model needs exactly one of preset (with a backbone) and checkpoint")
+            raise ValueError("needs exactly one of preset (with a backbone) and checkpoint")
+        if self.checkpoint is not None:
+            extra = [n for n in ("backbone", "tokenizer", "image_encoder") if getattr(self, n) is not None]
+            if extra:
+                raise ValueError(
+                    f"a checkpoint brings its own backbone, tokenizer and encoders; remove {extra}"
+                )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,6 +353,8 @@ class Recipe:
     description: str = ""
 
     def __post_init__(self) -> None:
+        check_values(self, {"name": text(), "seed": as_int(minimum=0), "output_dir": optional(text())})
+        object.__setattr__(self, "stages", tuple(self.stages))
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
@@ -298,16 +389,16 @@ class Recipe:
 
 
 def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+    """A recipe from what YAML read. Errors name the key path from the top (``stages[0].steps``,
+    ``model.backbone``, ``seed``); ``where`` names the whole in messages about its keys."""
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where} must be a mapping at the top level")
     d = dict(data)
-    if "model" in d:
-        d["model"] = _build(ModelSpec, d["model"], f"{where}.model")
     if "stages" in d:
         if not isinstance(d["stages"], list):
-            raise RecipeError(f"{where}.stages must be a list")
-        d["stages"] = tuple(Stage.parse(s, f"{where}.stages[{i}]") for i, s in enumerate(d["stages"]))
-    return _build(Recipe, d, where)
+            raise RecipeError(f"stages: expected a list, got {type(d['stages']).__name__}")
+        d["stages"] = tuple(Stage.parse(s, f"stages[{i}]") for i, s in enumerate(d["stages"]))
+    return _build(Recipe, d, where, path="")
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -330,4 +421,7 @@ def load_recipe(path_or_name: str | os.PathLike) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise RecipeError(f"{path} is not valid YAML: {e}") from None
-    return parse_recipe(data, where=path.name)
+    try:
+        return parse_recipe(data, where="recipe")
+    except RecipeError as e:
+        raise RecipeError(f"{path.name}: {e}") from None

@@ -5,12 +5,15 @@ A checkpoint folder ``step-NNNNNNNN/`` holds
 * ``adapters.safetensors`` — every weight that is not the backbone's;
 * ``optimizer.safetensors`` + ``optimizer.json`` — AdamW moments as tensors, hyperparameters as JSON;
 * ``rng.safetensors`` — torch generator states (CPU, and CUDA where present);
-* ``state.json`` — step, scheduler position, data position, Python and NumPy generator states,
-  the backbone digest, and metrics of the last step.
+* ``state.json`` — step, scheduler position, data position (with the data's bad-sample counters),
+  Python and NumPy generator states, the backbone digest, metrics of the last step, and the run the
+  checkpoint belongs to (``run``: see :mod:`mm.training.identity`).
 
 Everything mm writes is safetensors or JSON: no pickle. A folder is written under a temporary name
 and renamed when complete, so a kill mid-write leaves the previous checkpoint intact; only the last
-``keep_last`` are kept.
+``keep_last`` are kept. A kill skips that clean-up: :func:`remove_leftovers` removes what it left when
+the stage runs again. A write the disk refuses (full, read-only) raises :class:`WriteError` naming the
+file; the checkpoints written before it are untouched.
 
 Under FSDP2 the weights and AdamW moments are sharded DTensors. :func:`full_tensors` and
 :func:`full_optimizer_state` gather them whole (collectives: every rank calls them, in the same order)
@@ -21,32 +24,68 @@ A checkpoint therefore resumes on any number of processes, sharded or not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mm._io import atomic_dir
+from mm._io import atomic_dir, remove_atomic_leftovers
 
 __all__ = [
+    "STAGE_OUTPUTS",
+    "WriteError",
+    "checkpoint_run",
+    "discard_stage_outputs",
     "full_optimizer_state",
     "full_tensors",
     "latest_checkpoint",
+    "list_checkpoints",
     "load_optimizer_state",
     "load_train_state",
     "prune_checkpoints",
+    "remove_leftovers",
     "save_train_state",
     "shard_like",
+    "writing",
 ]
 
 _STEP = re.compile(r"^step-(\d{8})$")
+
+#: What a stage writes into its folder (``--replace`` removes exactly these).
+STAGE_OUTPUTS = ("checkpoints", "model", "tensorboard", "metrics.jsonl", "summary.json", "loss.png")
+#: Of those, what is written atomically (a kill may leave ``.NAME.tmp-*`` of it).
+_ATOMIC_OUTPUTS = ("model", "summary.json")
+
+
+class WriteError(RuntimeError):
+    """The disk refused a checkpoint, the model or a stage file (full, read-only, quota)."""
+
+
+@contextlib.contextmanager
+def writing(target: str | Path, checkpoints: str | Path) -> Iterator[None]:
+    """Turn the disk refusing a write into :class:`WriteError` naming ``target`` and saying which
+    checkpoint in ``checkpoints`` is intact (writes are atomic: a failed one leaves nothing)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        latest = latest_checkpoint(checkpoints)
+        kept = (
+            f"the checkpoints written before it are intact (latest: {latest}); free space and run again "
+            "with --resume"
+            if latest is not None
+            else "no checkpoint had been written yet"
+        )
+        raise WriteError(f"could not write {target}: {reason}; {kept}") from None
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -81,11 +120,13 @@ def save_train_state(
     data_state: dict[str, Any],
     backbone_digest: str,
     metrics: dict[str, Any] | None = None,
+    run: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``folder/step-NNNNNNNN`` atomically and return its path.
 
     ``optimizer`` is the optimizer itself or a state dict of whole tensors in its layout (what
-    :func:`full_optimizer_state` gathers from a sharded one).
+    :func:`full_optimizer_state` gathers from a sharded one). ``run`` names the run the checkpoint
+    belongs to (:meth:`mm.training.identity.RunIdentity.to_dict`).
     """
     path = Path(folder) / f"step-{step:08d}"
     state_dict = optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer
@@ -102,6 +143,7 @@ def save_train_state(
         "numpy_random": _jsonable(np.random.get_state()),
         "backbone_digest": backbone_digest,
         "metrics": metrics or {},
+        "run": run,
     }
     with atomic_dir(path) as tmp:
         save_file(
@@ -246,10 +288,25 @@ def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """The complete checkpoints in ``folder``, oldest first."""
+    return [p for _, p in _checkpoints(Path(folder))]
+
+
 def latest_checkpoint(folder: str | Path) -> Path | None:
     """The newest complete checkpoint in ``folder`` (temporary folders of a killed write are ignored)."""
     found = _checkpoints(Path(folder))
     return found[-1][1] if found else None
+
+
+def checkpoint_run(path: str | Path) -> dict[str, Any] | None:
+    """The run a checkpoint names in its ``state.json`` (None for one written before checkpoints did)."""
+    try:
+        state = json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    run = state.get("run") if isinstance(state, dict) else None
+    return run if isinstance(run, dict) else None
 
 
 def prune_checkpoints(folder: str | Path, keep_last: int) -> None:
@@ -258,6 +315,27 @@ def prune_checkpoints(folder: str | Path, keep_last: int) -> None:
     found = _checkpoints(folder)
     for _, p in found[: max(0, len(found) - keep_last)]:
         shutil.rmtree(p, ignore_errors=True)
-    if folder.is_dir():
-        for p in folder.glob(".step-*.tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
+    remove_atomic_leftovers(folder, lambda name: _STEP.match(name) is not None)
+
+
+def remove_leftovers(stage_folder: str | Path) -> list[Path]:
+    """Remove the temporary entries killed atomic writes left in a stage's folder and its
+    ``checkpoints/`` (``.model.tmp-*``, ``.summary.json.tmp-*``, ``.step-NNNNNNNN.tmp-*``); nothing else."""
+    folder = Path(stage_folder)
+    return [
+        *remove_atomic_leftovers(folder, _ATOMIC_OUTPUTS),
+        *remove_atomic_leftovers(folder / "checkpoints", lambda name: _STEP.match(name) is not None),
+    ]
+
+
+def discard_stage_outputs(stage_folder: str | Path) -> None:
+    """Remove everything a stage wrote into its folder (:data:`STAGE_OUTPUTS`, and leftovers of killed
+    writes), so that a new run starts from nothing; other files in the folder stay."""
+    folder = Path(stage_folder)
+    remove_leftovers(folder)
+    for name in STAGE_OUTPUTS:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()

@@ -15,6 +15,13 @@ stage:
 5. writes checkpoints that resume exactly, metrics (JSONL, TensorBoard, ``loss.png``) and the final
    model folder (adapters only; the backbone is referred to by path and digest).
 
+Before any of that, :meth:`Trainer.run` checks what can be checked without a model
+(:mod:`mm.training.preflight`: variables filled in, paths and shards present, output folders free or
+resumable) and prepares the stage folders (``replace`` discards an earlier run's outputs; temporary
+entries of killed writes are removed). Every checkpoint and ``summary.json`` name the run they
+belong to (:mod:`mm.training.identity`); a resume refuses a checkpoint of another run. A write the
+disk refuses is a :class:`~mm.training.state.WriteError` naming the file.
+
 Under FSDP2 (``fsdp=True`` on several processes; :mod:`mm.training.fsdp`) the backbone digest,
 checkpoints and the final model gather whole tensors on every rank (collectives) and rank 0 writes
 the same files a single process writes; resuming cuts them back into shards. A sharded stage ends by
@@ -32,6 +39,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,22 +54,29 @@ from mm.encoders import ImageEncoder, resize_image_encoder
 from mm.model import ModelConfig, MultimodalModel
 from mm.model.components import set_trainable
 from mm.text_backbone import ByteTokenizer, TextBackbone, load_tokenizer
+from mm.text_backbone.digest import state_digest
 from mm.training.cache_features import features_fingerprint
 from mm.training.data import StageData
 from mm.training.fsdp import align_media, quiet_fsdp_views, shard_step, unsharded_copy
+from mm.training.identity import RunIdentity
 from mm.training.metrics import MetricsLog
 from mm.training.objectives import TrainStep, build_objective
 from mm.training.optim import lr_factor, param_groups
+from mm.training.preflight import check_before_work, check_fits_model, check_resumable
 from mm.training.recipe import Recipe, RecipeError, Stage
 from mm.training.state import (
+    checkpoint_run,
+    discard_stage_outputs,
     full_optimizer_state,
     full_tensors,
     latest_checkpoint,
     load_optimizer_state,
     load_train_state,
     prune_checkpoints,
+    remove_leftovers,
     save_train_state,
     shard_like,
+    writing,
 )
 
 __all__ = ["BackboneChanged", "StageResult", "StageRun", "Trainer", "summary_table"]
@@ -85,6 +100,8 @@ class StageResult:
     backbone_digest: str
     losses: list[float] = field(default_factory=list)
 
+    run: dict[str, Any] | None = None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -93,6 +110,7 @@ class StageResult:
             "final_loss": self.final_loss,
             "model_dir": self.model_dir,
             "backbone_digest": self.backbone_digest,
+            "run": self.run,
         }
 
 
@@ -106,12 +124,14 @@ class StageRun:
             the objective, wrapped by DDP or sharded by FSDP where several processes run.
         train_step: the same :class:`TrainStep`, unwrapped.
         params: the parameters that learn, in the optimiser's order.
+        identity: the run this stage's checkpoints belong to.
     """
 
     stage: Stage
     folder: Path
     seed: int
     digest: str
+    identity: RunIdentity
     model: MultimodalModel
     step_module: torch.nn.Module
     train_step: TrainStep
@@ -230,7 +250,10 @@ class Trainer:
             raise RecipeError(
                 "model.tokenizer is needed when there is no model.backbone folder to read it from"
             )
-        tokenizer = ByteTokenizer() if tok == "byte" else load_tokenizer(tok)
+        try:
+            tokenizer = ByteTokenizer() if tok == "byte" else load_tokenizer(tok)
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"model.{'tokenizer' if spec.tokenizer else 'backbone'}: {e}") from None
         model.preprocessor = Preprocessor(tokenizer)
         return model
 
@@ -250,7 +273,12 @@ class Trainer:
     def _start_model(self, index: int, stage: Stage, previous: MultimodalModel | None) -> MultimodalModel:
         start = stage.start
         if start.kind == "checkpoint":
-            return MultimodalModel.from_pretrained(start.path)
+            model = MultimodalModel.from_pretrained(start.path)
+            if model.preprocessor is None:
+                raise RecipeError(
+                    f"stages[{index}].start: {start.path} was saved without a tokenizer and preprocessing settings"
+                )
+            return model
         if previous is None:
             if index == 0:
                 previous = self.initial_model()
@@ -263,15 +291,44 @@ class Trainer:
                     )
                 previous = MultimodalModel.from_pretrained(folder)
         if start.kind == "hot_swap":
-            previous.swap_backbone(TextBackbone.from_pretrained(start.path))
+            backbone = TextBackbone.from_pretrained(start.path)
+            try:
+                previous.swap_backbone(backbone)
+            except ValueError as e:  # a backbone of another architecture
+                raise RecipeError(f"stages[{index}].start: {start.path}: {e}") from None
         return previous
 
     # ------------------------------------------------------------------ the stages
-    def run(self, *, stages: Sequence[str] | None = None, resume: bool = False) -> list[StageResult]:
-        """Run the recipe's stages in order (or only ``stages``), each from where the last ended."""
+    def run(
+        self, *, stages: Sequence[str] | None = None, resume: bool = False, replace: bool = False
+    ) -> list[StageResult]:
+        """Run the recipe's stages in order (or only ``stages``), each from where the last ended.
+
+        Args:
+            stages: names of the stages to run (default: all).
+            resume: continue each stage from its latest checkpoint, which must belong to this run
+                (same stage settings, seed and starting model).
+            replace: discard what an earlier run left in the stages' folders first. Without it (or
+                ``resume``) a stage folder holding checkpoints is an error.
+        """
         wanted = list(stages) if stages else [s.name for s in self.recipe.stages]
         for name in wanted:
             self.recipe.stage(name)  # unknown names are an error before anything runs
+        check_before_work(
+            self.recipe,
+            [s for s in self.recipe.stages if s.name in wanted],
+            output_dir=self.output_dir,
+            in_memory=set(self.data),
+            resume=resume,
+            replace=replace,
+        )
+        if self.accelerator.is_main_process:
+            for name in wanted:
+                folder = self._stage_dir(self.recipe.stage(name))
+                if replace:
+                    discard_stage_outputs(folder)
+                remove_leftovers(folder)
+        self.accelerator.wait_for_everyone()
         model = None
         for index, stage in enumerate(self.recipe.stages):
             if stage.name not in wanted:
@@ -297,8 +354,18 @@ class Trainer:
         seed = self.recipe.seed if stage.seed is None else stage.seed
         torch.manual_seed(seed)
         digest = model.backbone.digest()
+        identity = RunIdentity.of(
+            self.recipe,
+            stage,
+            adapter_digest=state_digest(model.adapter_state_dict()),
+            in_memory=stage.name in self.data,
+        )
         preprocessor = self._prepare_model(stage, model)
-        objective = build_objective(stage.objective, model, stage.best_rq)
+        try:
+            objective = build_objective(stage.objective, model, stage.best_rq)
+        except ValueError as e:
+            raise RecipeError(f"{self._key(stage)}.objective: {e}") from None
+        check_fits_model(self._key(stage), stage, model)
         set_trainable(model, stage.trainable)
         preprocessor.video_features_fingerprint = _features_fingerprint(model, preprocessor)
         model.activation_checkpointing = stage.activation_checkpointing
@@ -326,6 +393,7 @@ class Trainer:
             folder=self._stage_dir(stage),
             seed=seed,
             digest=digest,
+            identity=identity,
             model=model,
             step_module=step_module,
             train_step=train_step,
@@ -337,8 +405,10 @@ class Trainer:
         )
         run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run.lr)
         data_state = self._resume(run) if resume else None
-        for _ in range(run.start_step):
-            run.scheduler.step()
+        with warnings.catch_warnings():  # fast-forwarding the schedule steps it before the optimiser
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            for _ in range(run.start_step):
+                run.scheduler.step()
         run.data = StageData(
             self.data.get(stage.name, stage.data),
             preprocessor,
@@ -349,10 +419,16 @@ class Trainer:
             num_workers=stage.num_workers,
             state=data_state,
         )
-        run.log = MetricsLog(
-            run.folder, enabled=acc.is_main_process, resume_step=run.start_step if run.resumed else None
-        )
+        with writing(run.folder / "metrics.jsonl", run.checkpoints):
+            run.log = MetricsLog(
+                run.folder, enabled=acc.is_main_process, resume_step=run.start_step if run.resumed else None
+            )
         return run
+
+    def _key(self, stage: Stage) -> str:
+        """The stage's key path in the recipe (``stages[1]``), for messages."""
+        names = [s.name for s in self.recipe.stages]
+        return f"stages[{names.index(stage.name)}]" if stage.name in names else f"stage {stage.name!r}"
 
     def _prepare_model(self, stage: Stage, model: MultimodalModel) -> Preprocessor:
         """The stage's tile size and preprocessor on ``model`` (a stage at another resolution — the
@@ -363,7 +439,10 @@ class Trainer:
             and isinstance(enc, ImageEncoder)
             and stage.image.tile_size != enc.image_size
         ):
-            resize_image_encoder(enc, stage.image.tile_size)
+            try:
+                resize_image_encoder(enc, stage.image.tile_size)
+            except ValueError as e:
+                raise RecipeError(f"{self._key(stage)}.image.tile_size: {e}") from None
             model.config = model.config.replace(image_encoder=enc.config)
         try:
             preprocessor = stage_preprocessor(
@@ -374,7 +453,7 @@ class Trainer:
                 stage_name=stage.name,
             )
         except ValueError as e:
-            raise RecipeError(str(e)) from None
+            raise RecipeError(f"{self._key(stage)}: {e}") from None
         model.preprocessor = preprocessor
         return preprocessor
 
@@ -383,6 +462,7 @@ class Trainer:
         path = latest_checkpoint(run.checkpoints)
         if path is None:
             return None
+        check_resumable(path, checkpoint_run(path), run.identity, compare_start=True)
         state = load_train_state(path, None if run.sharded else run.optimizer)
         if state["backbone_digest"] != run.digest:
             raise BackboneChanged(f"{path} was written for another backbone; cannot resume on this one")
@@ -415,6 +495,14 @@ class Trainer:
             dynamic_ncols=True,
         )
         t0 = time.perf_counter()
+        try:
+            self._steps(run, bar, t0)
+        finally:  # an error is then printed after the bar, not under it
+            bar.close()
+        run.seconds = time.perf_counter() - t0
+
+    def _steps(self, run: StageRun, bar: tqdm, t0: float) -> None:
+        stage = run.stage
         for step in range(run.start_step, stage.steps):
             loss, total, tokens, grad_norm = self.train_step(run, step)
             run.losses.append(loss)
@@ -429,15 +517,14 @@ class Trainer:
                 run.last["grad_norm"] = grad_norm
             done = step + 1
             if done % stage.log_every == 0 or done == stage.steps:
-                run.log.log(done, run.last)
+                with writing(run.log.path, run.checkpoints):
+                    run.log.log(done, run.last)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{run.last['tokens_per_s']:.0f}")
             bar.update(1)
             for callback in self.callbacks:
                 callback(run.model, done, run.last)
             if stage.save_every and done % stage.save_every == 0 and done < stage.steps:
                 self._save_checkpoint(run, done)
-        bar.close()
-        run.seconds = time.perf_counter() - t0
 
     def train_step(self, run: StageRun, step: int) -> tuple[float, int, int, float | None]:
         """One optimiser step over ``grad_accum`` micro-batches.
@@ -525,8 +612,10 @@ class Trainer:
         set_trainable(model, ())
         model_dir = run.folder / "model"
         if acc.is_main_process:
-            model.save_pretrained(model_dir, copy_backbone=model.backbone.source is None)
-        plot = run.log.close(stage.name)
+            with writing(model_dir, run.checkpoints):
+                model.save_pretrained(model_dir, copy_backbone=model.backbone.source is None)
+        with writing(run.folder / "loss.png", run.checkpoints):
+            plot = run.log.close(stage.name)
         result = StageResult(
             name=stage.name,
             steps=stage.steps,
@@ -535,17 +624,19 @@ class Trainer:
             model_dir=str(model_dir),
             backbone_digest=run.digest,
             losses=run.losses,
+            run=run.identity.to_dict(),
         )
         if acc.is_main_process:
-            atomic_write_json(
-                run.folder / "summary.json",
-                {
-                    **result.to_dict(),
-                    "skipped": dict(run.preprocessor.skipped),
-                    "data": [dataclasses.asdict(c) for c in run.data.counters],
-                    "loss_plot": str(plot) if plot else None,
-                },
-            )
+            with writing(run.folder / "summary.json", run.checkpoints):
+                atomic_write_json(
+                    run.folder / "summary.json",
+                    {
+                        **result.to_dict(),
+                        "skipped": dict(run.preprocessor.skipped),
+                        "data": [dataclasses.asdict(c) for c in run.data.counters],
+                        "loss_plot": str(plot) if plot else None,
+                    },
+                )
         acc.wait_for_everyone()
         return model, result
 
@@ -578,16 +669,18 @@ class Trainer:
             weights = full_tensors(weights, keep=main)
             optimizer = full_optimizer_state(optimizer, keep=main)
         if main:
-            save_train_state(
-                run.checkpoints,
-                step=step,
-                adapters=weights,
-                optimizer=optimizer,
-                scheduler_step=step,
-                data_state={"ranks": ranks},
-                backbone_digest=run.digest,
-                metrics=run.last,
-            )
+            with writing(run.checkpoints / f"step-{step:08d}", run.checkpoints):
+                save_train_state(
+                    run.checkpoints,
+                    step=step,
+                    adapters=weights,
+                    optimizer=optimizer,
+                    scheduler_step=step,
+                    data_state={"ranks": ranks},
+                    backbone_digest=run.digest,
+                    metrics=run.last,
+                    run=run.identity.to_dict(),
+                )
             prune_checkpoints(run.checkpoints, run.stage.keep_last)
         acc.wait_for_everyone()
 
