@@ -7,18 +7,20 @@ The accuracy the demo reaches is checked by CI's `mm demo --quick --require-accu
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import torch
 
 from mm.demo.data import make_image_qa, make_speech_samples, make_video_qa
-from mm.demo.evaluate import exact_match, generate_answers
 from mm.demo.run import DemoSettings, run_demo
-from mm.demo.speech import SpeechDemoSettings, corpus_bleu, qa_correct, speech_figures, word_error_rate
+from mm.demo.speech import SpeechDemoSettings, qa_correct
 from mm.demo.video import VideoDemoSettings
+from mm.eval.speech import corpus_bleu, corpus_wer
+from mm.eval.vqa import vqa_accuracy
 from mm.text_backbone import ByteTokenizer
 
 MICRO = DemoSettings(
@@ -89,6 +91,7 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, c
     _assert_figures_follow_from_the_answers(report)
 
     out = tmp_path / "out"
+    _assert_mm_eval_reproduces_the_figures(report, out, tmp_path / "again", capsys)
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     plots = ("text-backbone", "image-encoder", "image-stages", "video-stage", "speech-stages")
     for f in ("report.md", *(f"plots/{p}.png" for p in plots)):
@@ -181,12 +184,15 @@ def _assert_figures_follow_from_the_answers(report):
         flags = list(flags)
         return sum(flags) / len(flags)
 
+    def vqa(answer, model):  # ten copies of the answer: mm eval's vqav2 task scores each question so
+        return vqa_accuracy(model, [answer] * 10)
+
     answers = {t: [x[3] for x in spoken if x[0] == t] for t in said}
     refs = {t: [s.answer for s in said[t]] for t in said}
     expected = {
-        "image_qa_accuracy": share(a == m for _, a, m in image),
+        "image_qa_accuracy": share(vqa(a, m) for _, a, m in image),
         **{
-            f"image_qa_per_kind.{k}": share(a == m for s, (_, a, m) in zip(images, image) if s.kind == k)
+            f"image_qa_per_kind.{k}": share(vqa(a, m) for s, (_, a, m) in zip(images, image) if s.kind == k)
             for k in sorted({s.kind for s in images})
         },
         "video_qa_accuracy": share(a == m for _, a, _, m in video),
@@ -195,12 +201,12 @@ def _assert_figures_follow_from_the_answers(report):
             for k in {x[2] for x in video}
         },
         "video_qa_chance": 0.25,
-        "speech_wer": word_error_rate(refs["asr"], answers["asr"]),
+        "speech_wer": corpus_wer(answers["asr"], refs["asr"]),
         "speech_asr_exact": share(a == r for a, r in zip(answers["asr"], refs["asr"])),
-        "speech_text_repeat_wer": word_error_rate(refs["asr"], [m for _, m in repeated]),
-        "speech_bleu": corpus_bleu(refs["ast"], answers["ast"]),
+        "speech_text_repeat_wer": corpus_wer([m for _, m in repeated], refs["asr"]),
+        "speech_bleu": corpus_bleu(answers["ast"], refs["ast"]),
         "speech_ast_exact": share(a == r for a, r in zip(answers["ast"], refs["ast"])),
-        "speech_text_translate_bleu": corpus_bleu(refs["ast"], [m for _, _, m in translated]),
+        "speech_text_translate_bleu": corpus_bleu([m for _, _, m in translated], refs["ast"]),
         "speech_qa_accuracy": share(qa_correct(s, a) for s, a in zip(said["qa"], answers["qa"])),
         "speech_qa_exact": share(a == r for a, r in zip(answers["qa"], refs["qa"])),
         "speech_qa_chance": 0.5,  # two of the four questions are about blue things
@@ -216,6 +222,37 @@ def _assert_figures_follow_from_the_answers(report):
         **{f"{s['name']} final loss": s["final_loss"] for s in report["stages"][:2]},
     }
     assert got == pytest.approx(expected, rel=1e-4)  # the losses: to float error across machines
+
+
+def _assert_mm_eval_reproduces_the_figures(report, out, again, capsys):
+    """Every figure the report says `mm eval` measured comes back exactly from its command, run
+    through the CLI into another folder: the same score, the same per-sample answers and scores."""
+    from mm.cli import main
+
+    assert set(report["evaluations"]) == {"image_qa_accuracy", "speech_wer", "speech_bleu"}
+    tasks = {"image_qa_accuracy": "vqav2", "speech_wer": "asr", "speech_bleu": "ast"}
+    for figure, provenance in report["evaluations"].items():
+        assert provenance["task"] == tasks[figure]
+        argv = shlex.split(provenance["command"])
+        assert argv[:2] == ["mm", "eval"] and argv[3] == tasks[figure]
+        first = json.loads((Path(argv[argv.index("--out") + 1]) / "eval.json").read_text())
+        argv[argv.index("--out") + 1] = str(again / figure)
+        assert main([*argv[1:], "--no-progress", "--device", "cpu"]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        second = json.loads((again / figure / "eval.json").read_text())
+        assert second["score"] == report[figure] == first["score"]  # exactly
+        assert second["metric"] == provenance["metric"]
+        assert second["samples"] == first["samples"] and len(first["samples"]) > 0
+    # the per-kind figures are the per-sample scores of the image set's eval.json, grouped by kind
+    images = make_image_qa(MICRO.eval_samples, split="eval", seed=3)
+    scores = [
+        x["score"] for x in json.loads((again / "image_qa_accuracy" / "eval.json").read_text())["samples"]
+    ]
+    kinds = sorted({s.kind for s in images})
+    assert report["image_qa_per_kind"] == {
+        k: sum(v for s, v in zip(images, scores) if s.kind == k) / sum(s.kind == k for s in images)
+        for k in kinds
+    }
 
 
 def test_demo_refuses_contradicting_requirements_before_training(tmp_path, capsys):
@@ -276,139 +313,6 @@ def test_sentence_turns_repeat_or_translate_the_words_and_answer_with_them():
     assert what_the_documents_became() == (0, 0, 31, 49)
     assert what_the_documents_became(repeat_share=0.5) == (40, 0, 23, 17)
     assert what_the_documents_became(repeat_share=0.3, translate_share=0.3) == (18, 34, 18, 10)
-
-
-class _Scripted:
-    """Stands in for a model in the demo's evaluation: answers each conversation with the text
-    ``answer(conversation)`` (where ``<stop>`` stands for a stop token) and then a stop token,
-    through the preprocessor interface :func:`generate_answers` uses; records every ``generate``
-    call."""
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.tokenizer = ByteTokenizer()
-        self.preprocessor = SimpleNamespace(tokenizer=self.tokenizer, prompts=self.prompts)
-        self.calls = []
-
-    def prompts(self, conversations):
-        return {
-            "input_ids": torch.zeros(len(conversations), 1, dtype=torch.long),
-            "conversations": conversations,
-        }
-
-    def generate(self, input_ids, *, conversations, max_new_tokens, stop_token_ids, **extra):
-        self.calls.append({"rows": len(conversations), "stop_token_ids": stop_token_ids, **extra})
-        eot = self.tokenizer.stop_ids[-1]
-        rows = []
-        for conversation in conversations:
-            parts = [self.tokenizer.encode(part) for part in self.answer(conversation).split("<stop>")]
-            rows.append(
-                [t for i, part in enumerate(parts) for t in ([eot] if i else []) + part][:max_new_tokens]
-            )
-        width = max(len(r) + 1 for r in rows)
-        return torch.tensor([r + [eot] * (width - len(r)) for r in rows])
-
-
-def _text_of(conversation):
-    (turn,) = conversation
-    return turn["content"]
-
-
-def test_generate_answers_reads_each_answer_to_its_first_stop_in_batches():
-    said = {"a": " red ", "b": "blue. And then more.", "c": "top left<stop>ignored", "d": "x" * 30}
-    model = _Scripted(lambda c: said[_text_of(c)])
-    turns = [[{"role": "user", "content": k}] for k in "abcd"]
-    assert generate_answers(model, turns, max_new_tokens=24, batch=3) == [
-        "red",
-        "blue. And then more.",
-        "top left",
-        "x" * 24,  # no stop within max_new_tokens
-    ]
-    assert [c["rows"] for c in model.calls] == [3, 1]
-    assert [c["stop_token_ids"] for c in model.calls] == [None, None]  # the model's own stop tokens
-    # Read to the first full stop, which ends the answer and stays in it.
-    model.calls.clear()
-    assert generate_answers(model, turns, max_new_tokens=48, end_at=".") == [
-        "red",
-        "blue.",
-        "top left",
-        "x" * 30,
-    ]
-    (full_stop,) = model.tokenizer.encode(".")
-    assert model.calls == [{"rows": 4, "stop_token_ids": (*model.tokenizer.stop_ids, full_stop)}]
-    # `prepare` sees each batch's inputs before decoding.
-    model.calls.clear()
-    generate_answers(model, turns, batch=2, prepare=lambda inputs: {**inputs, "marked": True})
-    assert [c["marked"] for c in model.calls] == [True, True]
-
-
-def test_exact_match_scores_overall_and_per_kind():
-    samples = [
-        SimpleNamespace(kind=k, answer=a)
-        for k, a in [("shape", "cross"), ("count", "2"), ("shape", "circle")]
-    ]
-    assert exact_match(samples, ["cross", "2", "square"]) == {
-        "accuracy": 2 / 3,
-        "per_kind": {"count": 1.0, "shape": 0.5},
-    }
-    with pytest.raises(ValueError):
-        exact_match(samples, ["cross"])
-
-
-def test_image_qa_accuracy_scores_the_answers_it_generates():
-    from mm.demo.image import image_qa_accuracy
-
-    samples = make_image_qa(10, split="eval", seed=3)
-    given = {id(s.image): s.answer if i % 3 == 0 else "none" for i, s in enumerate(samples)}
-    model = _Scripted(lambda c: given[id(c[0]["content"][0]["image"])])
-    report = image_qa_accuracy(model, samples, batch=4)
-    assert [c["rows"] for c in model.calls] == [4, 4, 2]
-    assert report["accuracy"] == 4 / 10  # samples 0, 3, 6 and 9
-    kinds = [s.kind for s in samples]
-    assert report["per_kind"] == {
-        k: sum(i % 3 == 0 for i, kind in enumerate(kinds) if kind == k) / kinds.count(k)
-        for k in sorted(set(kinds))
-    }
-    assert report["examples"] == [
-        {"question": s.question, "answer": s.answer, "model": given[id(s.image)]} for s in samples[:8]
-    ]
-
-
-def test_speech_figures_score_the_answers_given():
-    said = {
-        t: make_speech_samples(n, t, split="eval", seed=0) for t, n in (("asr", 2), ("ast", 2), ("qa", 2))
-    }
-    train = {t: make_speech_samples(8, t, split="train", seed=0) for t in ("asr", "ast", "qa")}
-    asr, ast, qa = said["asr"], said["ast"], said["qa"]
-    colour = next(c for c in ("red", "green", "blue", "yellow") if c in asr[1].answer)
-    heard = {  # what the scripted model answers to each utterance
-        ("asr", asr[0].text): f"{asr[0].answer} And on.",  # word for word, then running on
-        ("asr", asr[1].text): asr[1].answer.replace(colour, "purple"),  # one word wrong
-        ("ast", ast[0].text): f"{ast[0].answer} Et puis.",
-        ("ast", ast[1].text): ast[1].answer,
-        ("qa", qa[0].text): f"It is {qa[0].answer}",  # the right colour, not the exact answer
-        ("qa", qa[1].text): "red and blue.",  # two colours: wrong
-    }
-
-    def answer(conversation):
-        (turn,) = conversation
-        if isinstance(turn["content"], str):  # the words given as text: repeated, never translated
-            prompt, _, words = turn["content"].partition(". ")
-            return words if prompt.startswith("Repeat") else ""
-        return heard[turn["content"][-1]["audio"]]
-
-    waves = {t: [(t, s.text) for s in samples] for t, samples in said.items()}  # the audio part names them
-    figures = speech_figures(_Scripted(answer), train, said, waves)
-    words = [len(s.answer.split()) for s in asr]
-    assert figures["speech_wer"] == pytest.approx(1 / sum(words))
-    assert figures["speech_wer_heldout_phrasing"] == pytest.approx(1 / words[1])  # the second is held out
-    assert figures["speech_asr_exact"] == 0.5 and figures["speech_text_repeat_wer"] == 0.0
-    assert figures["speech_bleu"] == pytest.approx(100.0) and figures["speech_ast_exact"] == 1.0
-    assert figures["speech_text_translate_bleu"] == 0.0
-    assert figures["speech_qa_accuracy"] == 0.5 and figures["speech_qa_exact"] == 0.0
-    assert figures["speech_qa_heldout_phrasing"] == 0.0
-    read = [heard[t, s.text].split(".")[0] + "." for t in said for s in said[t]]  # to the first full stop
-    assert [e["model"] for e in figures["speech_examples"]] == read
 
 
 def test_demo_requirements_name_each_unmet_figure_with_its_chance():

@@ -8,8 +8,8 @@
 3. Run the image stages of the ``tiny-demo`` recipe (``mm/recipes/tiny-demo.yaml``): pre-training
    on captions and questions, then annealing; the backbone stays frozen.
 
-:func:`image_qa_accuracy` scores a model on held-out pictures: every one holds a
-colour-shape-quadrant combination never seen in training.
+:func:`image_qa_accuracy` scores a model on held-out pictures, every one holding a
+colour-shape-quadrant combination never seen in training, through ``mm eval`` (the ``vqav2`` task).
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-
-from mm.demo.evaluate import exact_match, generate_answers
 
 __all__ = [
     "ImagePhase",
@@ -126,20 +124,30 @@ def write_image_data(out: Path, *, caption_samples: int, qa_samples: int, seed: 
     return info
 
 
-def image_qa_accuracy(model, samples, *, batch: int = 32) -> dict[str, Any]:
-    """Exact-match accuracy of greedy answers to image questions, overall and per question kind.
+def image_qa_accuracy(model, samples, out: Path, model_dir: Path) -> dict[str, Any]:
+    """Score image questions through ``mm eval``: written as a VQAv2 split under
+    ``out/eval-data/image-qa``, scored by the ``vqav2`` task (VQA accuracy; ten copies of the answer
+    make it exact match after VQAv2's normaliser), the question asked alone as the demo trains.
 
     Returns:
-        ``accuracy``, ``per_kind`` and ``examples`` (the first eight questions, their answers and
-        the model's).
+        ``accuracy``, ``per_kind`` (from the per-sample scores), ``examples`` (the first eight
+        questions, their answers and the model's) and ``eval`` (task, metric, command).
     """
-    from mm.demo.image_data import qa_messages
+    from mm.demo.eval_sets import per_kind, score, write_vqav2
 
-    answers = generate_answers(model, [qa_messages(s)[:1] for s in samples], batch=batch)
+    data = write_vqav2(samples, out / "eval-data" / "image-qa")
+    scored = score(model, model_dir, "vqav2", data, out / "eval" / "image-qa", prompt="", max_new_tokens=12)
+    result = scored.result
     examples = [
-        {"question": s.question, "answer": s.answer, "model": a} for s, a in zip(samples[:8], answers)
+        {"question": s.question, "answer": s.answer, "model": r.prediction}
+        for s, r in zip(samples[:8], result.samples)
     ]
-    return {**exact_match(samples, answers), "examples": examples}
+    return {
+        "accuracy": result.score,
+        "per_kind": per_kind([s.kind for s in samples], [r.score for r in result.samples]),
+        "examples": examples,
+        "eval": scored.provenance(),
+    }
 
 
 @dataclass(frozen=True)

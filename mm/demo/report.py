@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "demo_report",
+    "evaluations_markdown",
     "markdown",
     "speech_markdown",
     "speech_summary_rows",
@@ -63,11 +64,14 @@ def demo_report(
         "image_qa_per_kind": image_qa["per_kind"],
         "image_qa_eval_samples": image_qa_eval_samples,
         "image_qa_examples": image_qa["examples"],
+        # which mm eval task and metric produced each figure, and the command that reproduces it
+        "evaluations": {"image_qa_accuracy": image_qa["eval"], **speech.get("speech_evaluations", {})},
         **{k: v for k, v in video.items() if k.startswith("video_")},
         **{
             k: v
             for k, v in speech.items()
-            if k.startswith("speech_") and k not in ("speech_stages", "speech_model_dir")
+            if k.startswith("speech_")
+            and k not in ("speech_stages", "speech_model_dir", "speech_evaluations")
         },
         "stages": [text.stage, *image.stages, *video["stages"], *speech["speech_stages"]],
         "data": image.data,
@@ -132,7 +136,7 @@ combinations never seen in training.
 | --- | --- |
 {kinds}
 
-{video_markdown(r)}{speech_markdown(r)}## Stages
+{video_markdown(r)}{speech_markdown(r)}{evaluations_markdown(r)}## Stages
 
 | stage | steps | seconds | final loss |
 | --- | --- | --- | --- |
@@ -149,6 +153,27 @@ combinations never seen in training.
 | question | answer | model |
 | --- | --- | --- |
 {examples}
+"""
+
+
+def evaluations_markdown(r: dict[str, Any]) -> str:
+    """The figures ``mm eval`` measured: task, metric and the command that reproduces each."""
+    rows = "\n".join(
+        f"| {figure} | {e['task']} | {e['metric']} | `{e['command']}` |"
+        for figure, e in r.get("evaluations", {}).items()
+    )
+    return f"""## Measured by mm eval
+
+The held-out sets are written under `eval-data/` in published layouts and scored by `mm eval`'s
+code (results under `eval/`); each command reproduces its figure. Per-kind figures come from the
+per-sample scores of `eval.json`. Video questions and spoken questions have no `mm eval` task:
+their answers come from `mm eval`'s answer loop and are scored by exact match and by the colour
+named.
+
+| figure | task | metric | command |
+| --- | --- | --- | --- |
+{rows}
+
 """
 
 
@@ -267,7 +292,7 @@ combinations, not open-vocabulary transcription. {translation_text or recognitio
 text model read about ("What colour is the sky?" -> "blue."), half in phrasings never heard in
 training; an answer counts when it names the right colour and no other. Chance: the best single
 training transcript said for every utterance (word error rate), and always naming the most common
-colour (accuracy). Answers are read to their first full stop. `mm demo --speech` pre-trains the
+colour (accuracy). Answers run to the model's stop token. `mm demo --speech` pre-trains the
 text model with "Repeat after me" (and "Translate") turns, so that it can.
 
 | | |

@@ -230,7 +230,7 @@ def _final_report(
         seed=seed,
         text=text,
         image=image,
-        image_qa=image_qa_accuracy(model, samples),
+        image_qa=image_qa_accuracy(model, samples, out, out / "model"),
         image_qa_eval_samples=len(samples),
         digest_after=model.backbone.digest(),
         ppl_after=perplexity(lambda ids: model(ids).logits, text.heldout, text.tokenizer),

@@ -27,17 +27,17 @@ Starting from the model the video phase saved:
    is said in eight phrasings: the encoder tells apart what it heard in phrasings it was trained on
    far better than in new ones.
 
-3. **Evaluation**: greedy answers on the held-out utterances, read to their first full stop;
-   ``speech_wer`` is the word error rate of the transcripts (word-level Levenshtein distance over
-   reference words, summed over the set), ``speech_qa_accuracy`` the share of answers naming the
+3. **Evaluation** (through ``mm eval``, :mod:`mm.demo.eval_sets`): greedy answers on the held-out
+   utterances, to the model's stop token (at most :data:`ANSWER_TOKENS`); ``speech_wer`` is
+   ``mm eval``'s ``asr`` task on a LibriSpeech folder of them (corpus WER after Whisper's English
+   normaliser, jiwer), ``speech_qa_accuracy`` the share of answers naming the
    right colour and no other, with ``speech_qa_chance`` (always answering the most common colour)
    and ``speech_wer_chance`` (the best single training transcript said for every utterance, i.e.
    a model that ignores the audio). ``speech_text_repeat_wer`` is the same recognition turn with
    the words given as *text* ("Repeat after me in English. The red circle."): text-only turns give
    the backbone's logits bit for bit, so it measures the frozen text model alone, the bound that
-   recognition through it cannot pass. ``speech_bleu`` is the corpus BLEU of the translations
-   (:func:`corpus_bleu`, sacreBLEU's default: 13a tokens, exp smoothing; checked against sacreBLEU
-   in the tests), with ``speech_bleu_chance`` (the best single training translation said for every
+   recognition through it cannot pass. ``speech_bleu`` is ``mm eval``'s ``ast`` task on a CoVoST 2
+   TSV of the translations (corpus sacreBLEU, its defaults), with ``speech_bleu_chance`` (the best single training translation said for every
    utterance) and ``speech_text_translate_bleu`` (the text model translating the words as text).
    What the model gets wrong is mostly the words a held-out colour-shape pair never said together
    in training, and held-out sentence forms coming back as heard ones; translation's errors are
@@ -47,12 +47,9 @@ Starting from the model the video phase saved:
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
-import re
 import shutil
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +57,6 @@ from typing import Any
 
 import torch
 
-from mm.demo.evaluate import generate_answers
 from mm.demo.scenes import COLOURS
 from mm.demo.speech_data import (
     TASK_PROMPTS,
@@ -70,16 +66,16 @@ from mm.demo.speech_data import (
     synthesize,
     write_speech_folder,
 )
+from mm.eval.speech import corpus_bleu, corpus_wer
 
 __all__ = [
     "FULL",
     "QUICK",
     "SpeechDemoSettings",
+    "ANSWER_TOKENS",
     "answer_all",
-    "bleu_tokens",
     "chance_bleu",
     "chance_wer",
-    "corpus_bleu",
     "named_colours",
     "qa_correct",
     "run_speech_demo",
@@ -87,10 +83,10 @@ __all__ = [
     "speech_figures",
     "text_task_all",
     "train_speech_stages",
-    "word_error_rate",
-    "word_errors",
     "write_speech_data",
 ]
+
+ANSWER_TOKENS = 48  # the longest answer to an utterance (one sentence)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,86 +130,10 @@ def _words(text: str) -> list[str]:
     return "".join(c.lower() if c.isalnum() or c == "'" else " " for c in text).split()
 
 
-def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """``(edits, reference words)``: the word-level Levenshtein distance (substitutions, insertions
-    and deletions, each costing 1) after lower-casing and dropping punctuation."""
-    ref, hyp = _words(reference), _words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1], len(ref)
-
-
-def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
-    """Corpus word error rate: total word edits over total reference words."""
-    if len(references) != len(hypotheses):
-        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    edits = words = 0
-    for r, h in zip(references, hypotheses):
-        e, n = word_errors(r, h)
-        edits, words = edits + e, words + n
-    if words == 0:
-        raise ValueError("the references hold no words")
-    return edits / words
-
-
-_BLEU_SYMBOLS = re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])")
-_BLEU_PERIOD_AFTER = re.compile(r"([^0-9])([\.,])")
-_BLEU_PERIOD_BEFORE = re.compile(r"([\.,])([^0-9])")
-_BLEU_DASH = re.compile(r"([0-9])(-)")
-
-
-def bleu_tokens(text: str) -> list[str]:
-    """Words as BLEU's usual ("13a", mteval-v13a) tokenisation cuts them: symbols are split off,
-    and full stops and commas except between digits; apostrophes stay inside words."""
-    text = text.replace("\n", " ")
-    if "&" in text:
-        for entity, char in (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")):
-            text = text.replace(entity, char)
-    text = _BLEU_SYMBOLS.sub(r" \1 ", f" {text} ")
-    text = _BLEU_PERIOD_AFTER.sub(r"\1 \2 ", text)
-    text = _BLEU_PERIOD_BEFORE.sub(r" \1 \2", text)
-    return _BLEU_DASH.sub(r"\1 \2 ", text).split()
-
-
-def corpus_bleu(references: Sequence[str], hypotheses: Sequence[str], max_order: int = 4) -> float:
-    """Corpus BLEU (0-100) with one reference per sentence, as sacreBLEU computes it by default:
-    13a tokens, case-sensitive, clipped n-gram matches summed over the corpus up to 4-grams, an
-    order with no match counted as ``100 / (2^k * total)`` for its k-th such order ("exp"
-    smoothing), geometric mean times the brevity penalty; 0 when nothing matches or an order has
-    no n-grams at all."""
-    if len(references) != len(hypotheses):
-        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    matches, totals = [0] * max_order, [0] * max_order
-    ref_len = hyp_len = 0
-    for ref, hyp in zip(references, hypotheses):
-        r, h = bleu_tokens(ref), bleu_tokens(hyp)
-        ref_len, hyp_len = ref_len + len(r), hyp_len + len(h)
-        for n in range(1, max_order + 1):
-            h_grams = Counter(tuple(h[i : i + n]) for i in range(len(h) - n + 1))
-            r_grams = Counter(tuple(r[i : i + n]) for i in range(len(r) - n + 1))
-            matches[n - 1] += sum(min(c, r_grams[g]) for g, c in h_grams.items())
-            totals[n - 1] += max(0, len(h) - n + 1)
-    if ref_len == 0:
-        raise ValueError("the references hold no words")
-    if not any(matches):
-        return 0.0
-    log_precision, halvings = 0.0, 1
-    for m, t in zip(matches, totals):
-        if t == 0:
-            return 0.0
-        if m == 0:
-            halvings *= 2
-        log_precision += math.log(100.0 * m / t if m else 100.0 / (halvings * t))
-    brevity = 1.0 if hyp_len > ref_len else (math.exp(1 - ref_len / hyp_len) if hyp_len else 0.0)
-    return brevity * math.exp(log_precision / max_order)
-
-
 def chance_bleu(references: Sequence[str], train_answers: Sequence[str]) -> float:
-    """The BLEU of the best constant answer: one training translation said for every utterance."""
-    return max(corpus_bleu(references, [t] * len(references)) for t in sorted(set(train_answers)))
+    """The BLEU (sacreBLEU, :func:`mm.eval.speech.corpus_bleu`) of the best constant answer: one
+    training translation said for every utterance."""
+    return max(corpus_bleu([t] * len(references), references) for t in sorted(set(train_answers)))
 
 
 def named_colours(text: str) -> set[str]:
@@ -227,32 +147,34 @@ def qa_correct(sample: SpeechSample, answer: str) -> bool:
 
 
 def chance_wer(references: Sequence[str], train_transcripts: Sequence[str]) -> float:
-    """The word error rate of the best constant answer: one training transcript said for every
-    utterance (what a model that ignores the audio could do at best)."""
-    return min(word_error_rate(references, [t] * len(references)) for t in sorted(set(train_transcripts)))
+    """The word error rate (Whisper-normalised, :func:`mm.eval.speech.corpus_wer`) of the best
+    constant answer: one training transcript said for every utterance (what a model that ignores
+    the audio could do at best)."""
+    return min(corpus_wer([t] * len(references), references) for t in sorted(set(train_transcripts)))
 
 
-def answer_all(
-    model, samples: Sequence[SpeechSample], waves: Sequence[torch.Tensor], *, batch: int = 32
-) -> list[str]:
-    """Greedy answers of ``model`` to every utterance, read to the end of their first sentence
-    (the answers are one sentence; reading to the first full stop, like ``--stop .`` in ``mm ask``,
-    keeps a model that has not learned where to end from running on into the next one)."""
-    turns = [speech_messages(s, w)[:1] for s, w in zip(samples, waves)]
-    return generate_answers(model, turns, max_new_tokens=48, batch=batch, end_at=".")
+def answer_all(model, samples: Sequence[SpeechSample], waves: Sequence[torch.Tensor]) -> list[str]:
+    """Greedy answers of ``model`` to utterances no ``mm eval`` task reads (spoken questions),
+    through ``mm eval``'s answer loop (:func:`mm.demo.eval_sets.answer_turns`)."""
+    from mm.demo.eval_sets import answer_turns
+
+    turns = [speech_messages(s, w)[:1] for s, w in zip(samples, waves, strict=True)]
+    return answer_turns(model, turns, max_new_tokens=ANSWER_TOKENS)
 
 
-def text_task_all(model, task: str, sentences: Sequence[str], *, batch: int = 32) -> list[str]:
+def text_task_all(model, task: str, sentences: Sequence[str]) -> list[str]:
     """What the text model answers when the prompt of ``task`` (recognition or translation) comes
-    with the words as *text* ("Repeat after me in English. The red circle."), read like
-    :func:`answer_all`'s answers.
+    with the words as *text* ("Repeat after me in English. The red circle."), through ``mm eval``'s
+    answer loop like :func:`answer_all`.
 
     A text-only turn gives the backbone's logits bit for bit, so this measures the frozen text
     model alone: speech reaches the backbone only as input embeddings, so recognising or
     translating speech can at best match the text model repeating or translating what it reads.
     """
+    from mm.demo.eval_sets import answer_turns
+
     turns = [[{"role": "user", "content": f"{TASK_PROMPTS[task]} {t}"}] for t in sentences]
-    return generate_answers(model, turns, max_new_tokens=48, batch=batch, end_at=".")
+    return answer_turns(model, turns, max_new_tokens=ANSWER_TOKENS)
 
 
 def scale_adapter_output(model) -> float:
@@ -313,7 +235,7 @@ def run_speech_demo(
     # 3. evaluation on held-out pairs, phrasings, speeds and seeds
     t0 = time.perf_counter()
     model = MultimodalModel.from_pretrained(model_dir).eval()
-    figures = speech_figures(model, train, evals, eval_waves)
+    figures = speech_figures(model, train, evals, eval_waves, out=out, model_dir=model_dir)
     return {
         **figures,
         "speech_data": data_info,
@@ -404,25 +326,50 @@ def speech_figures(
     train: dict[str, list[SpeechSample]],
     evals: dict[str, list[SpeechSample]],
     eval_waves: dict[str, list[torch.Tensor]],
+    *,
+    out: Path,
+    model_dir: Path,
 ) -> dict[str, Any]:
-    """The report's speech figures: ``model``'s answers to the held-out utterances ``evals``
-    (spoken as ``eval_waves``) scored, with chance levels from the ``train`` answers, the text
-    model's own bound, and the first examples of each task."""
-    asr = answer_all(model, evals["asr"], eval_waves["asr"])
+    """The report's speech figures: ``model`` (loaded from ``model_dir``) scored on the held-out
+    utterances ``evals`` (spoken as ``eval_waves``), with chance levels from the ``train`` answers,
+    the text model's own bound, and the first examples of each task.
+
+    Recognition is written as a LibriSpeech folder under ``out/eval-data/speech-asr`` and scored by
+    ``mm eval``'s ``asr`` task (corpus WER after Whisper's normaliser); translation as a CoVoST 2
+    TSV under ``out/eval-data/speech-ast``, scored by ``ast`` (corpus sacreBLEU); the results and
+    their commands go under ``out/eval/``. Spoken questions have no task: their answers come from
+    the same answer loop and are scored by :func:`qa_correct`.
+    """
+    from mm.demo.eval_sets import score, write_librispeech
+
+    data = write_librispeech(evals["asr"], eval_waves["asr"], out / "eval-data" / "speech-asr")
+    recognition = score(
+        model,
+        model_dir,
+        "asr",
+        data,
+        out / "eval" / "speech-asr",
+        prompt=TASK_PROMPTS["asr"],
+        max_new_tokens=ANSWER_TOKENS,
+    )
+    asr = [r.prediction for r in recognition.result.samples]
     qa = answer_all(model, evals["qa"], eval_waves["qa"])
     refs = [s.answer for s in evals["asr"]]
     repeated = text_task_all(model, "asr", refs)
-    translation, translated = _translation_figures(model, train, evals, eval_waves)
+    translation, translated = _translation_figures(
+        model, train, evals, eval_waves, out=out, model_dir=model_dir
+    )
+    evaluations = {"speech_wer": recognition.provenance(), **translation.pop("_eval", {})}
     held = [i for i, s in enumerate(evals["asr"]) if s.heldout_phrasing]
     colours = [next(iter(named_colours(s.answer))) for s in evals["qa"]]
     right = [qa_correct(s, a) for s, a in zip(evals["qa"], qa)]
     return {
         **translation,
-        "speech_wer": word_error_rate(refs, asr),
+        "speech_wer": recognition.result.score,
         "speech_wer_chance": chance_wer(refs, [s.answer for s in train["asr"]]),
-        "speech_wer_heldout_phrasing": word_error_rate([refs[i] for i in held], [asr[i] for i in held]),
+        "speech_wer_heldout_phrasing": corpus_wer([asr[i] for i in held], [refs[i] for i in held]),
         "speech_asr_exact": sum(a == r for a, r in zip(asr, refs)) / len(refs),
-        "speech_text_repeat_wer": word_error_rate(refs, repeated),
+        "speech_text_repeat_wer": corpus_wer(repeated, refs),
         "speech_text_repeat_examples": [{"text": r, "model": a} for r, a in zip(refs[:4], repeated)],
         "speech_qa_accuracy": sum(right) / len(right),
         "speech_qa_chance": max(colours.count(c) for c in set(colours)) / len(colours),
@@ -433,31 +380,45 @@ def speech_figures(
             {"task": s.task, "said": s.text, "answer": s.answer, "model": a}
             for s, a in [*zip(evals["asr"][:4], asr), *translated, *zip(evals["qa"][:4], qa)]
         ],
+        "speech_evaluations": evaluations,
     }
 
 
-def _translation_figures(model, train, evals, eval_waves) -> tuple[dict[str, Any], list]:
-    """The report's translation figures: BLEU of the spoken translations, its chance level and the
-    text model translating the words as text; and the first (sample, answer) pairs. Nothing when
-    the phase has no translation task."""
+def _translation_figures(
+    model, train, evals, eval_waves, *, out: Path, model_dir: Path
+) -> tuple[dict[str, Any], list]:
+    """The report's translation figures: BLEU of the spoken translations (``mm eval``'s ``ast`` task
+    on a CoVoST 2 TSV), its chance level and the text model translating the words as text; and the
+    first (sample, answer) pairs. Nothing when the phase has no translation task."""
+    from mm.demo.eval_sets import score, write_covost
+
     if "ast" not in evals:
         return {}, []
     samples = evals["ast"]
-    hyps = answer_all(model, samples, eval_waves["ast"])
+    data = write_covost(samples, eval_waves["ast"], out / "eval-data" / "speech-ast")
+    scored = score(
+        model,
+        model_dir,
+        "ast",
+        data,
+        out / "eval" / "speech-ast",
+        prompt=TASK_PROMPTS["ast"],
+        max_new_tokens=ANSWER_TOKENS,
+    )
+    hyps = [r.prediction for r in scored.result.samples]
     refs = [s.answer for s in samples]
     from_text = text_task_all(model, "ast", [s.text for s in samples])
+    held = [i for i, s in enumerate(samples) if s.heldout_phrasing]
     figures = {
-        "speech_bleu": corpus_bleu(refs, hyps),
+        "speech_bleu": scored.result.score,
         "speech_bleu_chance": chance_bleu(refs, [s.answer for s in train["ast"]]),
-        "speech_bleu_heldout_phrasing": corpus_bleu(
-            [r for r, s in zip(refs, samples) if s.heldout_phrasing],
-            [h for h, s in zip(hyps, samples) if s.heldout_phrasing],
-        ),
+        "speech_bleu_heldout_phrasing": corpus_bleu([hyps[i] for i in held], [refs[i] for i in held]),
         "speech_ast_exact": sum(h == r for h, r in zip(hyps, refs)) / len(refs),
-        "speech_text_translate_bleu": corpus_bleu(refs, from_text),
+        "speech_text_translate_bleu": corpus_bleu(from_text, refs),
         "speech_text_translate_examples": [
             {"text": s.text, "answer": s.answer, "model": a} for s, a in zip(samples[:4], from_text)
         ],
+        "_eval": {"speech_bleu": scored.provenance()},
     }
     return figures, list(zip(samples[:4], hyps))
 

@@ -3,7 +3,8 @@
 Every question becomes one user turn: the image, then the question and the task's instruction on a new
 line (the prompts lmms-eval uses for these benchmarks; ``--prompt`` replaces the instruction):
 
-* VQAv2, TextVQA, DocVQA: "Answer the question using a single word or phrase."
+* VQAv2, TextVQA, DocVQA: "Answer the question using a single word or phrase." (VQAv2: ``--prompt ""``
+  asks the question alone, as ``mm demo`` trains its model to be asked)
 * ChartQA: "Answer the question with a single word."
 
 Layouts (``DATA`` is what ``mm eval`` is given):
@@ -59,7 +60,8 @@ VQAV2_DEFAULT_SPLIT = "val2014"
 
 
 def _ask(image: str, question: str, instruction: str) -> list[dict]:
-    return user_turn([{"type": "image", "image": image}], f"{question.strip()}\n{instruction}")
+    text = f"{question.strip()}\n{instruction}" if instruction else question.strip()  # "": the question alone
+    return user_turn([{"type": "image", "image": image}], text)
 
 
 # ---------------------------------------------------------------------------------------- VQAv2
@@ -145,7 +147,7 @@ def read_vqav2(data: Path, options: TaskOptions) -> TaskData:
         samples.append(
             EvalSample(
                 id=qid,
-                messages=_ask(image, question, options.prompt or VQA_PROMPT),
+                messages=_ask(image, question, VQA_PROMPT if options.prompt is None else options.prompt),
                 references=answers[qid],
                 source=rec.where,
             )
