@@ -64,6 +64,9 @@ class AttentionContext:
         is_causal: pass ``is_causal=True`` to SDPA (no past keys, no padding).
         cache: the KV cache, or ``None`` for a plain forward.
         start: first cache slot of the new tokens.
+        segments: packed rows: per row, the ``(start, end)`` token spans of its samples; each span
+            attends causally to itself only (``mask`` is then ``None``), at the cost of its own
+            length squared rather than the row's.
     """
 
     cos: torch.Tensor
@@ -72,6 +75,7 @@ class AttentionContext:
     is_causal: bool
     cache: KVCache | None = None
     start: int = 0
+    segments: tuple[tuple[tuple[int, int], ...], ...] | None = None
 
 
 class SelfAttention(nn.Module):
@@ -97,15 +101,39 @@ class SelfAttention(nn.Module):
         k = apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.write(self.layer_idx, ctx.start, k, v)  # [b, kvh, k, hd]
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=ctx.mask,
-            is_causal=ctx.is_causal,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # [b, h, s, hd]
+        if ctx.segments is not None:
+            out = _segmented_attention(q, k, v, ctx.segments, self.num_kv_heads != self.num_heads)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=ctx.mask,
+                is_causal=ctx.is_causal,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )  # [b, h, s, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+def _segmented_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segments: tuple[tuple[tuple[int, int], ...], ...],
+    gqa: bool,
+) -> torch.Tensor:
+    """Causal attention within each ``(start, end)`` span of each row: ``[b, h, s, hd]`` out."""
+    # split (not slicing): its backward is one cat, where each slice's would fill a full-size zero
+    # gradient.
+    rows = []
+    for spans, qr, kr, vr in zip(segments, q.split(1), k.split(1), v.split(1)):
+        sizes = [b - a for a, b in spans]
+        parts = [
+            F.scaled_dot_product_attention(qs, ks, vs, is_causal=qs.shape[2] > 1, enable_gqa=gqa)
+            for qs, ks, vs in zip(qr.split(sizes, dim=2), kr.split(sizes, dim=2), vr.split(sizes, dim=2))
+        ]  # [1, h, span, hd] each
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0)
 
 
 class DecoderLayer(nn.Module):

@@ -30,7 +30,17 @@ from mm.text_backbone.kv_cache import KVCache
 from mm.text_backbone.layers import AttentionContext, DecoderLayer, RMSNorm
 from mm.text_backbone.rope import rope_cos_sin, rope_frequencies
 
-__all__ = ["TextBackbone"]
+__all__ = ["TextBackbone", "packed_positions"]
+
+
+def packed_positions(sequence_ids: torch.Tensor) -> torch.Tensor:
+    """Positions ``[b, s]`` that restart at 0 wherever ``sequence_ids [b, s]`` changes along a row."""
+    s = sequence_ids.shape[1]
+    idx = torch.arange(s, device=sequence_ids.device).expand_as(sequence_ids)  # [b, s]
+    starts = torch.ones_like(sequence_ids, dtype=torch.bool)
+    starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # [b, s]
+    return idx - first
 
 
 class TextBackbone(nn.Module):
@@ -135,6 +145,7 @@ class TextBackbone(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        sequence_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, AttentionContext]:
         """Embed the new tokens and compute what all layers share.
 
@@ -145,6 +156,9 @@ class TextBackbone(nn.Module):
                 gets the positions it would have alone.
             attention_mask: ``[b, past + s]``, 1 for real tokens and 0 for (left) padding.
             cache: a :class:`KVCache`; the new tokens take its next ``s`` slots.
+            sequence_ids: ``[b, s]`` for packed rows (several samples in one row): tokens with equal
+                ids (contiguous) form one sample, which attends only to itself (a block-diagonal causal mask) and
+                whose positions restart at 0 unless ``position_ids`` says otherwise. No cache.
 
         Returns:
             ``h [b, s, d]`` and the :class:`AttentionContext` for the layers.
@@ -160,6 +174,8 @@ class TextBackbone(nn.Module):
                 f"attention_mask must cover past and new tokens: expected shape {(b, end)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
+        if sequence_ids is not None:
+            return self._prepare_packed(h, sequence_ids, position_ids, attention_mask, cache)
         if cache is not None:
             cache.reserve(s, None if attention_mask is None else attention_mask[:, start:end])
         if position_ids is None:
@@ -185,6 +201,36 @@ class TextBackbone(nn.Module):
             allowed = allowed | (k_pos == q_pos)[None]
             mask = allowed[:, None]  # [b, 1, s, k]
         return h, AttentionContext(cos=cos, sin=sin, mask=mask, is_causal=is_causal, cache=cache, start=start)
+
+    def _prepare_packed(
+        self,
+        h: torch.Tensor,
+        sequence_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, AttentionContext]:
+        """:meth:`prepare` for packed rows: block-diagonal causal attention, one span at a time."""
+        b, s = h.shape[:2]
+        if cache is not None:
+            raise ValueError("sequence_ids (packed rows) cannot be used with a KV cache")
+        if sequence_ids.shape != (b, s):
+            raise ValueError(f"sequence_ids must have shape {(b, s)}, got {tuple(sequence_ids.shape)}")
+        if position_ids is None:
+            position_ids = packed_positions(sequence_ids)
+        cos, sin = rope_cos_sin(self._inv_freq, position_ids, h.dtype)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("with sequence_ids, mark padding by its own sequence id, not attention_mask")
+        # Spans of equal ids along each row; attention runs span by span (cost: the sum of each
+        # sample's length squared, not the row's), which also keeps samples apart.
+        starts = torch.ones_like(sequence_ids, dtype=torch.bool)
+        starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+        segments = []
+        for row in starts.tolist():
+            cuts = [i for i, new in enumerate(row) if new] + [s]
+            segments.append(tuple(zip(cuts[:-1], cuts[1:])))
+        ctx = AttentionContext(cos=cos, sin=sin, mask=None, is_causal=False, segments=tuple(segments))
+        return h, ctx
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection: ``[..., d]`` hidden states to ``[..., V]`` logits."""
@@ -214,6 +260,7 @@ class TextBackbone(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        sequence_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[b, s, V]`` (``[b, 1, V]`` with ``last_only``) for ``input_ids [b, s]`` or ``inputs_embeds``."""
         h = self.hidden_states(
@@ -222,6 +269,7 @@ class TextBackbone(nn.Module):
             position_ids=position_ids,
             attention_mask=attention_mask,
             cache=cache,
+            sequence_ids=sequence_ids,
         )
         return self.head(h[:, -1:] if last_only else h)
 
@@ -233,6 +281,7 @@ class TextBackbone(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        sequence_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The last layer's output ``[b, s, d]`` before the final norm (arguments as :meth:`forward`)."""
         h, ctx = self.prepare(
@@ -241,6 +290,7 @@ class TextBackbone(nn.Module):
             position_ids=position_ids,
             attention_mask=attention_mask,
             cache=cache,
+            sequence_ids=sequence_ids,
         )
         for layer in self.layers:
             h = layer(h, ctx)
