@@ -22,6 +22,18 @@ One mm sample is one key with
   the frame tokens the frozen image encoder computed for video ``FIELD`` once, written by
   ``mm data cache-features`` (:mod:`mm.training.cache_features`); it counts as a video.
 
+A **preference sample** (post-training, Llama 3 section 7.5: reward modelling and DPO) is a
+messages sample whose messages are only the prompt, ending with a user turn, plus ranked answers
+(strings)::
+
+      {"messages": [...prompt...], "chosen": "a better answer", "rejected": "a worse answer",
+       "edited": "the human-edited answer"}
+
+``chosen`` and ``rejected`` are required, ``edited`` (the paper's human-edited answer) optional;
+the ranking is edited > chosen > rejected. Answers are non-blank, distinct, and at most
+:data:`MAX_TEXT_BYTES` each. Folders (``KEY.json``) and manifests take them alike
+(:data:`~mm.datasets._schema.PREFERENCE_ANSWERS`, :func:`~mm.datasets._schema.check_preference`).
+
 A plain caption pair may instead be ``KEY.json = {"caption": str}`` (optionally ``"prompt": str``)
 plus exactly one media member (``KEY.jpg``). Readers turn it into messages: user [media, prompt],
 assistant caption, with a default prompt per kind (:data:`DEFAULT_CAPTION_PROMPTS`).
@@ -74,7 +86,7 @@ import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mm.datasets._pack_checks import (
     MAX_JSON_BYTES,
@@ -83,6 +95,11 @@ from mm.datasets._pack_checks import (
     MAX_MEDIA_BYTES,
     MAX_META_BYTES,
     MAX_TEXT_BYTES,
+    check_field,
+    check_medium,
+    check_message_texts,
+    check_meta,
+    parse_json,
 )
 from mm.datasets._pack_plan import Member, Plan, hasher, plan_source
 from mm.datasets._schema import (
@@ -103,8 +120,13 @@ from mm.datasets._schema import (
     rewrite_media,
     split_member_name,
 )
-from mm.datasets._source_files import FileRefused, open_regular
+from mm.datasets._source_files import FileRefused, SourceFile, SourceFolder, open_regular, read_regular
 from mm.datasets._staging import staging_folder
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from mm.datasets.importers import ImportedSample
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -132,6 +154,7 @@ __all__ = [
     "is_features",
     "media_kind",
     "pack",
+    "pack_samples",
     "parse_size",
     "publish_shards",
     "rewrite_media",
@@ -390,6 +413,149 @@ def pack(
         except BaseException:
             discard_shards(tmp, out, shards, remove_out=created)
             raise
+    total = sum(s["bytes"] for s in shards)
+    logger.info("packed %d samples into %d shards (%d bytes) in %s", len(plans), len(shards), total, out)
+    return PackResult(out_dir=out, shards=tuple(s["name"] for s in shards), samples=len(plans), bytes=total)
+
+
+# --------------------------------------------------------------------------- imported samples
+
+
+def _imported_plan(
+    sample: ImportedSample, key: str, tmp: Path, folders: dict[Path, SourceFolder], allow_outside: bool
+) -> Plan:
+    """One importer's sample checked as :func:`pack` checks a manifest line; its in-memory media are
+    written into the staging folder ``tmp`` (so memory stays flat) and copied from there."""
+    from mm.datasets.importers import MediaFile
+
+    origin = sample.origin
+    try:
+        refs = check_messages(sample.messages)
+        check_message_texts(sample.messages)
+        if sample.meta is not None:
+            check_meta(sample.meta)
+    except ValueError as exc:
+        raise PackError(f"{origin}: {exc}") from exc
+    used = {value for _, value in refs}
+    for kind, value in refs:
+        if value not in sample.media or media_kind(value) != kind:
+            raise PackError(f"{origin}: {kind} part {value!r} names no {kind} of the sample")
+    if set(sample.media) - used:
+        raise PackError(f"{origin}: media {sorted(set(sample.media) - used)} not used by any message")
+    obj: dict[str, Any] = {"messages": sample.messages}
+    if sample.meta is not None:
+        obj["meta"] = sample.meta
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        parse_json(text)  # the limits on a sample's JSON (size, depth)
+    except ValueError as exc:
+        raise PackError(f"{origin}: {exc}") from exc
+    members = [Member(field="json", data=text.encode("utf-8"))]
+    for field, source in sample.media.items():
+        try:
+            check_field(field)
+        except ValueError as exc:
+            raise PackError(f"{origin}: {exc}") from exc
+        if isinstance(source, MediaFile):
+            folder = folders.setdefault(
+                source.root, SourceFolder.at(source.root, allow_outside=allow_outside)
+            )
+            shown = f"{media_kind(field)} {source.path!r}"
+            if os.path.isabs(source.path) and not allow_outside:
+                raise PackError(
+                    f"{origin}: {shown} is an absolute path; paths are relative to {folder.root} "
+                    "(pass --allow-outside-source / allow_outside_source=True to allow others)"
+                )
+            try:
+                file = SourceFile(shown, folder.locate(folder.root / source.path, shown))
+                data = read_regular(file.real, shown, limit=MAX_MEDIA_BYTES, what="MAX_MEDIA_BYTES")
+            except FileNotFoundError:
+                raise PackError(f"{origin}: {shown} not found (looked in {folder.root})") from None
+            except FileRefused as exc:
+                raise PackError(f"{origin}: {exc}") from exc
+        else:
+            data = bytes(source)
+            if len(data) > MAX_MEDIA_BYTES:
+                raise PackError(f"{origin}: {field} is larger than {MAX_MEDIA_BYTES} bytes (MAX_MEDIA_BYTES)")
+            spill = tmp / "media" / f"{key}.{field}"
+            spill.parent.mkdir(exist_ok=True)
+            spill.write_bytes(data)
+            file = SourceFile(f"{media_kind(field)} {field}", spill)
+        try:
+            check_medium(data, media_kind(field) or "", field)
+        except ValueError as exc:
+            raise PackError(f"{origin}: {file.shown}: {exc}") from exc
+        members.append(Member(field=field, file=file, size=len(data), digest=hasher(data).digest()))
+    return Plan(key, tuple(members), origin)
+
+
+def pack_samples(
+    samples: Iterable[ImportedSample],
+    out_dir: str | os.PathLike[str],
+    *,
+    shard_bytes: int | str = DEFAULT_SHARD_BYTES,
+    prefix: str = "shard",
+    overwrite: bool = False,
+    allow_outside_source: bool = False,
+    source: str = "",
+) -> PackResult:
+    """Write webdataset shards from an importer's samples (:mod:`mm.datasets.importers`).
+
+    Every sample passes the checks :func:`pack` applies to a manifest line (messages, texts,
+    ``meta``, JSON limits, media inside their source folder, regular files, decoding) before the
+    first shard is written, and shards are published as :func:`pack` publishes them: on any error
+    (a bad record the importer refuses included) nothing is left in ``out_dir``. Keys are the
+    samples' positions (``000000000``, ``000000001`` ...); media members are ``0.jpg``, ``1.flac``
+    ... as the importer named them. Media given as bytes are staged on disk inside ``out_dir``'s
+    staging folder while the pack runs.
+
+    Args:
+        samples: the importer's samples, in order.
+        out_dir, shard_bytes, prefix, overwrite, allow_outside_source: as :func:`pack`.
+        source: how ``manifest.json`` names the source (e.g. ``"llava:train.json"``).
+
+    Raises:
+        PackError: a sample that fails a check, named by its origin (file and record / line / row).
+        FileExistsError: ``out_dir`` holds an earlier pack and ``overwrite`` is False.
+    """
+    out = Path(out_dir)
+    limit = parse_size(shard_bytes)
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", prefix):
+        raise PackError(f"prefix {prefix!r} must be a plain file name part (letters, digits, _ . -)")
+    old = _earlier_pack(out, prefix, overwrite)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Any]] = []
+    plans: list[Plan] = []
+    try:
+        with staging_folder(out) as tmp:
+            try:
+                folders: dict[Path, SourceFolder] = {}
+                for i, sample in enumerate(samples):
+                    plans.append(_imported_plan(sample, f"{i:09d}", tmp, folders, allow_outside_source))
+                if not plans:
+                    raise PackError(f"no samples found in {source or 'the input'}")
+                shards = _write_shards(tmp, _group(plans, limit), prefix)
+                manifest = {
+                    "format": "mm-webdataset",
+                    "version": 1,
+                    "samples": len(plans),
+                    "shards": shards,
+                    "settings": {
+                        "source": source,
+                        "shard_bytes": limit,
+                        "prefix": prefix,
+                        "caption_prompt": None,
+                    },
+                }
+                publish_shards(tmp, out, manifest, replace=old)
+            except BaseException:
+                discard_shards(tmp, out, shards, remove_out=False)
+                raise
+    except BaseException:
+        if created and out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     total = sum(s["bytes"] for s in shards)
     logger.info("packed %d samples into %d shards (%d bytes) in %s", len(plans), len(shards), total, out)
     return PackResult(out_dir=out, shards=tuple(s["name"] for s in shards), samples=len(plans), bytes=total)

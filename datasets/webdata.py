@@ -17,6 +17,13 @@ or as whatever the ``decode`` callable returns for it: decoding media is left to
 image, video and audio decoders plug in (the paper's pipelines, "The Llama 3 Herd of Models",
 sections 7.5 and 8.1, are all fed from such samples).
 
+Shards written by img2dataset (``--output_format webdataset``: ``00000.tar`` holding
+``000000000.jpg`` + ``.txt`` and / or ``.json`` with ``caption``, the ``.parquet`` and
+``_stats.json`` beside them ignored) are read as they are, as caption pairs: the caption from the
+``txt`` (or the json's ``caption``), the json's other keys (``url``, ``status``, sizes ...) as
+``meta``, the prompt :data:`~mm.datasets.shards.DEFAULT_CAPTION_PROMPTS`' for the kind. A sample
+with an empty caption is unusable and counted (``"bad caption pair"``).
+
 Safety and robustness:
 
 * Only ``json``, ``txt``, media members (see :data:`mm.datasets.shards.MEDIA_KINDS`) and
@@ -66,6 +73,7 @@ import torch.utils.data
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
+from mm.datasets._schema import PREFERENCE_ANSWERS
 from mm.datasets.shards import (
     DEFAULT_CAPTION_PROMPTS,
     FEATURES_EXTENSION,
@@ -241,7 +249,9 @@ def normalize_sample(
         if any(k != v for k, v in mapping.items()):
             messages = rewrite_media(messages, mapping)
     else:
-        if "caption" in obj:
+        # mm's caption pairs hold the caption in the json; img2dataset's shards in the txt, with a
+        # json of metadata whose "caption" is the same text, or null when no caption column was read.
+        if "caption" in obj and (obj["caption"] is not None or "txt" not in fields):
             caption = obj["caption"]
         elif "txt" in fields:
             try:
@@ -252,6 +262,8 @@ def normalize_sample(
             raise SampleError("no messages", "needs a json with 'messages' or 'caption', or a txt caption")
         if not isinstance(caption, str):
             raise SampleError("bad caption pair", "'caption' must be a string")
+        if not caption.strip():
+            raise SampleError("bad caption pair", "the caption is empty")
         if len(media) != 1:
             raise SampleError(
                 "bad caption pair", f"a caption needs exactly one media member, found {sorted(media)}"
@@ -264,6 +276,9 @@ def normalize_sample(
         messages = caption_messages(kind, name, caption, prompt)
     if "meta" in obj:
         meta = obj["meta"]
+        answers = {k: obj[k] for k in PREFERENCE_ANSWERS if k in obj}
+        if answers and isinstance(meta, dict):  # a preference sample's ranked answers stay with it
+            meta = {**meta, **answers}
     else:
         meta = {k: v for k, v in obj.items() if k not in ("messages", "caption", "prompt")}
     return messages, media, meta

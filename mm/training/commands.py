@@ -50,17 +50,47 @@ def _one_line(error: BaseException) -> str:
 
 
 def run_pack(args: argparse.Namespace) -> int:
-    """``mm data pack``: webdataset shards from a folder or a JSONL manifest."""
+    """``mm data pack``: webdataset shards from a folder, a JSONL manifest, or (``--from FORMAT``) a
+    published dataset layout read by :mod:`mm.datasets.importers`."""
     from mm.datasets.shards import PackError, pack, parse_size
 
+    fmt = getattr(args, "from_format", None)
     try:
-        result = pack(
-            args.src,
-            args.out,
-            shard_bytes=parse_size(args.shard_size),
-            overwrite=args.overwrite,
-            allow_outside_source=args.allow_outside_source,
-        )
+        if fmt is None:
+            given = [
+                f"--{n.replace('_', '-')}"
+                for n in ("media_root", "split", "prompt")
+                if getattr(args, n, None)
+            ]
+            if given or getattr(args, "column", []):
+                raise ValueError(f"{(given or ['--column'])[0]} needs --from FORMAT")
+            result = pack(
+                args.src,
+                args.out,
+                shard_bytes=parse_size(args.shard_size),
+                overwrite=args.overwrite,
+                allow_outside_source=args.allow_outside_source,
+            )
+        else:
+            from mm.datasets.importers import pack_from
+
+            options = {
+                k: getattr(args, k) for k in ("media_root", "split", "prompt") if getattr(args, k) is not None
+            }
+            if args.column:
+                bad = [c for c in args.column if "=" not in c or not c.split("=", 1)[0]]
+                if bad:
+                    raise ValueError(f"--column {bad[0]!r}: expected ROLE=COLUMN")
+                options["columns"] = dict(c.split("=", 1) for c in args.column)
+            result = pack_from(
+                fmt,
+                args.src,
+                args.out,
+                options=options,
+                shard_bytes=parse_size(args.shard_size),
+                overwrite=args.overwrite,
+                allow_outside_source=args.allow_outside_source,
+            )
     except (PackError, OSError, ValueError) as e:  # OSError: FileExistsError, or OUT not writable
         print(f"mm data pack: {e}", file=sys.stderr)
         return 2
