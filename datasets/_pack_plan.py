@@ -34,11 +34,14 @@ from mm.datasets._pack_checks import (
 from mm.datasets._schema import (
     FEATURES_EXTENSION,
     MEDIA_KINDS,
+    PREFERENCE_ANSWERS,
     TEXT_FIELDS,
     PackError,
     SampleError,
     caption_messages,
     check_messages,
+    check_preference,
+    is_preference,
     media_kind,
     rewrite_media,
     split_member_name,
@@ -47,7 +50,8 @@ from mm.datasets._source_files import FileRefused, SourceFile, SourceFolder, ope
 
 __all__ = ["Member", "Plan", "hasher", "plan_source"]
 
-_MESSAGE_KEYS = frozenset({"messages", "key", "meta"})
+_PREFERENCE_KEYS = frozenset(PREFERENCE_ANSWERS)
+_MESSAGE_KEYS = frozenset({"messages", "key", "meta"}) | _PREFERENCE_KEYS
 _CAPTION_KEYS = frozenset({"caption", "prompt", "key", "meta"})
 
 
@@ -131,6 +135,9 @@ def _caption_json(
 
 def _messages_json(row: Mapping[str, Any], mapping: Mapping[str, str], origin: str) -> dict[str, Any]:
     obj: dict[str, Any] = {"messages": rewrite_media(row["messages"], mapping)}
+    for name in PREFERENCE_ANSWERS:  # checked by _checked_refs
+        if name in row:
+            obj[name] = row[name]
     if "meta" in row:
         _checked(origin, check_meta, row["meta"])
         obj["meta"] = row["meta"]
@@ -144,6 +151,13 @@ def _checked_refs(row: Mapping[str, Any], origin: str) -> list[tuple[str, str]]:
     except SampleError as exc:
         raise PackError(f"{origin}: {exc}") from exc
     _checked(origin, check_message_texts, row["messages"])
+    if is_preference(row):
+        try:
+            answers = check_preference(row)
+        except SampleError as exc:
+            raise PackError(f"{origin}: {exc}") from exc
+        for name, answer in answers.items():
+            _checked(origin, check_text, answer, name)
     return refs
 
 
@@ -249,6 +263,8 @@ def _plan_manifest(path: Path, caption_prompt: str | None, allow_outside: bool) 
         key = _checked(origin, check_key, row["key"]) if "key" in row else f"{lineno:09d}"
         if "messages" in row:
             yield _manifest_messages(row, key, folder, origin)
+        elif is_preference(row):
+            raise PackError(f"{origin}: a preference sample needs 'messages' (its prompt)")
         else:
             yield _manifest_caption(row, key, folder, caption_prompt, origin)
 
@@ -296,7 +312,7 @@ def _add_to_group(groups: dict[str, dict[str, SourceFile]], file: SourceFile) ->
 
 
 def _folder_messages(key: str, row: dict[str, Any], media: dict[str, SourceFile], origin: str) -> Plan:
-    unknown = set(row) - {"messages", "meta"}
+    unknown = set(row) - {"messages", "meta"} - _PREFERENCE_KEYS
     if unknown:
         raise PackError(f"{origin}: unknown keys {sorted(unknown)}")
     refs = _checked_refs(row, origin)
@@ -333,6 +349,8 @@ def _folder_sample(key: str, files: dict[str, SourceFile], caption_prompt: str |
             raise PackError(f"{origin}: expected a JSON object")
         if "messages" in row:
             return _folder_messages(key, row, media, origin)
+        if is_preference(row):
+            raise PackError(f"{origin}: a preference sample needs 'messages' (its prompt)")
         if "caption" not in row:
             raise PackError(f"{origin}: needs 'messages' or 'caption'")
         unknown = set(row) - {"caption", "prompt", "meta"}

@@ -20,12 +20,15 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MEDIA_KINDS",
     "PICKLE_EXTENSIONS",
+    "PREFERENCE_ANSWERS",
     "TEXT_FIELDS",
     "PackError",
     "SampleError",
     "VIDEO_EXTENSIONS",
     "caption_messages",
     "check_messages",
+    "check_preference",
+    "is_preference",
     "is_features",
     "media_kind",
     "rewrite_media",
@@ -50,6 +53,9 @@ DEFAULT_CAPTION_PROMPTS: Mapping[str, str] = {
     "video": "Describe the video.",
     "audio": "Transcribe the audio.",
 }
+#: The ranked answers of a preference sample, best first (Llama 3 section 7.5.1: edited > chosen >
+#: rejected); ``edited`` is optional.
+PREFERENCE_ANSWERS = ("edited", "chosen", "rejected")
 _NAME_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key / field split
 
 
@@ -167,3 +173,44 @@ def rewrite_media(messages: list[dict[str, Any]], mapping: Mapping[str, str]) ->
                 if part["type"] in MEDIA_KINDS:
                     part[part["type"]] = mapping[part[part["type"]]]
     return out
+
+
+def is_preference(sample: Mapping[str, Any]) -> bool:
+    """Whether a sample's JSON is a preference sample (it has ranked answers)."""
+    return any(answer in sample for answer in PREFERENCE_ANSWERS)
+
+
+def check_preference(sample: Mapping[str, Any]) -> dict[str, str]:
+    """Validate the answers of a preference sample whose ``messages`` passed :func:`check_messages`.
+
+    The prompt must end with a user turn; ``chosen`` and ``rejected`` are required, ``edited``
+    optional; each answer is a string that is not blank, and no two are equal.
+
+    Returns:
+        ``{"chosen": ..., "rejected": ..., ["edited": ...]}``.
+
+    Raises:
+        SampleError: reason ``"bad preference"`` naming the answer or turn at fault.
+    """
+    last = sample["messages"][-1]
+    if last.get("role") != "user":
+        raise SampleError(
+            "bad preference",
+            f"the prompt of a preference sample must end with a user turn, not {last.get('role')!r}",
+        )
+    answers: dict[str, str] = {}
+    for name in ("chosen", "rejected", "edited"):
+        if name not in sample:
+            if name != "edited":
+                raise SampleError("bad preference", f"a preference sample needs {name!r}")
+            continue
+        value = sample[name]
+        if not isinstance(value, str) or not value.strip():
+            raise SampleError("bad preference", f"{name!r} must be a non-empty string")
+        answers[name] = value
+    names = list(answers)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if answers[a] == answers[b]:
+                raise SampleError("bad preference", f"{a!r} and {b!r} are the same answer")
+    return answers

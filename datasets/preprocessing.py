@@ -39,7 +39,14 @@ from mm.datasets.inputs import AudioInputs, VideoInputs
 from mm.text_backbone.chat_format import IGNORE_INDEX, format_chat, labels_from
 from mm.text_backbone.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["AudioTokens", "EncodedSample", "Preprocessor", "SampleTooLong", "stage_preprocessor"]
+__all__ = [
+    "AudioTokens",
+    "EncodedPreference",
+    "EncodedSample",
+    "Preprocessor",
+    "SampleTooLong",
+    "stage_preprocessor",
+]
 
 
 class SampleTooLong(ValueError):
@@ -75,6 +82,20 @@ class EncodedSample:
     images: list[Any] = field(default_factory=list)
     videos: list[list[Any]] = field(default_factory=list)
     audios: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class EncodedPreference:
+    """One tokenised preference sample (Llama 3 section 7.5): the prompt with each ranked answer.
+
+    Each of ``chosen``, ``rejected`` and ``edited`` (``None`` when the sample has none) is the
+    prompt plus that answer as the assistant's turn, labelled only on the answer's tokens and the
+    ``<|eot_id|>`` that ends it; all three carry the same media.
+    """
+
+    chosen: EncodedSample
+    rejected: EncodedSample
+    edited: EncodedSample | None = None
 
 
 def _media(messages: Sequence[Mapping[str, Any]], kind: str) -> list[Any]:
@@ -329,6 +350,48 @@ class Preprocessor:
                 out_labels.append(lab)
         return out_ids, out_labels
 
+    def encode_preference(
+        self, messages: Sequence[Mapping[str, Any]], answers: Mapping[str, str]
+    ) -> EncodedPreference:
+        """Tokenise a preference sample: the prompt ``messages`` (ending with a user turn) followed
+        by each answer of ``answers`` (``chosen``, ``rejected``, optional ``edited``).
+
+        The prompt is encoded once per answer; media are decoded once and shared.
+
+        Raises:
+            SampleTooLong: the prompt with some answer has more than ``max_seq_len`` tokens.
+            ValueError: malformed messages or answers, or media as in :meth:`encode`.
+        """
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError("the prompt of a preference sample must end with a user turn")
+        missing = [n for n in ("chosen", "rejected") if not isinstance(answers.get(n), str)]
+        if missing:
+            raise ValueError(f"a preference sample needs the answers {missing}")
+        encoded: dict[str, EncodedSample] = {}
+        first: EncodedSample | None = None
+        for name in ("chosen", "rejected", "edited"):
+            if answers.get(name) is None:
+                continue
+            conversation = [*messages, {"role": "assistant", "content": answers[name]}]
+            if first is None:
+                first = encoded[name] = self.encode(conversation)
+                continue
+            # The same prompt: tokens only (media placeholders are in the ids), media shared.
+            chat = format_chat(self.tokenizer, conversation, add_generation_prompt=False)
+            ids, labels = chat.ids, labels_from(chat)
+            if first.audios:
+                ids, labels = self._expand_audio(
+                    ids, labels, [self.audio_tokens.count(f.shape[0]) for f in first.audios]
+                )
+            if len(ids) > self.max_seq_len:
+                raise SampleTooLong(f"{len(ids)} tokens > max_seq_len {self.max_seq_len}")
+            encoded[name] = EncodedSample(
+                ids=ids, labels=labels, images=first.images, videos=first.videos, audios=first.audios
+            )
+        for sample in encoded.values():  # earlier assistant turns of the prompt are context only
+            sample.labels = _last_run_only(sample.labels)
+        return EncodedPreference(**encoded)
+
     def encode_or_skip(self, messages: Sequence[Mapping[str, Any]]) -> EncodedSample | None:
         """:meth:`encode` for training streams: a too-long sample is counted in ``skipped`` and dropped."""
         try:
@@ -487,6 +550,17 @@ class Preprocessor:
         batch = self.collate(samples, padding_side="left")
         batch.pop("labels")
         return batch
+
+
+def _last_run_only(labels: list[int]) -> list[int]:
+    """``labels`` with only their last run of labelled positions kept (the final answer), -100 before."""
+    end = len(labels)
+    while end and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return [IGNORE_INDEX] * start + labels[start:]
 
 
 def _setting(settings: Mapping[str, Any], key: str, build) -> Any:

@@ -190,7 +190,12 @@ def _bench(sub) -> None:
     p.add_argument("--repeats", type=_positive, help="rounds of one process per implementation and figure")
     p.add_argument("--steps", type=_positive, help="timed train steps per process (after a warm-up step)")
     p.add_argument("--runs", type=_positive, help="timed generations per decode process")
-    p.add_argument("--figures", default="train,decode", help="comma-separated subset of train,decode")
+    p.add_argument("--figures", default="train,decode", help="comma-separated subset of train,decode,serve")
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="also measure mm serve: aggregate tokens/s and time to first token at 1, 4, 8, 16 clients",
+    )
     p.add_argument("--threads", type=_positive, help="torch threads in every worker (default: torch's)")
     p.add_argument("--timeout", type=float, help="seconds allowed to each worker process")
     p.add_argument(
@@ -236,8 +241,22 @@ def _train(sub) -> None:
 def _data(sub) -> None:
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    q = data_sub.add_parser("pack", help="write webdataset shards from a folder or a JSONL manifest")
-    q.add_argument("src", help="a folder of files, or a .jsonl manifest")
+    q = data_sub.add_parser(
+        "pack",
+        help="write webdataset shards from a folder, a JSONL manifest or a published dataset layout",
+        description=(
+            "Without --from, SRC is a folder of files grouped by key or a JSONL manifest. With --from FORMAT, "
+            "SRC is a published layout: llava (LLaVA conversation .json/.jsonl), sharegpt (messages + images), "
+            "hf (Hugging Face datasets saved locally: save_to_disk folder, .parquet or .arrow, read offline), "
+            "video-qa (LLaVA-Video / Video-ChatGPT .json), librispeech (folder of *.trans.txt + .flac), "
+            "commonvoice (language folder with SPLIT.tsv + clips/), covost (CoVoST 2 .tsv over Common Voice "
+            "clips), wds (img2dataset webdataset .tar shards). Every sample is checked as a pack checks it; "
+            "a bad record is named by file and record / line / row and nothing is written."
+        ),
+    )
+    q.add_argument(
+        "src", help="a folder of files or a .jsonl manifest; with --from, the dataset file or folder"
+    )
     q.add_argument("out", help="output folder for shard-NNNNNN.tar and manifest.json")
     q.add_argument("--shard-size", default="64MB", help="target shard size (e.g. 64MB, 1GiB)")
     q.add_argument("--overwrite", action="store_true", help="replace an earlier pack in OUT")
@@ -245,6 +264,32 @@ def _data(sub) -> None:
         "--allow-outside-source",
         action="store_true",
         help="read files outside SRC (the manifest's folder): links leading out, absolute and '..' paths",
+    )
+    q.add_argument(
+        "--from",
+        dest="from_format",
+        metavar="FORMAT",
+        choices=("llava", "sharegpt", "hf", "video-qa", "librispeech", "commonvoice", "covost", "wds"),
+        help="read SRC as a published layout: llava, sharegpt, hf, video-qa, librispeech, commonvoice, covost, wds",
+    )
+    q.add_argument(
+        "--media-root",
+        metavar="DIR",
+        help="llava, sharegpt, video-qa: the folder media paths are relative to (default: SRC's folder); "
+        "covost: the Common Voice clips folder (default: clips/ beside the TSV)",
+    )
+    q.add_argument("--split", help="hf, commonvoice, covost: the split to read (default: train)")
+    q.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="ROLE=COLUMN",
+        help="hf: the column for a role (messages, images, question, answer, audio, text); repeatable",
+    )
+    q.add_argument(
+        "--prompt",
+        help="librispeech, commonvoice, hf speech: the user prompt (default 'Repeat after me in English.'); "
+        "covost: default 'Translate the following sentence into LANGUAGE.'; wds: default 'Describe the image.'",
     )
     q.set_defaults(func=_command("mm.training.commands", "run_pack"))
 
@@ -283,6 +328,47 @@ def _average(sub) -> None:
     p.add_argument("models", nargs="+", help="mm model folders on the same backbone")
     p.add_argument("--out", required=True, help="folder for the averaged model")
     p.set_defaults(func=_command("mm.checkpoint.average", "run_average"))
+
+
+def _sample(sub) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="rejection sampling: N answers per prompt, scored, the best kept as SFT (and DPO) shards",
+        description=(
+            "For each sample of a shard folder (its last assistant turn, if any, is the reference answer), "
+            "sample N answers, score them with a reward model or a metric against the reference, and write "
+            "OUT/sft (prompt + best answer) and with --pairs OUT/pairs (best as chosen, worst as rejected) as "
+            "shards, plus OUT/sample.json. Each answer is seeded from (seed, key, answer index): the same "
+            "answers at any batch size and when resumed."
+        ),
+    )
+    p.add_argument(
+        "model", help="the policy: a folder written by save_pretrained or a Llama 3.2 Vision folder"
+    )
+    p.add_argument("shards", help="folder of .tar shards holding the prompts")
+    p.add_argument("out", help="output folder (progress.jsonl, sft/, pairs/, sample.json)")
+    p.add_argument("--n", type=_positive, default=4, help="answers per prompt (default: 4)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
+    p.add_argument("--seed", type=int, default=0, help="with each key and answer index, seeds the answers")
+    scorer = p.add_mutually_exclusive_group(required=True)
+    scorer.add_argument("--reward", metavar="MODEL", default=None, help="score with this reward model's head")
+    scorer.add_argument(
+        "--metric",
+        choices=("exact", "vqa", "anls", "relaxed", "wer", "bleu"),
+        default=None,
+        help="score against each prompt's reference answer with this metric",
+    )
+    p.add_argument("--pairs", action="store_true", help="also write preference samples (best vs worst)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="answers decoding together (default: 8)")
+    p.add_argument("--max-new-tokens", type=_positive, default=256, help="answer length limit (default: 256)")
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run in OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT")
+    p.add_argument(
+        "--device", default=None, help="where the models run (default: cuda if available, else cpu)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_command("mm.training.rejection", "run_sample"))
 
 
 def _eval(sub) -> None:
@@ -355,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Give a frozen Llama 3 text model new senses without changing a single weight of it.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_demo, _ask, _serve, _bench, _info, _train, _data, _average, _eval):
+    for add in (_demo, _ask, _serve, _bench, _info, _train, _data, _average, _sample, _eval):
         add(sub)
     return parser
 

@@ -42,11 +42,12 @@ RANK = {
     "cli": 5,
 }
 #: Imports between two parts of one layer, by direction (the other direction is refused).
-SIDEWAYS = {("checkpoint", "model"), ("demo", "serving"), ("demo", "eval")}
+SIDEWAYS = {("checkpoint", "model"), ("demo", "serving"), ("demo", "eval"), ("bench", "serving")}
 #: Imports inside functions that go up a layer, on purpose: the model's public methods
 #: (``from_pretrained``, ``save_pretrained``, ``export_hf``, ``export_meta``) delegate to the folder
-#: code, which builds models of the class it is handed.
-LAZY_UPWARD = {("model", "checkpoint")}
+#: code, which builds models of the class it is handed; rejection sampling (``mm sample``, in
+#: training) scores answers with the benchmarks' metric functions, which live with ``mm eval``.
+LAZY_UPWARD = {("model", "checkpoint"), ("training", "eval")}
 
 
 def _module_name(path: Path) -> str:

@@ -335,7 +335,7 @@ def _speech_conversations(n: int, seed: int) -> list:
 
 def test_every_shipped_stage_trains_exactly_its_components_on_a_model_with_every_component():
     with torch.device("meta"):
-        model = MultimodalModel(ModelConfig.preset("tiny-av"))
+        model = MultimodalModel(ModelConfig.preset("tiny-av").replace(reward_head=True))
     assert all(model.component_parameters()[c] > 0 for c in COMPONENTS)
     stages = {(name, s.name): s for name in shipped_recipes() for s in load_recipe(name).stages}
     speech = {k: s for k, s in stages.items() if {"speech_encoder", "speech_adapter"} & set(s.trainable)}

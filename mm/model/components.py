@@ -9,6 +9,7 @@ A component is a named group of parameters that learns or stays frozen as a unit
 ``video_adapter``  temporal aggregator and video cross-attention blocks
 ``speech_encoder`` the Conformer speech encoder
 ``speech_adapter`` the speech adapter
+``reward_head``    the scalar head of a reward model (section 7.5.2)
 =================  ============================================================
 """
 
@@ -35,6 +36,7 @@ COMPONENTS = (
     "video_adapter",
     "speech_encoder",
     "speech_adapter",
+    "reward_head",
 )
 
 # First dotted name of a parameter -> its component.
@@ -48,6 +50,7 @@ _PREFIX = {
     "video_blocks": "video_adapter",
     "speech_encoder": "speech_encoder",
     "speech_adapter": "speech_adapter",
+    "reward_head": "reward_head",
 }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mm._strict import check_fields
-from mm._values import ConfigValueError, as_int, as_int_tuple, check_values, optional
+from mm._values import ConfigValueError, as_bool, as_int, as_int_tuple, check_values, optional
 from mm.adapters.speech_adapter import SpeechAdapterConfig
 from mm.encoders.conformer import ConformerConfig
 from mm.encoders.image_encoder import ImageEncoderConfig
@@ -132,6 +132,9 @@ class ModelConfig:
         video: the video adapter (needs the image encoder: every frame goes through it), or ``None``.
         speech: the speech encoder and adapter, or ``None``.
         num_extra_tokens: embedding rows after the text vocabulary for ``<|image|>`` and friends.
+        reward_head: attach a scalar reward head (``Linear(d, 1)``) on the final hidden state of an
+            answer's last token (Llama 3 section 7.5.2, the reward model; :mod:`mm.model.reward`).
+            It never touches the logits.
     """
 
     text: TextConfig
@@ -141,6 +144,7 @@ class ModelConfig:
     video: VideoAdapterConfig | None = None
     speech: SpeechConfig | None = None
     num_extra_tokens: int = NUM_EXTRA_TOKENS
+    reward_head: bool = False
 
     def __post_init__(self) -> None:
         """Types and ranges of every field (:mod:`mm._values`; the nested configs check their own),
@@ -156,6 +160,7 @@ class ModelConfig:
                 "cross_attention_layers": optional(as_int_tuple(layer)),
                 "cross_attention_intermediate_dim": optional(as_int(minimum=1)),
                 "num_extra_tokens": as_int(minimum=0),
+                "reward_head": as_bool(),
             },
         )
         if self.cross_attention_layers is None:
@@ -274,7 +279,7 @@ class ModelConfig:
             enc = {"type": "llama3", **enc.to_dict()}
         elif enc is not None:
             enc = dict(enc)
-        return {
+        out = {
             "text": self.text.to_dict(),
             "image_encoder": enc,
             "cross_attention_layers": list(self.cross_attention_layers),
@@ -283,6 +288,9 @@ class ModelConfig:
             "speech": None if self.speech is None else self.speech.to_dict(),
             "num_extra_tokens": self.num_extra_tokens,
         }
+        if self.reward_head:  # only when present: folders without a head keep their recorded config
+            out["reward_head"] = True
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:

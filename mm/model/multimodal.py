@@ -27,6 +27,7 @@ from mm.encoders import ImageEncoder, ImageEncoderConfig, build_image_encoder
 from mm.model import generation
 from mm.model.components import COMPONENTS, component_of
 from mm.model.config import ModelConfig, default_cross_attention_layers
+from mm.model.reward import build_reward_head, score_batch
 from mm.model.speech import build_speech_modules, splice_speech
 from mm.model.video import build_video_modules, video_state
 from mm.model.vision import VisionState, image_state, token_mask
@@ -137,6 +138,8 @@ class MultimodalModel(nn.Module):
         self.speech_adapter = None
         if config.speech is not None:
             self.speech_encoder, self.speech_adapter = build_speech_modules(config)
+        # Reward models (section 7.5.2): a scalar head on the last answer token; never in the logits.
+        self.reward_head = build_reward_head(text.embed_dim) if config.reward_head else None
         # Tokenizer, image settings and mask policy saved with the model (see mm.datasets.preprocessing),
         # and how it generates when a caller does not say (mm.model.generation); set by
         # from_pretrained when the folder has them, or by the user / trainer.
@@ -391,6 +394,7 @@ class MultimodalModel(nn.Module):
         video: VideoInputs | None = None,
         audio: AudioInputs | None = None,
         run_media_path: bool = False,
+        sequence_ids: torch.Tensor | None = None,
     ) -> MultimodalOutput:
         """Logits (and loss) for a batch in the layout of Hugging Face's Mllama processor.
 
@@ -410,6 +414,10 @@ class MultimodalModel(nn.Module):
             run_media_path: run the placeholder-embedding and image paths even when no token needs
                 them (they then change nothing). FSDP needs it: every rank must call the same
                 sharded modules, whose weights are gathered in their forward.
+            sequence_ids: ``[b, s]`` for packed rows (:mod:`mm.training.packing`): tokens with equal
+                ids (contiguous) are one sample, attending only to themselves, with positions
+                restarting at 0 (unless ``position_ids``); no label is predicted across a boundary.
+                Each sample's images are its own through ``cross_attention_mask``.
         """
         if inputs_embeds is None and input_ids is None:
             raise ValueError("pass input_ids or inputs_embeds")
@@ -424,6 +432,7 @@ class MultimodalModel(nn.Module):
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask=attention_mask,
+            sequence_ids=sequence_ids,
         )
         h = self.run_layers(
             h,
@@ -435,7 +444,7 @@ class MultimodalModel(nn.Module):
         )
         loss, count = None, 0
         if labels is not None:
-            loss, count = self.label_loss(h, labels)
+            loss, count = self.label_loss(h, labels, sequence_ids)
         if not return_logits:
             return MultimodalOutput(loss=loss, num_label_tokens=count)
         return MultimodalOutput(loss=loss, num_label_tokens=count, hidden=h, head=self.backbone.head)
@@ -451,10 +460,17 @@ class MultimodalModel(nn.Module):
             embeds = self.backbone.embed_tokens(input_ids)
         return splice_speech(self, embeds, input_ids, audio)
 
-    def label_loss(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Mean next-token cross-entropy over labelled positions, projecting only those to the vocabulary."""
+    def label_loss(
+        self, h: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy over labelled positions, projecting only those to the vocabulary.
+
+        With packed rows (``sequence_ids``) a sample's first token is never a target of the previous
+        sample's last one."""
         targets = labels[:, 1:]  # [b, s-1]
         keep = targets != -100
+        if sequence_ids is not None:
+            keep = keep & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
         count = int(keep.sum())
         if count == 0:
             return h.sum() * 0.0, 0
@@ -501,6 +517,14 @@ class MultimodalModel(nn.Module):
             seed=seed,
             stop_token_ids=stop_token_ids,
         )
+
+    def score(self, messages) -> float:
+        """The reward of the conversation's last (assistant) answer (:mod:`mm.model.reward`)."""
+        return score_batch(self, [messages])[0]
+
+    def score_batch(self, conversations) -> list[float]:
+        """:meth:`score` of each conversation, batched (the same values)."""
+        return score_batch(self, conversations)
 
     def chat(self, messages, **options) -> str:
         """The answer to a chat conversation; see :func:`mm.model.chat.chat`."""

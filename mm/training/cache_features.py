@@ -400,10 +400,7 @@ def cache_features(
     started = time.perf_counter()
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        dtype = _DTYPES[dtype]
+    dtype = _storage_dtype(dtype)
     model, model_dir = _model_on(model, device)
     preprocessor = features_preprocessor(model, num_frames)
     fingerprint = features_fingerprint(model, preprocessor)
@@ -414,13 +411,7 @@ def cache_features(
             f"source shards share file names ({sorted(names)}); cache them into separate folders"
         )
     out = Path(out)
-    old = sorted(out.glob("*.tar")) + ([out / "manifest.json"] if (out / "manifest.json").exists() else [])
-    if old and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds shards ({old[0].name} ...); pass overwrite=True to replace them"
-        )
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    old, created = _claim_out(out, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=".mm-cache-", dir=out))
     counters = DataCounters()
     shards: list[dict[str, Any]] = []
@@ -470,6 +461,26 @@ def cache_features(
         seconds=time.perf_counter() - started,
         fingerprint=fingerprint,
     )
+
+
+def _storage_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        return _DTYPES[dtype]
+    return dtype
+
+
+def _claim_out(out: Path, overwrite: bool) -> tuple[list[Path], bool]:
+    """The earlier run's files in ``out`` (refused unless ``overwrite``) and whether ``out`` is new."""
+    old = sorted(out.glob("*.tar")) + ([out / "manifest.json"] if (out / "manifest.json").exists() else [])
+    if old and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds shards ({old[0].name} ...); pass overwrite=True to replace them"
+        )
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    return old, created
 
 
 def _model_on(model, device) -> tuple[Any, str | None]:

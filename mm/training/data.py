@@ -39,12 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mm.datasets.preprocessing import EncodedSample, Preprocessor
+from mm.datasets._schema import PREFERENCE_ANSWERS
+from mm.datasets.preprocessing import EncodedPreference, EncodedSample, Preprocessor, SampleTooLong
 from mm.datasets.shards import is_features
 from mm.datasets.webdata import DataCounters, DataError, ShardStream
+from mm.training.packing import collate_packed, pack_samples
 from mm.training.recipe import DataSource
 
-__all__ = ["StageData"]
+__all__ = ["ModelInputs", "StageData", "collate_preferences"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,17 +121,59 @@ def _resumed_counters(saved: Mapping[str, Any], epoch_start: Mapping[str, Any]) 
     )
 
 
+class ModelInputs(dict):
+    """A dict of what ``model(**inputs)`` takes, movable as a whole (``inputs.to(device)``), so a
+    preference micro-batch (a dict of these) moves like a plain one."""
+
+    def to(self, device: Any) -> ModelInputs:
+        return ModelInputs({k: v.to(device) for k, v in self.items()})
+
+
+def _answers(sample: Mapping[str, Any]) -> dict[str, str] | None:
+    """The ranked answers of a shard sample or an in-memory preference record, or None.
+
+    Shard readers that keep them put them under ``answers``; readers that do not leave them in the
+    sample's ``meta`` (a sample without its own ``meta`` keeps its other JSON keys there)."""
+    if isinstance(sample.get("answers"), Mapping):
+        found = sample["answers"]
+    elif any(k in sample for k in PREFERENCE_ANSWERS):
+        found = sample
+    elif isinstance(sample.get("meta"), Mapping):
+        found = sample["meta"]
+    else:
+        return None
+    answers = {k: found[k] for k in PREFERENCE_ANSWERS if isinstance(found.get(k), str)}
+    return answers or None
+
+
+def _encode(
+    preprocessor: Preprocessor, messages: Sequence[Mapping[str, Any]], answers: Mapping[str, str] | None
+) -> EncodedSample | EncodedPreference | None:
+    """A conversation or a preference sample encoded; a too-long one is counted and dropped."""
+    if answers is None:
+        return preprocessor.encode_or_skip(messages)
+    try:
+        return preprocessor.encode_preference(messages, answers)
+    except SampleTooLong:
+        preprocessor.skipped["too long"] += 1
+        return None
+
+
 class _Decode:
-    """Picklable decode callable for DataLoader workers: shard sample -> (EncodedSample, worker, position)."""
+    """Picklable decode callable for DataLoader workers: shard sample -> (encoded, worker, position,
+    where), ``encoded`` an :class:`EncodedSample` or, for a preference sample, an
+    :class:`EncodedPreference`; ``where`` names the shard and key for errors."""
 
     def __init__(self, preprocessor: Preprocessor) -> None:
         self.preprocessor = preprocessor
 
-    def __call__(self, sample: dict[str, Any]) -> tuple[EncodedSample, int, int] | None:
-        encoded = self.preprocessor.encode_or_skip(_resolve_media(sample, self.preprocessor))
+    def __call__(self, sample: dict[str, Any]) -> tuple[Any, int, int, str] | None:
+        messages = _resolve_media(sample, self.preprocessor)
+        encoded = _encode(self.preprocessor, messages, _answers(sample))
         if encoded is None:
             return None
-        return encoded, sample["__worker__"], sample["__position__"]
+        where = f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}"
+        return encoded, sample["__worker__"], sample["__position__"], where
 
 
 class _ShardSource:
@@ -181,12 +225,12 @@ class _ShardSource:
         )
         return iter(loader)
 
-    def next(self) -> EncodedSample:
+    def next(self) -> tuple[EncodedSample | EncodedPreference, str]:
         for _ in range(2):
             if self._iter is None:
                 self._iter = self._open()
             try:
-                encoded, worker, position = next(self._iter)
+                encoded, worker, position, where = next(self._iter)
             except StopIteration:
                 # One pass over this rank's shards is done: the next epoch reshuffles.
                 self.epoch += 1
@@ -195,7 +239,7 @@ class _ShardSource:
                 self._iter = None
                 continue
             self.next_position[worker] = position + 1
-            return encoded
+            return encoded, where
         raise DataError(
             f"data source {self.source.shards!r} yielded no usable sample in a whole epoch "
             f"({self.counters.summary() or 'every sample was filtered or too long'})"
@@ -229,16 +273,20 @@ class _MemorySource:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
         return self.items[int(order[offset])]
 
-    def next_batch(self) -> list[EncodedSample]:
+    def next_batch(self) -> list[tuple[EncodedSample | EncodedPreference, str]]:
         out = []
         while len(out) < self.batch_size:
             # Global batch = world * batch_size consecutive indices; this rank takes its slice.
             start = self.cursor + self.rank * self.batch_size
             for i in range(start, start + self.batch_size - len(out)):
                 self.counters.seen += 1
-                encoded = self.preprocessor.encode_or_skip(self._item(i))
+                item = self._item(i)
+                if isinstance(item, Mapping):  # a preference record {"messages", "chosen", ...}
+                    encoded = _encode(self.preprocessor, item["messages"], _answers(item) or {})
+                else:
+                    encoded = _encode(self.preprocessor, item, None)
                 if encoded is not None:
-                    out.append(encoded)
+                    out.append((encoded, f"in-memory sample {i % len(self.items)}"))
             self.cursor += self.world * self.batch_size
         return out
 
@@ -254,6 +302,12 @@ class StageData:
         seed: the stage's seed.
         num_workers: DataLoader workers per shard source.
         state: a :meth:`state_dict` to resume from.
+        preference: the stage trains on preference samples (objectives ``reward`` and ``dpo``):
+            micro-batches are :func:`collate_preferences`' and any other sample is an error; False:
+            any preference sample is an error; None: the kind of the first sample, kept throughout.
+        pack_len: pack each micro-batch's samples into rows of at most this many tokens
+            (:mod:`mm.training.packing`: each sample attends, is masked to its images and is
+            labelled as alone) instead of padding every sample to the longest.
     """
 
     def __init__(
@@ -267,9 +321,13 @@ class StageData:
         seed: int = 0,
         num_workers: int = 0,
         state: Mapping[str, Any] | None = None,
+        preference: bool | None = None,
+        pack_len: int | None = None,
     ) -> None:
         self.preprocessor = preprocessor
+        self.pack_len = pack_len
         self.batch_size = batch_size
+        self.preference = preference
         state = state or {}
         if "skipped" in state:  # too-long samples are counted as they are encoded, never twice
             preprocessor.skipped = Counter(state["skipped"])
@@ -318,12 +376,52 @@ class StageData:
             "skipped": skipped,
         }
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def next_batch(self) -> dict[str, Any]:
         if self.memory is not None:
-            samples = self.memory.next_batch()
+            items = self.memory.next_batch()
         else:
             # One source per micro-batch, drawn by weight: samples of a source have similar lengths,
             # so batches carry little padding (mixing within a batch pads short samples to long ones).
             source = self.shards[int(self.mix.choice(len(self.shards), p=self.weights))]
-            samples = [source.next() for _ in range(self.batch_size)]
+            items = [source.next() for _ in range(self.batch_size)]
+        for encoded, where in items:
+            kind = isinstance(encoded, EncodedPreference)
+            if self.preference is None:
+                self.preference = kind
+            if kind != self.preference:
+                raise DataError(
+                    f"{where}: a preference stage (objective reward or dpo) takes only preference samples "
+                    "(messages with 'chosen' and 'rejected' answers)"
+                    if self.preference
+                    else f"{where}: a preference sample in a stage whose objective does not take them"
+                )
+        samples = [encoded for encoded, _ in items]
+        if self.preference:
+            return collate_preferences(self.preprocessor, samples)
+        if self.pack_len:
+            rows = pack_samples([len(s.ids) for s in samples], self.pack_len)
+            return collate_packed(self.preprocessor, samples, rows)
         return self.preprocessor.collate(samples)
+
+
+def collate_preferences(preprocessor: Preprocessor, samples: Sequence[EncodedPreference]) -> dict[str, Any]:
+    """The micro-batch of a preference stage (Llama 3 section 7.5).
+
+    Returns:
+        ``{"chosen": inputs, "rejected": inputs}`` plus, when some sample has an edited answer,
+        ``"edited": inputs`` and ``"edited_mask"`` (bool ``[b]``; rows without one carry a copy of
+        their chosen answer, to be ignored). Each ``inputs`` (:class:`ModelInputs`) is what
+        ``model(**inputs)`` takes: the prompt with that answer, labels only on the answer's tokens
+        and its closing ``<|eot_id|>``. Row ``i`` of each is sample ``i``.
+    """
+    batch: dict[str, Any] = {
+        "chosen": ModelInputs(preprocessor.collate([s.chosen for s in samples])),
+        "rejected": ModelInputs(preprocessor.collate([s.rejected for s in samples])),
+    }
+    has_edited = [s.edited is not None for s in samples]
+    if any(has_edited):
+        batch["edited"] = ModelInputs(
+            preprocessor.collate([s.edited if s.edited is not None else s.chosen for s in samples])
+        )
+        batch["edited_mask"] = torch.tensor(has_edited, dtype=torch.bool)
+    return batch

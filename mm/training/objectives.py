@@ -3,6 +3,9 @@
 * ``lm`` (every image, video and speech stage of the Llama 3 paper): next-token cross-entropy on
   the labelled tokens. A micro-batch weighs its number of labelled tokens, so the loss is the mean
   over the labelled tokens of the whole global batch, whatever the number of processes.
+* ``reward`` and ``dpo`` (section 7.5, post-training): on preference micro-batches
+  (:func:`mm.training.data.collate_preferences`); see :mod:`mm.training.reward` and
+  :mod:`mm.training.dpo`. Their objectives set ``preference_data = True``.
 * ``best_rq`` (section 8.1.3, speech encoder pre-training): a frozen random-projection quantiser
   gives each 40 ms frame 16 codebook targets; spans of masked input frames are predicted by
   per-codebook classifiers on the speech encoder's output. A micro-batch weighs 1 (its loss is
@@ -70,6 +73,8 @@ class Objective(nn.Module):
     """A stage's loss. Subclasses say how much a micro-batch counts and what its loss sum is."""
 
     name: str = ""
+    #: Whether the objective trains on preference micro-batches (:mod:`mm.training.data`).
+    preference_data: bool = False
 
     def weight(self, batch: dict[str, Any]) -> int:
         """How much a micro-batch counts in the global mean (known before the forward pass)."""
@@ -142,16 +147,34 @@ class BestRq(Objective):
         return loss.float()
 
 
-OBJECTIVES = {"lm": LanguageModeling, "best_rq": BestRq}
+#: Objective names (``reward``: :mod:`mm.training.reward`, ``dpo``: :mod:`mm.training.dpo`, both
+#: imported when built: they import this module).
+OBJECTIVES = ("lm", "best_rq", "reward", "dpo")
 
 
-def build_objective(name: str, model: nn.Module, best_rq: BestRqSettings | None = None) -> Objective:
-    """The objective a stage names, built for ``model`` (on its device)."""
+def build_objective(
+    name: str,
+    model: nn.Module,
+    best_rq: BestRqSettings | None = None,
+    *,
+    reward: Any = None,
+    dpo: Any = None,
+) -> Objective:
+    """The objective a stage names, built for ``model`` (on its device), with the stage's settings
+    block of that objective (``best_rq``, ``reward``: RewardSettings, ``dpo``: DpoSettings)."""
     if name == "lm":
         return LanguageModeling()
     if name == "best_rq":
         return BestRq(model, best_rq).to(model.device)
-    raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
+    if name == "reward":
+        from mm.training.reward import Reward
+
+        return Reward(model, reward).to(model.device)
+    if name == "dpo":
+        from mm.training.dpo import Dpo
+
+        return Dpo(model, dpo).to(model.device)
+    raise ValueError(f"unknown objective {name!r}; known: {list(OBJECTIVES)}")
 
 
 class TrainStep(nn.Module):

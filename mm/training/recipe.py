@@ -14,6 +14,8 @@ every value is checked for its type (:func:`mm._strict.build`) and its range (ea
 ``steps``, ``batch_size``, ``grad_accum``  ints >= 1
 ``max_seq_len``, ``keep_last``,            ints >= 1
 ``log_every``
+``pack``                                   a bool: pack each micro-batch's samples into rows of
+                                           ``max_seq_len`` tokens (objective ``lm`` only)
 ``save_every``, ``num_workers``            ints >= 0 (``save_every: 0``: only the final checkpoint)
 ``max_grad_norm``                          a number > 0, or null (no clipping); a negative one
                                            would flip the gradients
@@ -32,6 +34,9 @@ every value is checked for its type (:func:`mm._strict.build`) and its range (ea
 ``best_rq``                                ``codebook_size`` >= 2, ``proj_dim``, ``num_codebooks``,
                                            ``span`` >= 1, ``mask_prob`` in (0, 1],
                                            ``noise_std`` >= 0, ``seed`` >= 0
+``reward`` (objective ``reward``)          ``square_weight`` >= 0, ``heldout`` shards or null,
+                                           ``heldout_batch_size``, ``max_heldout`` >= 1
+``dpo`` (objective ``dpo``)                :class:`mm.training.dpo.DpoSettings`' own checks
 ``name`` (stage)                           a folder name: letters, digits, ``.``, ``_``, ``-``
 paths and names                            non-empty strings
 =========================================  ===========================================================
@@ -55,7 +60,9 @@ from mm._strict import build
 from mm._values import ConfigValueError, as_bool, as_int, check_values, optional
 from mm.model.components import check_trainable
 from mm.training._ranges import fraction, nullable, number, pair, scales, text, texts
+from mm.training.dpo import DpoSettings
 from mm.training.objectives import BestRqSettings
+from mm.training.reward import RewardSettings
 
 __all__ = [
     "DataSource",
@@ -70,7 +77,9 @@ __all__ = [
     "shipped_recipes",
 ]
 
-OBJECTIVES = ("lm", "best_rq")
+OBJECTIVES = ("lm", "best_rq", "reward", "dpo")
+#: The settings block each objective may have (``reward:`` belongs to a reward stage, ...).
+_SETTINGS_BLOCKS = ("best_rq", "reward", "dpo")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -235,7 +244,10 @@ class Stage:
     image: ImageSettings | None = None
     video: VideoSettings | None = None
     best_rq: BestRqSettings | None = None
+    reward: RewardSettings | None = None
+    dpo: DpoSettings | None = None
     max_seq_len: int = 2048
+    pack: bool = False
     start: StartFrom = field(default_factory=StartFrom)
     activation_checkpointing: bool = False
     save_every: int = 0
@@ -258,6 +270,7 @@ class Stage:
                     number(low=0, low_open=True, why="a negative norm flips the gradients"), "no clipping"
                 ),
                 "max_seq_len": positive,
+                "pack": as_bool(),
                 "activation_checkpointing": as_bool(),
                 "save_every": counts,
                 "keep_last": positive,
@@ -277,8 +290,13 @@ class Stage:
             raise ConfigValueError(
                 f"unknown objective {self.objective!r}; known: {list(OBJECTIVES)}", key="objective"
             )
-        if self.best_rq is not None and self.objective != "best_rq":
-            raise ConfigValueError("belongs to a stage whose objective is best_rq", key="best_rq")
+        for block in _SETTINGS_BLOCKS:
+            if getattr(self, block) is not None and self.objective != block:
+                raise ConfigValueError(f"belongs to a stage whose objective is {block}", key=block)
+        if self.pack and self.objective != "lm":
+            raise ConfigValueError(
+                f"packs samples into rows for the lm objective only, not {self.objective}", key="pack"
+            )
         if self.precision not in PRECISIONS:
             raise ConfigValueError(
                 f"must be one of {list(PRECISIONS)}, got {self.precision!r}", key="precision"

@@ -362,7 +362,9 @@ class Trainer:
         )
         preprocessor = self._prepare_model(stage, model)
         try:
-            objective = build_objective(stage.objective, model, stage.best_rq)
+            objective = build_objective(
+                stage.objective, model, stage.best_rq, reward=stage.reward, dpo=stage.dpo
+            )
         except ValueError as e:
             raise RecipeError(f"{self._key(stage)}.objective: {e}") from None
         check_fits_model(self._key(stage), stage, model)
@@ -418,6 +420,8 @@ class Trainer:
             seed=seed,
             num_workers=stage.num_workers,
             state=data_state,
+            preference=objective.preference_data,
+            pack_len=stage.max_seq_len if stage.pack else None,
         )
         with writing(run.folder / "metrics.jsonl", run.checkpoints):
             run.log = MetricsLog(
@@ -515,6 +519,9 @@ class Trainer:
             }
             if grad_norm is not None:
                 run.last["grad_norm"] = grad_norm
+            figures = getattr(run.train_step.objective, "pop_metrics", None)
+            if figures is not None:  # the objective's own figures (DPO's implicit rewards), this process's
+                run.last.update(figures())
             done = step + 1
             if done % stage.log_every == 0 or done == stage.steps:
                 with writing(run.log.path, run.checkpoints):
@@ -577,10 +584,13 @@ class Trainer:
                 loss_sum += summed.detach()
         grad_norm = self._clip(run)
         run.optimizer.step()
+        after_step = getattr(objective, "after_step", None)
+        if after_step is not None:  # the objective's own update, given the optimiser steps done (DPO's EMA)
+            after_step(run.model, step + 1)
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         loss = float(acc.reduce(loss_sum, reduction="sum")) / max(1, total)
-        real = torch.tensor(sum(int(mb["attention_mask"].sum()) for mb in micro), device=acc.device)
+        real = torch.tensor(sum(_real_tokens(mb) for mb in micro), device=acc.device)
         return loss, total, int(acc.reduce(real, reduction="sum")), grad_norm
 
     def _clip(self, run: StageRun) -> float | None:
@@ -614,6 +624,8 @@ class Trainer:
         if acc.is_main_process:
             with writing(model_dir, run.checkpoints):
                 model.save_pretrained(model_dir, copy_backbone=model.backbone.source is None)
+        evaluate = getattr(run.train_step.objective, "evaluate", None)
+        evaluation = evaluate(model, run.preprocessor) if evaluate is not None else {}
         with writing(run.folder / "loss.png", run.checkpoints):
             plot = run.log.close(stage.name)
         result = StageResult(
@@ -635,6 +647,7 @@ class Trainer:
                         "skipped": dict(run.preprocessor.skipped),
                         "data": [dataclasses.asdict(c) for c in run.data.counters],
                         "loss_plot": str(plot) if plot else None,
+                        "eval": evaluation,
                     },
                 )
         acc.wait_for_everyone()
@@ -683,6 +696,15 @@ class Trainer:
                 )
             prune_checkpoints(run.checkpoints, run.stage.keep_last)
         acc.wait_for_everyone()
+
+
+def _real_tokens(batch: Mapping[str, Any]) -> int:
+    """Real (unpadded) tokens of a micro-batch; a preference batch's are its answers' inputs'."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "sequence_ids" in batch:  # packed rows: padding has sequence id -1
+        return int((batch["sequence_ids"] >= 0).sum())
+    return sum(_real_tokens(v) for v in batch.values() if isinstance(v, Mapping))
 
 
 def _step_key(name: str) -> str:
