@@ -163,7 +163,7 @@ def test_each_subpackage_imports_alone(package):
 def test_mm_help_loads_no_torch():
     code = (
         "import sys\nfrom mm.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "for command in ('demo', 'ask', 'serve', 'bench', 'train', 'info', 'average'):\n"
+        "for command in ('demo', 'ask', 'serve', 'bench', 'train', 'info', 'average', 'eval', 'sample', 'data'):\n"
         "    try:\n        main([command, '--help'])\n    except SystemExit:\n        pass\n"
         "heavy = [m for m in ('torch', 'numpy', 'fastapi', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy"
