@@ -14,7 +14,15 @@ import sys
 
 import pytest
 
-from mm.bench.run import SIZES, WRITTEN_MARKER, _reusable_checkpoint, run_worker, train_step_flops
+from mm.bench.run import (
+    SIZES,
+    WRITTEN_MARKER,
+    _reusable_checkpoint,
+    decode_bytes,
+    run_worker,
+    targets_for,
+    train_step_flops,
+)
 
 TINY = SIZES["tiny"]
 
@@ -23,7 +31,7 @@ def _tiny_bench(out, workdir, *extra: str) -> subprocess.CompletedProcess:
     """``mm bench --size tiny`` writing ``out``, its checkpoint in ``workdir``; must succeed."""
     command = ["--size", "tiny", "--out", str(out), "--workdir", str(workdir), *extra]
     proc = subprocess.run(
-        [sys.executable, "-m", "mm.cli", "bench", *command], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "mm.cli", "bench", *command], capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -33,20 +41,33 @@ def _tiny_bench(out, workdir, *extra: str) -> subprocess.CompletedProcess:
 def bench(tmp_path_factory):
     """One real tiny run: (stdout, results JSON, the folder holding its checkpoint folder ``work``)."""
     root = tmp_path_factory.mktemp("bench")
-    proc = _tiny_bench(root / "results.json", root / "work")
+    proc = _tiny_bench(root / "results.json", root / "work", "--serve", "--threads", "2")
     return proc.stdout, json.loads((root / "results.json").read_text()), root
 
 
 def test_results_json_has_the_documented_keys(bench):
     _, report, _ = bench
-    for key in ("schema", "command", "config", "versions", "hardware", "matmul_peak", "flops", "results"):
+    for key in (
+        "schema",
+        "command",
+        "config",
+        "versions",
+        "hardware",
+        "matmul_peak",
+        "bandwidth",
+        "flops",
+        "roofline",
+        "results",
+        "table",
+    ):
         assert key in report, key
     assert report["config"]["size"]["name"] == "tiny"
     assert {"torch", "transformers", "mm", "python"} <= set(report["versions"])
     assert report["hardware"]["cpu"] and report["hardware"]["cpu_cores"] >= 1
-    assert set(report["results"]) == {"train", "decode"}
-    for figure in ("train", "decode"):
-        assert set(report["results"][figure]) == {"mm", "hf"}
+    assert set(report["results"]) == {"train", "decode", "serve", "packing"}
+    assert set(report["results"]["train"]) == {"mm", "mm_hf_call", "hf"}
+    assert set(report["results"]["decode"]) == {"mm", "hf"}
+    assert set(report["results"]["serve"]) == {"mm"}
 
 
 def test_mm_loss_is_hugging_faces_loss_on_the_same_batch(bench):
@@ -57,6 +78,11 @@ def test_mm_loss_is_hugging_faces_loss_on_the_same_batch(bench):
     # Both train the image encoder, projector and cross-attention layers, nothing else.
     assert mm["trainable_params"] == hf["trainable_params"] > 0
     assert report["comparison"]["trainable_params_diff"] == 0
+    # Called as Hugging Face's users call it, mm computes the same loss and trains the same set.
+    call = report["results"]["train"]["mm_hf_call"]
+    assert call["first_loss"] == pytest.approx(hf["first_loss"], rel=1e-5, abs=1e-5)
+    assert call["trainable_params"] == hf["trainable_params"]
+    assert report["comparison"]["train_hf_call_speedup"] > 0
 
 
 def test_greedy_decoding_gives_hugging_faces_tokens(bench):
@@ -81,14 +107,143 @@ def test_every_figure_is_a_positive_number_with_raw_timings(bench):
         for key in ("prefill_s", "decode_tokens_per_s", "prefill_mfu", "decode_mfu"):
             assert decode[key] > 0, (impl, key)
         assert len(decode["runs"][0]["prefill_s"]) == report["config"]["decode_runs"]
-    for key in ("train_speedup", "decode_speedup", "train_memory_ratio"):
+    for key in (
+        "train_speedup",
+        "decode_speedup",
+        "train_memory_ratio",
+        "prefill_speedup",
+        "generate_speedup",
+    ):
         assert report["comparison"][key] > 0
+    bandwidth = report["bandwidth"]
+    assert bandwidth["bytes_per_s"] > 0 and len(bandwidth["runs"]) == 2
+    assert bandwidth["bytes_per_s"] == max(r["bytes_per_s"] for r in bandwidth["runs"])
+    roof = report["roofline"]
+    assert roof["bytes_per_token"] == decode_bytes(TINY, "fp32")
+    assert roof["tokens_per_s"] == pytest.approx(bandwidth["bytes_per_s"] / roof["bytes_per_token"]["total"])
+    for impl in ("mm", "hf"):
+        tokens_per_s = report["results"]["decode"][impl]["decode_tokens_per_s"]
+        assert roof["fraction"][impl] == pytest.approx(tokens_per_s / roof["tokens_per_s"])
+
+
+def test_every_target_is_in_the_table_and_json_with_its_verdict(bench):
+    _, report, _ = bench
+    targets = targets_for(TINY)
+    rows = report["table"]
+    with_target = {row["figure"]: row for row in rows if row["target"] is not None}
+    assert sorted(row["target"] for row in with_target.values()) == sorted(targets.values())
+    for row in with_target.values():
+        assert row["ratio"] > 0, row
+        low = row["better"] == "low"
+        assert row["met"] == (row["ratio"] <= row["target"] if low else row["ratio"] >= row["target"])
+    cmp = report["comparison"]
+    speed = next(r for r in rows if r["figure"].startswith("train step, s (trainer"))
+    assert speed["ratio"] == cmp["train_speedup"]
+    assert speed["ratio"] == pytest.approx(speed["hf"] / speed["mm"])
+
+
+def test_packing_figure_is_packed_over_padded_tokens_per_s(bench):
+    _, report, _ = bench
+    packing = report["results"]["packing"]["mm"]
+    tps = packing["tokens_per_s"]
+    assert packing["num_samples"] == 16 and packing["embed_dim"] == 64  # the tiny size's settings
+    assert tps["packed"] == pytest.approx(packing["real_tokens"] / packing["seconds"]["packed"])
+    assert report["comparison"]["packing_speedup"] == pytest.approx(tps["packed"] / tps["padded"])
+    row = next(r for r in report["table"] if r["figure"].startswith("train tokens/s packed"))
+    assert (row["mm"], row["ratio"], row["target"]) == (tps["packed"], packing["speedup"], 1.8)
+
+
+def test_serve_batches_concurrent_clients_and_answers_as_alone(bench):
+    _, report, _ = bench
+    serve = report["results"]["serve"]["mm"]
+    assert [lv["clients"] for lv in serve["levels"]] == [1, 4, 8, 16]
+    for lv in serve["levels"]:
+        # Every request decodes exactly max_tokens (the model cannot stop early), batched or alone.
+        assert lv["tokens"] == serve["requests"] * serve["max_tokens"] == 16 * 8
+        assert lv["tokens_per_s"] > 0 and lv["ttft_median_s"] > 0
+        assert lv["same_answers_as_alone"] is True
+    assert serve["speedup"]["1"] == 1.0
+    mid = serve["mid_batch"]
+    assert mid["arrived_mid_batch"] is True
+    assert mid["ratio"] == pytest.approx(mid["mid_batch_s"] / mid["alone_s"])
+    assert report["comparison"]["serve_speedup_8"] == serve["speedup"]["8"]
+
+
+def test_roofline_bytes_match_a_hand_count_for_the_tiny_size():
+    # tiny: d 64, 4 heads of 16, 2 KV heads, MLP 128, vocabulary 512; 10 layers of which 2 are
+    # cross-attention (8 backbone layers, 2 blocks); prompt 8, 4 new tokens; 4 tiles of 2x2 patches + 1.
+    layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64  # q, k, v, o, MLP, norms
+    block = 64 * 64 + 64 * 64 + 3 * 64 * 128 + 2 * 64 + 2 * 16 + 2  # q, o, MLP, norms, q/k norms, gates
+    weights = 8 * layer + 2 * block + 64 + 512 * 64 + 64  # final norm, head, one embedding row
+    # Decode tokens 1..3 read 9, 10 and 11 positions: 10 on average, K and V of 2 x 16 in 8 layers.
+    kv = 10 * 2 * 2 * 16 * 8
+    cross = 2 * 2 * 2 * 16 * (4 * 5)
+    got = decode_bytes(TINY, "fp32")
+    assert got["weights"] == 4 * weights == 1578768
+    assert got["kv_cache"] == 4 * kv
+    assert got["cross_kv"] == 4 * cross
+    assert got["total"] == 4 * (weights + kv + cross)
+    assert decode_bytes(TINY, "bf16")["total"] == 2 * (weights + kv + cross)
+
+
+def test_roofline_weights_are_the_checkpoints_parameters_a_decoded_token_reads():
+    import torch
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    for name in ("tiny", "small-4k"):
+        size = SIZES[name]
+        config = MllamaConfig(
+            vision_config=dict(size.vision),
+            text_config=size.hf_text_config(),
+            image_token_index=size.text["vocab_size"],
+        )
+        with torch.device("meta"):
+            hf = MllamaForConditionalGeneration(config)
+        read = 0
+        for key, p in hf.named_parameters():
+            if "vision_model" in key or "multi_modal_projector" in key:
+                continue  # run once at prefill
+            if "cross_attn.k_proj" in key or "cross_attn.v_proj" in key:
+                continue  # the image's keys/values are cached at prefill
+            read += p.shape[1] if "embed_tokens" in key else p.numel()  # one embedding row
+        assert decode_bytes(size, "fp32")["weights"] == 4 * read, name
+
+
+def test_small_4k_is_small_with_a_4096_token_vocabulary():
+    small, small4k = SIZES["small"], SIZES["small-4k"]
+    assert small4k.text["vocab_size"] == 4096
+    differs = {k for k in small.text if small.text[k] != small4k.text[k]}
+    assert differs == {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
+    assert small4k.vision == small.vision and small4k.train_lengths == small.train_lengths
+    assert targets_for(small4k)["generate_speedup"] == 1.5 and "generate_speedup" not in targets_for(small)
+
+
+def test_bandwidth_worker_counts_bytes_moved(tmp_path):
+    spec = {"task": "bandwidth", "size": "tiny", "device": "cpu", "dtype": "fp32", "stream_elements": 2**16}
+    result = run_worker({**spec, "trials": 3}, timeout=120, workdir=tmp_path)
+    assert set(result["best"]) == {"copy", "triad"}
+    assert result["bytes_per_s"] == max(result["best"].values()) > 0
+    assert len(result["raw_bytes_per_s"]["triad"]) == 3
 
 
 def test_the_table_prints_every_figure(bench):
     stdout, _, _ = bench
-    for label in ("train step, s", "train peak memory", "train MFU", "prefill, s", "decode tokens/s"):
+    for label in (
+        "train step, s (trainer's call",
+        "train step, s (HF-style call",
+        "train peak memory",
+        "train MFU",
+        "prefill, s",
+        "decode tokens/s",
+        "decode bytes/token",
+        "memory bandwidth",
+        "decode roofline",
+        "decode fraction of roofline",
+        "serve tokens/s, 8 clients",
+        "serve TTFT mid-batch",
+    ):
         assert label in stdout
+    assert "target" in stdout.splitlines()[3 if "warning" in stdout else 2]
     assert "error" not in stdout
 
 

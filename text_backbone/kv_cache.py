@@ -70,10 +70,12 @@ class KVCache:
         self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``keys``/``values [b, kvh, s, hd]`` at ``start`` and return all keys/values so far."""
-        end = start + keys.shape[2]
-        self.keys[layer][:, :, start:end] = keys
-        self.values[layer][:, :, start:end] = values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        s = keys.shape[2]
+        # narrow + copy_: the same copy as slice assignment, in fewer dispatched ops per decoded token.
+        k, v = self.keys[layer], self.values[layer]
+        k.narrow(2, start, s).copy_(keys)
+        v.narrow(2, start, s).copy_(values)
+        return k.narrow(2, 0, start + s), v.narrow(2, 0, start + s)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows ``rows`` (drop finished sequences, reorder for beam-like search)."""

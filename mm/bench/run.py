@@ -16,8 +16,10 @@ Figures, for both implementations:
   component would also train its placeholder embedding rows, which Hugging Face's users keep
   frozen, so mm selects ``projector.*`` and ``image_blocks.*`` instead (the first step's
   trainable-parameter counts are compared). Neither back-propagates below the first
-  cross-attention layer: nothing below it needs gradients. Tokens/s counts real (unpadded) tokens. The first step's loss of both is recorded: equal losses
-  show that both did the same work.
+  cross-attention layer: nothing below it needs gradients. Tokens/s counts real (unpadded) tokens.
+  The first step's loss of both is recorded: equal losses show that both did the same work. mm is
+  also timed called as Hugging Face's users call it (``out = model(**batch, labels=labels);
+  out.loss.backward()``, implementation ``mm_hf_call``): its ``.logits`` are computed only if read.
 * **train peak memory**: the process's peak over the warm-up and timed steps, minus its memory
   right before the first step (weights loaded): activations, gradients, optimiser state. CPU:
   resident-set high-water mark (reset through ``/proc/self/clear_refs``); CUDA:
@@ -26,16 +28,25 @@ Figures, for both implementations:
   time from the call to the first new token on the host; decode tokens/s is the 31 later tokens
   over the time from the first to the last (mm: ``model.stream``; Hugging Face: ``generate`` with
   ``min_new_tokens`` and a streamer that notes when each token arrives).
+* **roofline** (decode): the bytes each decoded token must read (:func:`decode_bytes`: weights at
+  the dtype plus the KV cache at the measured lengths) over the machine's memory bandwidth (best
+  of timed STREAM-like copies and triads of large tensors, in a process of its own before and after
+  the figures) is the fastest decode the memory allows; the fraction of it reached is printed.
+* **packing** (with ``train``): training tokens/s with packed rows against padded batches
+  (:mod:`mm.bench.packing`, another engineer's; mm only).
+* **serve** (``--serve``): aggregate tokens/s and time to first token of ``mm serve`` at 1, 4, 8 and
+  16 concurrent clients (:mod:`mm.bench.serve`); mm only.
 * **MFU**: model FLOPs per second over the machine's dense matmul rate at the dtype, measured in
   the same run (best of timed loops of square matmuls, in a process of its own before the figures
   and again after them: a shared machine reads low at times).
 
 The FLOP model and the sizes are in :mod:`mm.bench.workload`.
 
-Results JSON (``--out``): ``config``, ``versions``, ``hardware``, ``matmul_peak`` (the rate used and
-both measurements), ``flops``,
-``results[figure][impl]`` (medians and every process's raw timings, or ``error``) and
-``comparison`` (ratios, loss difference, whether greedy tokens agree, targets).
+Results JSON (``--out``): ``config``, ``versions``, ``hardware``, ``matmul_peak`` and ``bandwidth``
+(the rate used and every measurement), ``flops``, ``roofline``,
+``results[figure][impl]`` (medians and every process's raw timings, or ``error``),
+``comparison`` (ratios, loss difference, whether greedy tokens agree, targets) and ``table``: every
+printed figure as ``{figure, mm, hf, ratio, target, better, met}``.
 """
 
 from __future__ import annotations
@@ -53,22 +64,53 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mm.bench.workload import SIZES, WRITTEN_MARKER, BenchSize, decode_flops, train_step_flops
+from mm.bench.workload import (
+    SIZES,
+    WRITTEN_MARKER,
+    BenchSize,
+    decode_bytes,
+    decode_flops,
+    train_step_flops,
+)
 
 __all__ = [
     "FIGURES",
     "SIZES",
     "BenchSize",
+    "decode_bytes",
     "decode_flops",
+    "format_table",
+    "targets_for",
     "run_bench",
     "run_bench_command",
     "train_step_flops",
 ]
 
 IMPLS = ("mm", "hf")
-FIGURES = ("train", "decode")
-# Issue 6's targets, CPU fp32: train step speed, decode tokens/s, train peak memory (mm vs HF).
-TARGETS = {"train_speedup": 1.3, "decode_speedup": 2.0, "train_memory_ratio": 0.7}
+# Who runs each figure: mm as its trainer calls it, mm called Hugging Face-style, Hugging Face.
+FIGURE_IMPLS = {"train": ("mm", "mm_hf_call", "hf"), "decode": ("mm", "hf")}
+FIGURES = ("train", "decode", "serve")
+# Issue 6 (train memory) and issue 21 (the rest), CPU: mm over Hugging Face unless said otherwise.
+TARGETS = {
+    "train_speedup": 1.3,  # the trainer's call, Llama 3 vocabulary
+    "train_hf_call_speedup": 2.4,  # called as Hugging Face's users call it, Llama 3 vocabulary
+    "train_memory_ratio": 0.7,  # at most
+    "decode_speedup": 3.0,
+    "prefill_speedup": 2.0,
+    "serve_speedup_8": 4.0,  # 8 clients vs one at a time, aggregate tokens/s
+    "serve_ttft_mid_batch_ratio": 2.0,  # at most: a request arriving mid-batch vs alone
+    "packing_speedup": 1.8,  # training tokens/s packed vs padded
+}
+# With a 4,096-token vocabulary the rest of the network shows: train and whole generation.
+TARGETS_SMALL_VOCAB = {"train_speedup": 1.2, "train_hf_call_speedup": 1.2, "generate_speedup": 1.5}
+LOWER_IS_BETTER = {"train_memory_ratio", "serve_ttft_mid_batch_ratio"}
+
+
+def targets_for(size: BenchSize) -> dict[str, float]:
+    """The targets that apply to ``size`` (a 4,096-token vocabulary has its own for speed)."""
+    if size.text["vocab_size"] <= 4096:
+        return {**TARGETS, **TARGETS_SMALL_VOCAB}
+    return dict(TARGETS)
 
 
 # ---------------------------------------------------------------------- environment
@@ -191,7 +233,10 @@ def summarise_decode(runs, size: BenchSize, flops: tuple[float, float], peak: fl
         return out
     prefill = _median([p for r in good for p in r["prefill_s"]])
     decode = _median([d for r in good for d in r["decode_s"]])
+    whole = _median([p + d for r in good for p, d in zip(r["prefill_s"], r["decode_s"], strict=True)])
     out.update(
+        generate_s=whole,
+        generate_tokens_per_s=size.new_tokens / whole if whole else None,
         prefill_s=prefill,
         prefill_min_s=min(p for r in good for p in r["prefill_s"]),
         decode_min_s=min(d for r in good for d in r["decode_s"]),
@@ -204,11 +249,11 @@ def summarise_decode(runs, size: BenchSize, flops: tuple[float, float], peak: fl
     return out
 
 
-def compare(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def compare(results: dict[str, dict[str, Any]], targets: dict[str, float] = TARGETS) -> dict[str, Any]:
     """mm versus Hugging Face where both figures exist."""
-    out: dict[str, Any] = {"targets": TARGETS}
+    out: dict[str, Any] = {"targets": targets}
     train, decode = results.get("train", {}), results.get("decode", {})
-    mm_t, hf_t = train.get("mm", {}), train.get("hf", {})
+    mm_t, call_t, hf_t = train.get("mm", {}), train.get("mm_hf_call", {}), train.get("hf", {})
     if "seconds_per_step" in mm_t and "seconds_per_step" in hf_t:
         out["train_speedup"] = hf_t["seconds_per_step"] / mm_t["seconds_per_step"]
         out["train_memory_ratio"] = (
@@ -216,15 +261,48 @@ def compare(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         )
         out["first_loss_abs_diff"] = abs(mm_t["first_loss"] - hf_t["first_loss"])
         out["trainable_params_diff"] = mm_t["trainable_params"] - hf_t["trainable_params"]
+    if "seconds_per_step" in call_t and "seconds_per_step" in hf_t:
+        out["train_hf_call_speedup"] = hf_t["seconds_per_step"] / call_t["seconds_per_step"]
+        out["train_hf_call_memory_ratio"] = (
+            call_t["peak_step_mb"] / hf_t["peak_step_mb"] if hf_t["peak_step_mb"] > 0 else None
+        )
+        out["hf_call_first_loss_abs_diff"] = abs(call_t["first_loss"] - hf_t["first_loss"])
     mm_d, hf_d = decode.get("mm", {}), decode.get("hf", {})
     if mm_d.get("decode_tokens_per_s") and hf_d.get("decode_tokens_per_s"):
         out["decode_speedup"] = mm_d["decode_tokens_per_s"] / hf_d["decode_tokens_per_s"]
         out["prefill_speedup"] = hf_d["prefill_s"] / mm_d["prefill_s"]
+        out["generate_speedup"] = hf_d["generate_s"] / mm_d["generate_s"]
         out["decode_same_tokens"] = mm_d["tokens"] == hf_d["tokens"]
+    packing = results.get("packing", {}).get("mm", {})
+    if "speedup" in packing:
+        out["packing_speedup"] = packing["speedup"]
+    serve = results.get("serve", {}).get("mm", {})
+    if "speedup" in serve:
+        out["serve_speedup"] = serve["speedup"]
+        if "8" in serve["speedup"]:
+            out["serve_speedup_8"] = serve["speedup"]["8"]
+        out["serve_ttft_mid_batch_ratio"] = serve["mid_batch"]["ratio"]
+    return out
+
+
+def roofline(size: BenchSize, dtype: str, bandwidth: float | None, decode: dict[str, Any]) -> dict[str, Any]:
+    """Bytes per decoded token, the bandwidth, the tokens/s they allow and the fraction each reached."""
+    need = decode_bytes(size, dtype)
+    out: dict[str, Any] = {"bytes_per_token": need, "bandwidth_bytes_per_s": bandwidth}
+    if bandwidth:
+        out["tokens_per_s"] = bandwidth / need["total"]
+        out["fraction"] = {
+            impl: (part.get("decode_tokens_per_s") or 0) / out["tokens_per_s"]
+            for impl, part in decode.items()
+            if part.get("decode_tokens_per_s")
+        }
     return out
 
 
 # ---------------------------------------------------------------------- the run
+DEFAULT_FIGURES = ("train", "decode")
+
+
 def run_bench(
     size_name: str = "small",
     *,
@@ -233,10 +311,11 @@ def run_bench(
     repeats: int | None = None,
     steps: int | None = None,
     runs: int | None = None,
-    figures: Sequence[str] = FIGURES,
+    figures: Sequence[str] = DEFAULT_FIGURES,
     threads: int | None = None,
     timeout: float | None = None,
     workdir: str | os.PathLike | None = None,
+    serve: dict[str, Any] | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Write the checkpoint, measure every figure for mm and Hugging Face alternating, summarise.
@@ -247,11 +326,13 @@ def run_bench(
         repeats: rounds; each round runs one process per implementation and figure.
         steps: timed train steps per process (after one warm-up step).
         runs: timed generations per decode process (after one short warm-up).
-        figures: a subset of ``("train", "decode")``.
+        figures: a subset of ``("train", "decode", "serve")``.
         threads: ``torch.set_num_threads`` in every worker (default: torch's choice).
         timeout: seconds allowed to each worker process.
         workdir: where the checkpoint is written (default: a temporary folder, removed after); a
             checkpoint an earlier run finished there for the same size and dtype is reused.
+        serve: settings of the ``serve`` figure (``requests``, ``max_tokens``, ``clients``,
+            ``long_tokens``; :func:`mm.bench.serve.serve_bench`).
         log: called with progress lines.
     """
     size = SIZES[size_name]
@@ -262,8 +343,9 @@ def run_bench(
     unknown = set(figures) - set(FIGURES)
     if unknown:
         raise ValueError(f"unknown figures {sorted(unknown)}; known: {list(FIGURES)}")
+    targets = targets_for(size)
     report: dict[str, Any] = {
-        "schema": "mm-bench/1",
+        "schema": "mm-bench/2",
         "config": {
             "size": size.to_dict(),
             "device": device,
@@ -273,6 +355,7 @@ def run_bench(
             "decode_runs": runs,
             "threads": threads,
             "figures": list(figures),
+            "serve": serve or {},
         },
         "versions": versions(),
         "hardware": hardware(),
@@ -282,21 +365,37 @@ def run_bench(
     root = Path(temp.name if temp else workdir)
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"mllama-{size_name}-{dtype}"
+    compared = [f for f in figures if f in FIGURE_IMPLS]
     try:
-        report["checkpoint"] = written = _checkpoint(folder, size, common, timeout, root, log)
-        if "error" in written:
-            report["error"] = "could not write the checkpoint: " + written["error"]
-            return report
+        if compared:
+            report["checkpoint"] = written = _checkpoint(folder, size, common, timeout, root, log)
+            if "error" in written:
+                report["error"] = "could not write the checkpoint: " + written["error"]
+                return report
         n = size.matmul_n if device == "cpu" else 8192
         peak_spec = {**common, "task": "matmul", "matmul_n": n, "trial_s": size.matmul_trial_s}
+        if "decode" in figures:  # the same process measures the memory bandwidth after the matmuls
+            peak_spec["stream_elements"] = size.stream_elements if device == "cpu" else 2**28
         # Measured before and after the figures; the higher counts (a shared machine reads low at times).
-        peak_runs = [_matmul_peak(peak_spec, "before", timeout, root, log)]
+        peak_runs = [_machine_rate(peak_spec, "before", timeout, root, log)]
         report["hardware"].update({k: peak_runs[0][k] for k in ("gpu", "gpu_memory_gb") if k in peak_runs[0]})
         raw = _measure_figures(
-            figures, repeats, {**common, "folder": str(folder)}, steps, runs, timeout, root, log
+            compared, repeats, {**common, "folder": str(folder)}, steps, runs, timeout, root, log
         )
-        peak_runs.append(_matmul_peak(peak_spec, "after", timeout, root, log))
-        _summarise(report, raw, size, peak_runs)
+        if "train" in figures:  # packed against padded rows: mm only (mm.bench.packing)
+            spec = {**common, "task": "packing", "packing": size.packing}
+            result = run_worker(spec, timeout=timeout, workdir=root)
+            log(f"packing mm  {_progress('packing', result)}")
+            raw["packing"] = {"mm": [result]}
+        if "serve" in figures:
+            result = run_worker({**common, **(serve or {}), "task": "serve"}, timeout=timeout, workdir=root)
+            log(f"serve  mm  {_progress('serve', result)}")
+            raw["serve"] = {"mm": [result]}
+        peak_runs.append(_machine_rate(peak_spec, "after", timeout, root, log))
+        bw_runs = [{"when": r["when"], **r["bandwidth"]} for r in peak_runs if "bandwidth" in r]
+        for r in peak_runs:
+            r.pop("bandwidth", None)
+        _summarise(report, raw, size, peak_runs, bw_runs, targets)
         return report
     finally:
         if temp is not None:
@@ -315,39 +414,60 @@ def _checkpoint(
     return run_worker({**common, "task": "write", "folder": str(folder)}, timeout=timeout, workdir=root)
 
 
-def _matmul_peak(spec: dict, when: str, timeout: float, root: Path, log) -> dict[str, Any]:
-    """One measurement of the machine's matmul rate (a worker process of its own)."""
+def _machine_rate(spec: dict, when: str, timeout: float, root: Path, log) -> dict[str, Any]:
+    """One measurement of the machine's matmul rate, and memory bandwidth if asked (a process of its own)."""
     run = run_worker(spec, timeout=timeout, workdir=root)
-    rate = run.get("flops_per_s")
-    log(f"matmul peak ({when}): {_flops(rate)}" if rate else f"matmul peak: error {run['error']}")
+    if "error" in run:
+        log(f"matmul peak ({when}): error {run['error']}")
+        return {"when": when, **run}
+    line = f"matmul peak ({when}): {_flops(run['flops_per_s'])}"
+    if "bandwidth" in run:
+        line += f"; memory bandwidth {run['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s"
+    log(line)
     return {"when": when, **run}
 
 
 def _measure_figures(figures, repeats, common, steps, runs, timeout, root, log) -> dict[str, dict[str, list]]:
-    """Every figure for both implementations, alternating, ``repeats`` rounds, one process each."""
-    raw: dict[str, dict[str, list]] = {f: {i: [] for i in IMPLS} for f in figures}
+    """Every figure for every implementation, alternating, ``repeats`` rounds, one process each."""
+    raw: dict[str, dict[str, list]] = {f: {i: [] for i in FIGURE_IMPLS[f]} for f in figures}
     for r in range(repeats):
         for figure in figures:
-            for impl in IMPLS:
+            for impl in FIGURE_IMPLS[figure]:
                 spec = {**common, "task": figure, "impl": impl}
                 spec.update(steps=steps) if figure == "train" else spec.update(runs=runs)
                 result = run_worker(spec, timeout=timeout, workdir=root)
                 raw[figure][impl].append(result)
-                log(f"round {r + 1}/{repeats}  {figure:6s} {impl:2s}  {_progress(figure, result)}")
+                log(f"round {r + 1}/{repeats}  {figure:6s} {impl:10s}  {_progress(figure, result)}")
     return raw
 
 
-def _summarise(report: dict[str, Any], raw: dict[str, dict[str, list]], size: BenchSize, peak_runs) -> None:
-    """Medians, FLOPs, MFU and the mm/HF comparison of the raw runs, into ``report``."""
+def _summarise(
+    report: dict[str, Any],
+    raw: dict[str, dict[str, list]],
+    size: BenchSize,
+    peak_runs,
+    bw_runs,
+    targets: dict[str, float],
+) -> None:
+    """Medians, FLOPs, MFU, roofline and the mm/HF comparison of the raw runs, into ``report``."""
+    from mm.bench.serve import summarise_serve
+
     rates = [r["flops_per_s"] for r in peak_runs if "flops_per_s" in r]
     peak = max(rates) if rates else None
     report["matmul_peak"] = {"flops_per_s": peak, "runs": peak_runs}
+    bandwidths = [r["bytes_per_s"] for r in bw_runs if "bytes_per_s" in r]
+    bandwidth = max(bandwidths) if bandwidths else None
+    report["bandwidth"] = {"bytes_per_s": bandwidth, "runs": bw_runs}
     flops_decode = decode_flops(size)
     results: dict[str, dict[str, Any]] = {}
     if "train" in raw:
-        results["train"] = {impl: summarise_train(raw["train"][impl], size, peak) for impl in IMPLS}
+        results["train"] = {
+            impl: summarise_train(raw["train"][impl], size, peak) for impl in FIGURE_IMPLS["train"]
+        }
     report["flops"] = {
-        "train_step": {impl: results.get("train", {}).get(impl, {}).get("model_flops") for impl in IMPLS},
+        "train_step": {
+            impl: results.get("train", {}).get(impl, {}).get("model_flops") for impl in FIGURE_IMPLS["train"]
+        },
         "prefill": flops_decode[0],
         "decode": flops_decode[1],
         "peak_flops_per_s": peak,
@@ -356,8 +476,14 @@ def _summarise(report: dict[str, Any], raw: dict[str, dict[str, list]], size: Be
         results["decode"] = {
             impl: summarise_decode(raw["decode"][impl], size, flops_decode, peak) for impl in IMPLS
         }
+        report["roofline"] = roofline(size, report["config"]["dtype"], bandwidth, results["decode"])
+    if "serve" in raw:
+        results["serve"] = {"mm": summarise_serve(raw["serve"]["mm"][0])}
+    if "packing" in raw:
+        results["packing"] = {"mm": raw["packing"]["mm"][0]}
     report["results"] = results
-    report["comparison"] = compare(results)
+    report["comparison"] = compare(results, targets)
+    report["table"] = table_rows(report)
     every = [r for fig in raw.values() for runs_ in fig.values() for r in runs_]
     seen = [r["torch_threads"] for r in every if "torch_threads" in r]
     report["hardware"]["torch_threads"] = seen[0] if seen else None
@@ -388,6 +514,14 @@ def _progress(figure: str, result: dict[str, Any]) -> str:
         return (
             f"s/step {seconds}  loss {result['first_loss']:.5f}  peak +{result['memory']['step_mb']:.0f} MB"
         )
+    if figure == "packing":
+        tps = result["tokens_per_s"]
+        return f"tokens/s packed {tps['packed']:.0f}, padded {tps['padded']:.0f}: {result['speedup']:.2f}x"
+    if figure == "serve":
+        levels = ", ".join(
+            f"{lv['clients']}: {lv.get('tokens_per_s', 0):.0f} tok/s" for lv in result.get("levels", [])
+        )
+        return f"{levels}; TTFT mid-batch/alone {result['mid_batch']['ratio']:.2f}x"
     return (
         "prefill "
         + ", ".join(f"{s:.3f}" for s in result["prefill_s"])
@@ -401,13 +535,263 @@ def _progress(figure: str, result: dict[str, Any]) -> str:
 def _cell(value: Any, fmt: str) -> str:
     if value is None:
         return "-"
+    if isinstance(value, str):
+        return value
     if fmt == "%":
         return f"{100 * value:.2f}%"
     return format(value, fmt)
 
 
+def _row(figure: str, mm: Any, hf: Any, fmt: str, cmp: dict, key: str | None = None, note: str = "") -> dict:
+    """One table row; ``key`` names the ratio in ``cmp`` (and its target in ``cmp["targets"]``)."""
+    ratio = cmp.get(key) if key else None
+    target = cmp.get("targets", {}).get(key) if key else None
+    better = "low" if key in LOWER_IS_BETTER else "high"
+    met = None
+    if ratio is not None and target is not None:
+        met = bool(ratio <= target if better == "low" else ratio >= target)
+    return {
+        "figure": figure,
+        "mm": mm,
+        "hf": hf,
+        "format": fmt,
+        "ratio": ratio,
+        "target": target,
+        "better": better,
+        "met": met,
+        "note": note,
+    }
+
+
+def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every figure the table prints: ``{figure, mm, hf, ratio, target, better, met, note}``."""
+    res, cmp, cfg = report.get("results", {}), report.get("comparison", {}), report["config"]
+    rows: list[dict[str, Any]] = []
+
+    def get(part: dict, impl: str, key: str) -> Any:
+        entry = part.get(impl, {})
+        return "error" if "error" in entry else entry.get(key)
+
+    train = res.get("train", {})
+    if train:
+        tokens = sum(cfg["size"]["train_lengths"])
+        mm_call, hf_call = (
+            "trainer's call, return_logits=False",
+            "HF-style call, model(**batch, labels=labels)",
+        )
+        for impl, label, key in (
+            ("mm", mm_call, "train_speedup"),
+            ("mm_hf_call", hf_call, "train_hf_call_speedup"),
+        ):
+            rows.append(_row(f"train step, s ({label})", get(train, impl, "seconds_per_step"),
+                             get(train, "hf", "seconds_per_step"), ".3f", cmp, key))  # fmt: skip
+        rows.append(
+            _row(
+                f"train tokens/s ({tokens} tokens, trainer's call)",
+                get(train, "mm", "tokens_per_s"),
+                get(train, "hf", "tokens_per_s"),
+                ".0f",
+                cmp,
+            )  # fmt: skip
+        )
+        rows.append(
+            _row(
+                "train peak memory, MB over weights",
+                get(train, "mm", "peak_step_mb"),
+                get(train, "hf", "peak_step_mb"),
+                ".0f",
+                cmp,
+                "train_memory_ratio",
+            )  # fmt: skip
+        )
+        rows.append(
+            _row(
+                "train peak memory, MB over weights (HF-style call)",
+                get(train, "mm_hf_call", "peak_step_mb"),
+                get(train, "hf", "peak_step_mb"),
+                ".0f",
+                cmp,
+                "train_hf_call_memory_ratio",
+            )  # fmt: skip
+        )
+        rows.append(
+            _row(
+                "train peak process memory, MB",
+                get(train, "mm", "peak_process_mb"),
+                get(train, "hf", "peak_process_mb"),
+                ".0f",
+                cmp,
+            )  # fmt: skip
+        )
+        rows.append(_row("train MFU", get(train, "mm", "mfu"), get(train, "hf", "mfu"), "%", cmp))
+        diff = cmp.get("first_loss_abs_diff")
+        rows.append(
+            _row(
+                "first-step loss",
+                get(train, "mm", "first_loss"),
+                get(train, "hf", "first_loss"),
+                ".6f",
+                cmp,
+                note="" if diff is None else f"|diff| {diff:.2e}",
+            )  # fmt: skip
+        )
+        rows.append(
+            _row(
+                "trainable parameters",
+                get(train, "mm", "trainable_params"),
+                get(train, "hf", "trainable_params"),
+                ",d",
+                cmp,
+            )  # fmt: skip
+        )
+    decode = res.get("decode", {})
+    if decode:
+        n = cfg["size"]["new_tokens"]
+        rows.append(
+            _row(
+                "prefill, s",
+                get(decode, "mm", "prefill_s"),
+                get(decode, "hf", "prefill_s"),
+                ".4f",
+                cmp,
+                "prefill_speedup",
+                "speed ratio",
+            )  # fmt: skip
+        )
+        rows.append(
+            _row(
+                "decode tokens/s",
+                get(decode, "mm", "decode_tokens_per_s"),
+                get(decode, "hf", "decode_tokens_per_s"),
+                ".1f",
+                cmp,
+                "decode_speedup",
+            )  # fmt: skip
+        )
+        rows.append(
+            _row(
+                f"generate, s (prefill + {n} tokens)",
+                get(decode, "mm", "generate_s"),
+                get(decode, "hf", "generate_s"),
+                ".4f",
+                cmp,
+                "generate_speedup",
+                "speed ratio",
+            )  # fmt: skip
+        )
+        roof = report.get("roofline", {})
+        need = roof.get("bytes_per_token", {})
+        if need:
+            mb = need["total"] / 1e6
+            parts = (
+                f"weights {need['weights'] / 1e6:.2f} + KV {need['kv_cache'] / 1e6:.3f} + "
+                f"image KV {need['cross_kv'] / 1e6:.3f} MB at {cfg['dtype']}"
+            )
+            rows.append(_row("decode bytes/token, MB", mb, mb, ".2f", cmp, note=parts))
+        bw = roof.get("bandwidth_bytes_per_s")
+        rows.append(
+            _row(
+                "memory bandwidth, GB/s",
+                None if bw is None else bw / 1e9,
+                None,
+                ".1f",
+                cmp,
+                note="best STREAM-like copy/triad, same run",
+            )  # fmt: skip
+        )
+        limit = roof.get("tokens_per_s")
+        rows.append(
+            _row("decode roofline, tokens/s", limit, limit, ".1f", cmp, note="bandwidth / bytes per token")
+        )
+        frac = roof.get("fraction", {})
+        rows.append(_row("decode fraction of roofline", frac.get("mm"), frac.get("hf"), "%", cmp))
+        rows.append(
+            _row("prefill MFU", get(decode, "mm", "prefill_mfu"), get(decode, "hf", "prefill_mfu"), "%", cmp)
+        )
+        same = cmp.get("decode_same_tokens")
+        rows.append(
+            _row(
+                "decode MFU",
+                get(decode, "mm", "decode_mfu"),
+                get(decode, "hf", "decode_mfu"),
+                "%",
+                cmp,
+                note="" if same is None else f"same greedy tokens: {same}",
+            )  # fmt: skip
+        )
+    serve = res.get("serve", {}).get("mm")
+    if serve is not None:
+        if "error" in serve:
+            note = "error: " + serve["error"].strip().splitlines()[-1][:120]
+            rows.append(_row("serve tokens/s, 8 clients", "error", None, ".0f", cmp, "serve_speedup_8", note))
+            rows.append(
+                _row(
+                    "serve TTFT mid-batch vs alone, s",
+                    "error",
+                    None,
+                    ".4f",
+                    cmp,
+                    "serve_ttft_mid_batch_ratio",
+                )
+            )
+        else:
+            speedups = serve.get("speedup", {})
+            for lv in serve["levels"]:
+                c = lv["clients"]
+                key = "serve_speedup_8" if c == 8 else None
+                label = f"serve tokens/s, {c} client{'s' if c > 1 else ''}"
+                row = _row(
+                    label, lv.get("tokens_per_s", "error"), None, ".0f", cmp, key, "ratio: vs 1 client"
+                )
+                row["ratio"] = speedups.get(str(c)) if row["ratio"] is None else row["ratio"]
+                rows.append(row)
+                rows.append(
+                    _row(f"serve TTFT median, s, {c} clients", lv.get("ttft_median_s"), None, ".4f", cmp)
+                )
+            mid = serve["mid_batch"]
+            rows.append(
+                _row(
+                    f"serve TTFT mid-batch ({mid['batch_rows']} rows decoding) vs alone, s",
+                    mid["mid_batch_s"],
+                    None,
+                    ".4f",
+                    cmp,
+                    "serve_ttft_mid_batch_ratio",
+                    f"alone {mid['alone_s']:.4f} s",
+                )  # fmt: skip
+            )
+    packing = res.get("packing", {}).get("mm")
+    if packing is not None:
+        if "error" in packing:
+            note = "error: " + packing["error"].strip().splitlines()[-1][:120]
+            rows.append(_row("train tokens/s packed (padded in note)", "error", None, ".0f", cmp, note=note))
+        else:
+            tps = packing["tokens_per_s"]
+            note = (
+                f"padded {tps['padded']:.0f} tokens/s; ratio: packed vs padded; {packing['num_samples']} "
+                f"samples, {packing['lengths']}; mm.bench.packing"
+            )
+            rows.append(
+                _row(
+                    "train tokens/s packed (padded in note)",
+                    tps["packed"],
+                    None,
+                    ".0f",
+                    cmp,
+                    "packing_speedup",
+                    note,
+                )  # fmt: skip
+            )
+    source = train or decode
+    if source:
+        rows.append(
+            _row("load checkpoint, s", get(source, "mm", "load_s"), get(source, "hf", "load_s"), ".2f", cmp)
+        )
+    return rows
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """The figures side by side, with mm's ratio to Hugging Face and the issue's target."""
+    """The figures side by side: mm, Hugging Face, the ratio, the issue's target and whether it is met."""
     cfg, hw = report["config"], report["hardware"]
     where = hw.get("gpu") or (
         f"{hw.get('cpu')}, {hw.get('cpus_usable', hw.get('cpu_cores'))} cores, "
@@ -428,63 +812,33 @@ def format_table(report: dict[str, Any]) -> str:
             f"warning: the machine was busy (1-minute load average up to {busy:.1f} on {cores} cores); "
             "timings are unreliable"
         )
-    res, cmp = report.get("results", {}), report.get("comparison", {})
-    train, decode = res.get("train", {}), res.get("decode", {})
-
-    def ratio(key: str, better: str) -> str:
-        value = cmp.get(key)
-        if value is None:
-            return "-"
-        target = TARGETS.get(key)
-        if target is None:
-            return f"{value:.2f}x"
-        met = value >= target if better == "high" else value <= target
-        sign = ">=" if better == "high" else "<="
-        return f"{value:.2f}x ({sign} {target}: {'met' if met else 'not met'})"
-
-    rows: list[tuple[str, str, str, str]] = []
-
-    def add(label: str, part: dict, key: str, fmt: str, note: str = "") -> None:
-        cells = []
-        for impl in IMPLS:
-            entry = part.get(impl, {})
-            cells.append("error" if "error" in entry else _cell(entry.get(key), fmt))
-        rows.append((label, *cells, note))
-
-    if train:
-        tokens = sum(cfg["size"]["train_lengths"])
-        add("train step, s", train, "seconds_per_step", ".3f", ratio("train_speedup", "high") + " speed")
-        add(f"train tokens/s ({tokens} tokens)", train, "tokens_per_s", ".0f")
-        add(
-            "train peak memory, MB over weights",
-            train,
-            "peak_step_mb",
-            ".0f",
-            ratio("train_memory_ratio", "low"),
+    header = ("figure", "mm", "Hugging Face", "ratio", "target", "met?", "note")
+    cells = []
+    for row in report.get("table", []):
+        fmt = row["format"]
+        target = row["target"]
+        sign = "<=" if row["better"] == "low" else ">="
+        cells.append(
+            (
+                row["figure"],
+                _cell(row["mm"], fmt),
+                _cell(row["hf"], fmt),
+                "-" if row["ratio"] is None else f"{row['ratio']:.2f}x",
+                "-" if target is None else f"{sign} {target}x",
+                "-" if row["met"] is None else ("met" if row["met"] else "NOT MET"),
+                row["note"],
+            )
         )
-        add("train peak process memory, MB", train, "peak_process_mb", ".0f")
-        add("train MFU", train, "mfu", "%")
-        diff = cmp.get("first_loss_abs_diff")
-        add("first-step loss", train, "first_loss", ".6f", "" if diff is None else f"|diff| {diff:.2e}")
-        add("trainable parameters", train, "trainable_params", ",d")
-    if decode:
-        same = cmp.get("decode_same_tokens")
-        add("prefill, s", decode, "prefill_s", ".4f", ratio("prefill_speedup", "high") + " speed")
-        add("decode tokens/s", decode, "decode_tokens_per_s", ".1f", ratio("decode_speedup", "high"))
-        add("prefill MFU", decode, "prefill_mfu", "%")
-        add("decode MFU", decode, "decode_mfu", "%", "" if same is None else f"same greedy tokens: {same}")
-    load = {impl: {"load_s": (train or decode).get(impl, {}).get("load_s")} for impl in IMPLS}
-    add("load checkpoint, s", load, "load_s", ".2f")
-    header = ("figure", "mm", "Hugging Face", "mm vs HF")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    for row in [header, *rows]:
+    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(6)]
+    for row in [header, *cells]:
         lines.append(
-            f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}".rstrip()
+            "  ".join(f"{c:<{widths[i]}}" if i == 0 else f"{c:>{widths[i]}}" for i, c in enumerate(row[:6]))
+            + ("  " + row[6] if row[6] else "")
         )
-    for figure, part in res.items():
-        for impl in IMPLS:
-            if "error" in part.get(impl, {}):
-                lines.append(f"{figure} {impl} error: {part[impl]['error'].strip().splitlines()[-1]}")
+    for figure, part in report.get("results", {}).items():
+        for impl, entry in part.items():
+            if "error" in entry:
+                lines.append(f"{figure} {impl} error: {entry['error'].strip().splitlines()[-1]}")
     return "\n".join(lines)
 
 
@@ -514,6 +868,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if not figures or set(figures) - set(FIGURES):
         print(f"mm bench: --figures takes a comma-separated subset of {','.join(FIGURES)}", file=sys.stderr)
         return 2
+    if getattr(args, "serve", False) and "serve" not in figures:
+        figures.append("serve")
+    # The served model is the tiny preset whatever --size; the tiny size only asks for fewer requests.
+    serve = {"requests": 16, "max_tokens": 8, "long_tokens": 64} if args.size == "tiny" else {}
     report = run_bench(
         args.size,
         device=args.device,
@@ -525,6 +883,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         threads=args.threads,
         timeout=args.timeout,
         workdir=args.workdir,
+        serve=serve,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     report["command"] = "mm " + " ".join(sys.argv[1:])

@@ -1,7 +1,8 @@
 """What runs inside each process of ``mm bench``: one measurement of one implementation.
 
 Run as ``python -m mm.bench.workers SPEC.json``; the spec names a task (``write``, ``matmul``,
-``train``, ``decode``), the implementation (``mm`` or ``hf``), the checkpoint folder, the size,
+``bandwidth``, ``train``, ``decode``, ``serve``, ``packing``), the implementation (``mm``, ``mm_hf_call`` — mm
+called as Hugging Face's users call a model, ``model(**batch, labels=labels)`` — or ``hf``), the checkpoint folder, the size,
 device and dtype, and the file the result is written to (JSON). A failure is written as
 ``{"error": ...}`` so the orchestrator (:mod:`mm.bench.run`) reports it for that figure and goes on.
 
@@ -162,7 +163,7 @@ def _hf_dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
 
 
 def _load(impl: str, folder: str, dtype: torch.dtype, device: torch.device):
-    if impl == "mm":
+    if impl.startswith("mm"):
         from mm.model.multimodal import MultimodalModel
 
         return MultimodalModel.from_pretrained(folder, dtype=dtype).to(device)
@@ -204,7 +205,7 @@ def _set_trainable(impl: str, model) -> list[torch.nn.Parameter]:
     Hugging Face's Mllama users keep frozen; the benchmark trains the same set on both sides (so
     neither back-propagates below the first cross-attention layer).
     """
-    if impl == "mm":
+    if impl.startswith("mm"):
         from mm.model.components import set_trainable
 
         set_trainable(model, ["image_encoder", "projector.*", "image_blocks.*"])
@@ -279,7 +280,43 @@ def task_matmul(spec: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         out.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1))
+    del a, b
+    if spec.get("stream_elements"):  # the memory bandwidth too, in this same process of its own
+        out["bandwidth"] = task_bandwidth(spec)
     return out
+
+
+def task_bandwidth(spec: dict[str, Any]) -> dict[str, Any]:
+    """The machine's memory bandwidth, STREAM-like: best of timed copies (``a = b``, 2 arrays moved)
+    and triads (``a = b + s * c``, 3 arrays moved) of ``stream_elements`` fp32 each."""
+    device = torch.device(spec["device"])
+    n = int(spec["stream_elements"])
+    a = torch.zeros(n, device=device)
+    b = torch.rand(n, device=device)
+    c = torch.rand(n, device=device)
+    width = a.element_size()
+    kernels = {
+        "copy": (lambda: a.copy_(b), 2 * n * width),
+        "triad": (lambda: torch.add(b, c, alpha=3.0, out=a), 3 * n * width),
+    }
+    rates: dict[str, list[float]] = {}
+    for name, (kernel, moved) in kernels.items():
+        kernel()  # touch every page first
+        rates[name] = []
+        for _ in range(int(spec.get("trials", 10))):
+            _sync(device)
+            t0 = time.perf_counter()
+            kernel()
+            _sync(device)
+            rates[name].append(moved / (time.perf_counter() - t0))
+    best = {name: max(r) for name, r in rates.items()}
+    return {
+        "bytes_per_s": max(best.values()),
+        "best": best,
+        "raw_bytes_per_s": rates,
+        "elements": n,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def task_train(spec: dict[str, Any]) -> dict[str, Any]:
@@ -293,7 +330,8 @@ def task_train(spec: dict[str, Any]) -> dict[str, Any]:
     params = _set_trainable(impl, model)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     batch = {k: v.to(device) for k, v in train_batch(size).items()}
-    kwargs = {"return_logits": False} if impl == "mm" else {}  # mm's trainer skips the full logits
+    # mm's trainer skips the full logits; called Hugging Face-style, mm computes them only if read.
+    kwargs = {"return_logits": False} if impl == "mm" else {}
     memory = PeakMemory(device)
     memory.reset()
     losses, seconds = [], []
@@ -348,7 +386,7 @@ def _hf_clock():
 def _generate_once(impl: str, model, inputs: dict[str, torch.Tensor], new_tokens: int, device):
     """Return ``(prefill seconds, seconds from the first to the last new token, new tokens)``."""
     _sync(device)
-    if impl == "mm":
+    if impl.startswith("mm"):
         tokens, times = [], []
         t0 = time.perf_counter()
         for token in model.stream(**inputs, max_new_tokens=new_tokens, stop_token_ids=()):
@@ -396,7 +434,29 @@ def task_decode(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-TASKS = {"write": task_write, "matmul": task_matmul, "train": task_train, "decode": task_decode}
+def task_packing(spec: dict[str, Any]) -> dict[str, Any]:
+    """Training tokens/s packed vs padded (:func:`mm.bench.packing.packing_throughput`)."""
+    from mm.bench.packing import packing_throughput
+
+    settings = spec.get("packing") or {}
+    return packing_throughput(threads=spec.get("threads"), **settings)
+
+
+def task_serve(spec: dict[str, Any]) -> dict[str, Any]:
+    from mm.bench.serve import serve_bench
+
+    return serve_bench(spec)
+
+
+TASKS = {
+    "write": task_write,
+    "matmul": task_matmul,
+    "bandwidth": task_bandwidth,
+    "train": task_train,
+    "decode": task_decode,
+    "serve": task_serve,
+    "packing": task_packing,
+}
 
 
 def run_task(spec: dict[str, Any]) -> dict[str, Any]:

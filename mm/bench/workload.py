@@ -20,6 +20,16 @@ ignored; only real tokens count, never padding):
   (mm's ``<|image|>`` placeholder row does): then it is layer 0, since the row's gradient passes
   through every layer. The train worker reports which case it measured.
 * Decode token ``i`` costs the forward of one token with ``s + i`` cached keys.
+
+Roofline of a decoded token (:func:`decode_bytes`): decoding one token of batch 1 is bound by
+memory, so its floor is the bytes it must read over the machine's memory bandwidth. Counted, at the
+dtype's width: every backbone layer's weights (attention and MLP projections, both norms), every
+cross-attention block's weights except its key and value projections (their output for the image is
+computed once at prefill and cached), the final norm, the output head (``V x d``) and one row of the
+embedding table; plus the KV cache each step reads: ``2 x kvh x hd`` per cached position per backbone
+layer (the step reads ``s + i`` positions for decode token ``i``) and the image's cached keys and
+values in every cross-attention block (``2 x kvh x hd x T``). Activations, the cache write of the new
+position and the logits are ignored (kilobytes against megabytes).
 """
 
 from __future__ import annotations
@@ -27,7 +37,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SIZES", "WRITTEN_MARKER", "BenchSize", "decode_flops", "train_step_flops"]
+__all__ = [
+    "DTYPE_BYTES",
+    "SIZES",
+    "WRITTEN_MARKER",
+    "BenchSize",
+    "decode_bytes",
+    "decode_flops",
+    "train_step_flops",
+]
+
+# Bytes per element of each benchmark dtype.
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 # Written into the checkpoint folder after the checkpoint is complete (size, dtype, parameter count).
 WRITTEN_MARKER = "mm-bench-checkpoint.json"
@@ -61,6 +82,8 @@ class BenchSize:
         decode_runs: timed generations per process, after one short warm-up.
         matmul_n: side of the square matmuls that measure the machine's peak (CPU; CUDA uses 8192).
         matmul_trial_s: about how long each of the timed matmul loops runs.
+        stream_elements: elements of each array of the memory-bandwidth copy and triad (CPU).
+        packing: arguments of :func:`mm.bench.packing.packing_throughput` (default: its own).
         timeout_s: default limit for one worker process.
     """
 
@@ -77,6 +100,8 @@ class BenchSize:
     decode_runs: int = 2
     matmul_n: int = 2048
     matmul_trial_s: float = 0.4
+    stream_elements: int = 2**25
+    packing: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 900.0
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -166,6 +191,8 @@ SIZES: dict[str, BenchSize] = {
         decode_runs=1,
         matmul_n=256,
         matmul_trial_s=0.05,
+        stream_elements=2**20,
+        packing={"num_samples": 16, "batch_size": 4, "max_len": 300, "embed_dim": 64, "num_layers": 2},
         timeout_s=180.0,
     ),
     # About a minute on 2 CPU cores; Llama 3's real vocabulary, since the logits cost is felt.
@@ -178,6 +205,33 @@ SIZES: dict[str, BenchSize] = {
             num_attention_heads=8,
             num_key_value_heads=2,
             intermediate_size=1792,
+        ),
+        rope=_LLAMA3_ROPE,
+        vision=_vision(
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_global_layers=2,
+            attention_heads=4,
+            intermediate_size=1024,
+            image_size=112,  # 8 x 8 patches + class token per tile
+            intermediate_layers_indices=[1, 3],
+        ),
+    ),
+    # The same model with a 4,096-token vocabulary: the output head no longer dominates, so the rest of
+    # the network shows (issue 21).
+    "small-4k": BenchSize(
+        name="small-4k",
+        text=_text(
+            hidden_size=512,
+            num_hidden_layers=10,  # 8 self-attention + 2 cross-attention
+            cross_attention_layers=[3, 8],
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=1792,
+            vocab_size=4096,
+            bos_token_id=4000,
+            eos_token_id=4001,
+            pad_token_id=4004,
         ),
         rope=_LLAMA3_ROPE,
         vision=_vision(
@@ -308,3 +362,35 @@ def decode_flops(size: BenchSize) -> tuple[float, float]:
         layers, cross = _text_flops(size, 1, past=size.prompt_tokens + i)
         decode += cross + sum(a + b for a, b in layers) + head
     return prefill, decode
+
+
+def _weight_elements_per_decoded_token(size: BenchSize) -> int:
+    """Elements of the weights one decoded token reads (see the module docstring)."""
+    x = _shapes(size)
+    d, h, hd, kvh, inter = x["d"], x["h"], x["hd"], x["kvh"], x["inter"]
+    depth, blocks = _backbone_layout(size)
+    layer = 2 * d * h * hd + 2 * d * kvh * hd + 3 * d * inter + 2 * d  # q, k, v, o, MLP, two norms
+    # Cross-attention block: q, o, MLP, two norms, q/k norms, two gates (k, v: cached image keys/values).
+    block = 2 * d * h * hd + 3 * d * inter + 2 * d + 2 * hd + 2
+    return depth * layer + len(blocks) * block + d + x["vocab"] * d + d  # final norm, head, embedding row
+
+
+def decode_bytes(size: BenchSize, dtype: str = "fp32") -> dict[str, float]:
+    """Bytes each decoded token (batch 1, after the first) must read, averaged over the workload's
+    decode steps: ``weights`` + ``kv_cache`` (self-attention) + ``cross_kv`` (image keys/values) =
+    ``total`` (see the module docstring)."""
+    x = _shapes(size)
+    width = DTYPE_BYTES[dtype]
+    depth, blocks = _backbone_layout(size)
+    steps = size.new_tokens - 1
+    # Decode token i (1..steps) attends over the prompt and the i tokens up to and including itself.
+    positions = sum(size.prompt_tokens + i for i in range(1, steps + 1)) / steps
+    per_position = 2 * x["kvh"] * x["hd"] * depth
+    out = {
+        "weights": float(_weight_elements_per_decoded_token(size) * width),
+        "kv_cache": positions * per_position * width,
+        "cross_kv": float(len(blocks) * 2 * x["kvh"] * x["hd"] * size.tiles * x["p"] * width),
+        "mean_positions": positions,
+    }
+    out["total"] = out["weights"] + out["kv_cache"] + out["cross_kv"]
+    return out
