@@ -58,10 +58,33 @@ def _demo(sub) -> None:
             "B",
             "with --speech: the held-out speech translation BLEU (0-100) reaches B (for CI)",
         ),
+        (
+            "--require-reward-accuracy",
+            "A",
+            "the reward model ranks A of the held-out pairs right (chance 0.5)",
+        ),
+        (
+            "--require-preference-rate",
+            "A",
+            "after DPO, the policy prefers the chosen answer of A of the held-out pairs",
+        ),
+        ("--require-preference-gain", "G", "DPO raises that preference rate by at least G"),
+        (
+            "--require-rejection-accuracy",
+            "A",
+            "the reward model's pick among sampled answers is right on A of the questions",
+        ),
+        ("--require-rejection-gain", "G", "that accuracy is at least G above the greedy answers'"),
+        ("--require-dpo-qa-drop", "D", "image QA accuracy after DPO is at most D below before it"),
     )
     for flag, metavar, what in requirements:
         p.add_argument(flag, type=float, default=None, metavar=metavar, help=f"exit non-zero unless {what}")
     p.add_argument("--no-video", action="store_true", help="skip the video stage")
+    p.add_argument(
+        "--no-posttrain",
+        action="store_true",
+        help="skip the post-training phase (reward model, DPO, rejection sampling on the image model)",
+    )
     p.add_argument(
         "--speech",
         action="store_true",
@@ -383,8 +406,10 @@ def _eval(sub) -> None:
             "OUT/eval.json ({task, score, metric, n, samples: [{id, prediction, score}]}) and OUT/eval.md. "
             "Tasks and layouts: vqav2 (questions JSON or folder; --answers ANNOTATIONS), textvqa "
             "(TextVQA_0.5.1_val.json), docvqa (val_v1.0.json), chartqa (test_human.json + png/), mcq "
-            "(MMMU / AI2D parquet), video-mcq (Video-MME / PerceptionTest JSON), asr (a LibriSpeech "
-            "split folder), ast (a CoVoST 2 TSV + clips/), text (lm-eval style multiple-choice JSONL; "
+            "(MMMU / AI2D parquet), video-mcq (Video-MME / PerceptionTest JSON), video-qa (open-ended, "
+            "ActivityNet-QA / MSRVTT-QA style JSON + videos/), asr (a LibriSpeech split folder), ast (a "
+            "CoVoST 2 TSV + clips/), speech-qa (spoken questions, AudioBench / VoiceBench style JSON or "
+            "JSONL + audio), text (lm-eval style multiple-choice JSONL; "
             "also checks that text prompts give the backbone's log-likelihoods and answers exactly)."
         ),
     )
@@ -398,8 +423,8 @@ def _eval(sub) -> None:
         "--max-new-tokens",
         type=_positive,
         default=None,
-        help="answer length limit (default: the task's: 16 for VQA/ChartQA, 32 for DocVQA and choices, "
-        "256 for speech, 32 for the text regression's answers)",
+        help="answer length limit (default: the task's: 16 for VQA/ChartQA/video-qa, 32 for DocVQA, "
+        "choices and speech-qa, 256 for asr/ast, 32 for the text regression's answers)",
     )
     p.add_argument(
         "--answers",
@@ -423,7 +448,9 @@ def _eval(sub) -> None:
         "--prompt",
         default=None,
         help="the instruction instead of the task's default (asr: 'Repeat after me in English.', ast: "
-        "'Translate the following sentence into English.'; see the README)",
+        "'Translate the following sentence into English.', video-qa: 'Answer the question using a "
+        "single word or phrase.' ('' asks the question alone), speech-qa: none, the audio alone; see "
+        "the README)",
     )
     p.add_argument(
         "--device", default=None, help="where the model runs (default: cuda if available, else cpu)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,13 @@ import pytest
 import torch
 
 from mm.demo.data import make_image_qa, make_speech_samples, make_video_qa
+from mm.demo.posttrain import PosttrainSettings
+from mm.demo.posttrain_data import FLAWS, VERBOSE_TEMPLATES, make_preference_pairs, pair_prompt
 from mm.demo.run import DemoSettings, run_demo
-from mm.demo.speech import SpeechDemoSettings, qa_correct
+from mm.demo.speech import SpeechDemoSettings
 from mm.demo.video import VideoDemoSettings
 from mm.eval.speech import corpus_bleu, corpus_wer
-from mm.eval.vqa import vqa_accuracy
+from mm.eval.vqa import normalized_exact_match, vqa_accuracy
 from mm.text_backbone import ByteTokenizer
 
 MICRO = DemoSettings(
@@ -41,6 +44,9 @@ VIDEO_MICRO = VideoDemoSettings(train_clips=8, eval_clips=4, steps=2)
 SPEECH_MICRO = SpeechDemoSettings(
     asr_train=8, qa_train=8, asr_eval=4, qa_eval=4, ast_train=4, ast_eval=3, pretrain_steps=2, sft_steps=2
 )
+POST_MICRO = PosttrainSettings(
+    train_pairs=8, heldout_pairs=4, reward_steps=2, dpo_steps=2, rejection_prompts=4, rejection_n=3
+)
 
 
 def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, capsys):
@@ -49,9 +55,17 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, c
         settings=MICRO,
         video_settings=VIDEO_MICRO,
         speech_settings=SPEECH_MICRO,
+        posttrain_settings=POST_MICRO,
         progress=False,
     )
     for key in (
+        "reward_accuracy",
+        "reward_chance",
+        "preference_rate_before",
+        "preference_rate_after",
+        "rejection_accuracy_before",
+        "rejection_accuracy_after",
+        "image_qa_accuracy_after_dpo",
         "text_ppl_before",
         "text_ppl_after",
         "backbone_digest_before",
@@ -77,11 +91,13 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, c
         "image-encoder",
         "image-pretrain",
         "image-anneal",
+        "reward-model",
+        "dpo",
         "video-adapter",
         "speech-pretrain",
         "speech-sft",
     ]
-    assert [s["steps"] for s in report["stages"]] == [5, 3, 4, 3, 2, 2, 2]
+    assert [s["steps"] for s in report["stages"]] == [5, 3, 4, 3, 2, 2, 2, 2, 2]
     assert report["video_qa_eval_samples"] == 4 and report["video_data"]["cached_videos"] == 8
     assert report["speech_eval_samples"] == {"asr": 4, "ast": 3, "qa": 4}
     assert (
@@ -89,6 +105,7 @@ def test_demo_pipeline_keeps_the_backbone_and_saves_a_servable_model(tmp_path, c
     )  # the three tasks, interleaved in one shard folder
     assert report["speech_data"]["speech"]["per_task"] == {"asr": 8, "ast": 4, "qa": 8}
     _assert_figures_follow_from_the_answers(report)
+    _assert_posttrain_figures_follow_from_the_models(report, tmp_path / "out")
 
     out = tmp_path / "out"
     _assert_mm_eval_reproduces_the_figures(report, out, tmp_path / "again", capsys)
@@ -195,9 +212,12 @@ def _assert_figures_follow_from_the_answers(report):
             f"image_qa_per_kind.{k}": share(vqa(a, m) for s, (_, a, m) in zip(images, image) if s.kind == k)
             for k in sorted({s.kind for s in images})
         },
-        "video_qa_accuracy": share(a == m for _, a, _, m in video),
+        # mm eval's video-qa and speech-qa tasks: exact match after VQAv2's answer normaliser
+        "video_qa_accuracy": share(normalized_exact_match(m, [a]) for _, a, _, m in video),
         **{
-            f"video_qa_per_kind.{k}": share(a == m for _, a, kind, m in video if kind == k)
+            f"video_qa_per_kind.{k}": share(
+                normalized_exact_match(m, [a]) for _, a, kind, m in video if kind == k
+            )
             for k in {x[2] for x in video}
         },
         "video_qa_chance": 0.25,
@@ -207,7 +227,9 @@ def _assert_figures_follow_from_the_answers(report):
         "speech_bleu": corpus_bleu(answers["ast"], refs["ast"]),
         "speech_ast_exact": share(a == r for a, r in zip(answers["ast"], refs["ast"])),
         "speech_text_translate_bleu": corpus_bleu([m for _, _, m in translated], refs["ast"]),
-        "speech_qa_accuracy": share(qa_correct(s, a) for s, a in zip(said["qa"], answers["qa"])),
+        "speech_qa_accuracy": share(
+            normalized_exact_match(a, [s.answer]) for s, a in zip(said["qa"], answers["qa"])
+        ),
         "speech_qa_exact": share(a == r for a, r in zip(answers["qa"], refs["qa"])),
         "speech_qa_chance": 0.5,  # two of the four questions are about blue things
         "speech_wer_chance": 11 / 17,  # the best single training transcript
@@ -224,13 +246,149 @@ def _assert_figures_follow_from_the_answers(report):
     assert got == pytest.approx(expected, rel=1e-4)  # the losses: to float error across machines
 
 
+def _logp(model, messages, answer):
+    """log p(answer tokens, then <|eot_id|>) from the model's full logits, by hand."""
+    tok = model.preprocessor.tokenizer
+    prompt = model.preprocessor.encode([*messages, {"role": "assistant", "content": answer}])
+    ids = torch.tensor(prompt.ids)
+    answer_ids = [*tok.encode(answer, bos=False), tok.special_tokens["<|eot_id|>"]]
+    n = len(answer_ids)
+    assert ids[-n:].tolist() == answer_ids  # the conversation ends with the answer and its eot
+    batch = model.preprocessor.collate([prompt])
+    batch.pop("labels")
+    with torch.no_grad():
+        logits = model(**batch).logits[0].double()  # [s, V]
+    logprobs = torch.log_softmax(logits[-n - 1 : -1], dim=-1)
+    return float(logprobs[torch.arange(n), torch.tensor(answer_ids)].sum())
+
+
+def _assert_posttrain_figures_follow_from_the_models(report, out):
+    """The post-training figures: the examples list every held-out pair and question of the micro
+    run; the rewards are the saved reward model's, the log-probabilities the image model's and the
+    DPO model's (recomputed by hand from their logits), the rates and accuracies what those give,
+    and the kept answer of rejection sampling the one the reward model scored highest."""
+    from mm import MultimodalModel
+    from mm.eval.vqa import normalize_vqa_answer
+
+    pairs = make_preference_pairs(POST_MICRO.heldout_pairs, split="eval", seed=22)
+    examples = report["preference_examples"]
+    assert [(e["question"], e["chosen"], e["rejected"], e["flaw"]) for e in examples] == [
+        (p.sample.question, p.chosen, p.rejected, p.flaw) for p in pairs
+    ]
+    runs = out / "runs"
+    reward = MultimodalModel.from_pretrained(runs / "reward-model" / "model").eval()
+    sft = MultimodalModel.from_pretrained(runs / "image-anneal" / "model").eval()
+    dpo = MultimodalModel.from_pretrained(runs / "dpo" / "model").eval()
+    for p, e in zip(pairs, examples):
+        prompt = pair_prompt(p)
+        got = [reward.score([*prompt, {"role": "assistant", "content": a}]) for a in (p.chosen, p.rejected)]
+        assert e["reward"] == pytest.approx(got, abs=1e-4)
+        for model, key in ((sft, "logp_before"), (dpo, "logp_after")):
+            assert e[key] == pytest.approx(
+                [_logp(model, prompt, a) for a in (p.chosen, p.rejected)], abs=1e-3
+            )
+    assert {d for d in report["posttrain_digests"].values()} == {report["backbone_digest_before"]}
+
+    def share(flags):
+        flags = list(flags)
+        return sum(flags) / len(flags)
+
+    def better(values):
+        return values[0] > values[1]
+
+    questions = make_image_qa(POST_MICRO.rejection_prompts, split="eval", seed=23)
+    picks = report["rejection_examples"]
+    assert [(e["question"], e["answer"]) for e in picks] == [(s.question, s.answer) for s in questions]
+    for e in picks:  # the reward model chose: the highest reward among the non-blank samples, first on ties
+        usable = [j for j, a in enumerate(e["sampled"]) if a.strip()]
+        best = max(usable, key=lambda j: (e["rewards"][j], -j))
+        assert e["kept"] == e["sampled"][best].strip() and len(e["sampled"]) == POST_MICRO.rejection_n
+
+    def right(answer, reference):
+        return normalize_vqa_answer(answer) == normalize_vqa_answer(reference)
+
+    expected = {
+        "reward_accuracy": share(better(e["reward"]) for e in examples),
+        "reward_chance": 0.5,
+        "preference_rate_before": share(better(e["logp_before"]) for e in examples),
+        "preference_rate_after": share(better(e["logp_after"]) for e in examples),
+        "rejection_accuracy_before": share(right(e["greedy"], e["answer"]) for e in picks),
+        "rejection_accuracy_after": share(right(e["kept"], e["answer"]) for e in picks),
+        "preference_margin_before": statistics.median(
+            e["logp_before"][0] - e["logp_before"][1] for e in examples
+        ),
+        "preference_margin_after": statistics.median(
+            e["logp_after"][0] - e["logp_after"][1] for e in examples
+        ),
+        "rejection_best_possible": share(any(right(a, e["answer"]) for a in e["sampled"]) for e in picks),
+        **{
+            f"reward_accuracy_per_flaw.{f}": share(better(e["reward"]) for e in examples if e["flaw"] == f)
+            for f in FLAWS
+        },
+    }
+    got = {
+        **{k: report[k] for k in expected if k in report},
+        **{f"reward_accuracy_per_flaw.{f}": v for f, v in report["reward_accuracy_per_flaw"].items()},
+    }
+    assert got == pytest.approx(expected)
+    # the trainer's own held-out ranking accuracy of the reward stage (summary.json) is the same figure
+    assert report["reward_stage_heldout_accuracy"] == pytest.approx(report["reward_accuracy"])
+    assert "## Post-training" in (out / "report.md").read_text()
+    assert (out / "plots" / "posttrain-stages.png").is_file()
+
+
+def test_preference_pairs_prefer_the_short_correct_answer_over_a_wrong_or_verbose_one(tmp_path):
+    from mm.datasets.shards import pack
+    from mm.datasets.webdata import DataCounters, read_shard
+    from mm.demo.posttrain_data import write_preference_manifest
+    from mm.demo.scenes import is_novel
+
+    pairs = make_preference_pairs(40, split="train", seed=4)
+    assert pairs == make_preference_pairs(40, split="train", seed=4)  # the same arguments, the same pairs
+    assert [p.flaw for p in pairs] == [FLAWS[i % 2] for i in range(40)]  # half wrong, half verbose
+    for p in pairs:
+        assert p.chosen == p.sample.answer and p.chosen in p.sample.choices  # short and right
+        if p.flaw == "wrong":  # as short, another answer of the same kind (a neighbouring count)
+            assert p.rejected in p.sample.choices and p.rejected != p.chosen
+            if p.sample.kind == "count":
+                assert abs(int(p.rejected) - int(p.chosen)) == 1
+        else:  # the right answer among many words
+            assert p.rejected in {t.format(answer=p.chosen) for t in VERBOSE_TEMPLATES}
+            assert len(p.rejected.split()) >= 10 > len(p.chosen.split()) + 2
+        assert not is_novel(p.sample.scene)
+    assert all(is_novel(p.sample.scene) for p in make_preference_pairs(12, split="eval", seed=4))
+
+    manifest = write_preference_manifest(pairs[:6], tmp_path / "raw")
+    result = pack(manifest, tmp_path / "shards")
+    assert result.samples == 6
+    records = []
+    for shard in sorted((tmp_path / "shards").glob("*.tar")):
+        for _, fields, problem in read_shard(str(shard), DataCounters()):
+            assert problem is None
+            records.append(json.loads(fields["json"]))
+    assert [(r["chosen"], r["rejected"], r["meta"]["flaw"]) for r in records] == [
+        (p.chosen, p.rejected, p.flaw) for p in pairs[:6]
+    ]
+    assert all(r["messages"][-1]["role"] == "user" for r in records)
+    with pytest.raises(FileExistsError):
+        write_preference_manifest(pairs[:1], tmp_path / "raw")
+
+
 def _assert_mm_eval_reproduces_the_figures(report, out, again, capsys):
     """Every figure the report says `mm eval` measured comes back exactly from its command, run
     through the CLI into another folder: the same score, the same per-sample answers and scores."""
     from mm.cli import main
 
-    assert set(report["evaluations"]) == {"image_qa_accuracy", "speech_wer", "speech_bleu"}
-    tasks = {"image_qa_accuracy": "vqav2", "speech_wer": "asr", "speech_bleu": "ast"}
+    post = ("image_qa_accuracy_before_dpo", "image_qa_accuracy_after_dpo", "rejection_accuracy_before")
+    open_qa = {"video_qa_accuracy": "video-qa", "speech_qa_accuracy": "speech-qa"}
+    assert set(report["evaluations"]) == {"image_qa_accuracy", "speech_wer", "speech_bleu", *post, *open_qa}
+    tasks = {
+        "image_qa_accuracy": "vqav2",
+        "speech_wer": "asr",
+        "speech_bleu": "ast",
+        **open_qa,
+        **dict.fromkeys(post, "vqav2"),
+    }
     for figure, provenance in report["evaluations"].items():
         assert provenance["task"] == tasks[figure]
         argv = shlex.split(provenance["command"])
@@ -267,6 +425,8 @@ def test_demo_refuses_contradicting_requirements_before_training(tmp_path, capsy
     assert "--require-speech-bleu needs --speech" in capsys.readouterr().err
     assert main(["demo", "--out", str(out), "--no-video", "--require-video-accuracy", "0.4"]) == 2
     assert "contradict" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--no-posttrain", "--require-rejection-gain", "0.05"]) == 2
+    assert "--require-rejection-gain and --no-posttrain contradict" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -348,6 +508,37 @@ def test_demo_requirements_name_each_unmet_figure_with_its_chance():
         "recognition word error rate 0.620 is above the allowed 0.500 (chance 0.770)",
         "speech translation BLEU 35.000 is below the required 40.000 (chance 9.500)",
     ]
+    post = {
+        "reward_accuracy": 0.9,
+        "reward_chance": 0.5,
+        "preference_rate_before": 0.7,
+        "preference_rate_after": 0.78,
+        "rejection_accuracy_before": 0.6,
+        "rejection_accuracy_after": 0.65,
+        "image_qa_accuracy_before_dpo": 0.8,
+        "image_qa_accuracy_after_dpo": 0.76,
+    }
+    strict = [
+        "demo",
+        "--require-reward-accuracy",
+        "0.95",
+        "--require-preference-gain",
+        "0.1",
+        "--require-rejection-gain",
+        "0.05",
+        "--require-rejection-accuracy",
+        "0.7",
+        "--require-dpo-qa-drop",
+        "0.03",
+    ]
+    assert unmet_requirements(build_parser().parse_args(strict), {**report, **post}) == [
+        "reward model ranking accuracy 0.900 is below the required 0.950 (chance 0.500)",
+        "accuracy of the reward model's pick 0.650 is below the required 0.700 (before 0.600)",
+        "DPO's preference rate gain +0.080 (0.700 -> 0.780) is below the required +0.100",
+        "image QA accuracy fell by 0.040 with DPO (0.800 -> 0.760), more than the allowed 0.030",
+    ]
+    lenient = ["demo", "--require-preference-gain", "0.08", "--require-dpo-qa-drop", "0.05"]
+    assert unmet_requirements(build_parser().parse_args(lenient), {**report, **post}) == []
     met = build_parser().parse_args([*argv[:4], "--require-speech-wer", "0.62"])  # equal is met
     assert unmet_requirements(met, report) == []
     assert unmet_requirements(build_parser().parse_args(["demo"]), report) == []

@@ -168,3 +168,30 @@ def test_report_sections_appear_only_with_a_speech_phase():
     )
     rows = dict(speech_summary_rows(r))
     assert rows["speech translation BLEU (held-out pairs)"].startswith("41.2  (chance 12.5")
+
+
+def test_spoken_questions_are_written_in_the_speech_qa_layout_and_scored_by_it(tmp_path):
+    import math
+
+    import torch
+
+    from mm.datasets.audio import load_audio
+    from mm.demo.eval_sets import write_speech_qa
+    from mm.eval import get_task, read_task, score_predictions
+
+    said = make_speech_samples(4, "qa", split="eval", seed=0)
+    waves = [0.4 * torch.sin(torch.arange(4000 + 800 * k) * (0.05 + 0.01 * k)) for k in range(4)]
+    data = write_speech_qa(said, waves, tmp_path / "speech-qa")
+    samples = read_task("speech-qa", data).samples
+    assert [s.id for s in samples] == ["qa-0000", "qa-0001", "qa-0002", "qa-0003"]
+    assert [s.references for s in samples] == [(s.answer,) for s in said]
+    for sample, wave in zip(samples, waves):
+        (audio,) = sample.messages[0]["content"]  # the speech is the whole turn, as the demo trains
+        heard = load_audio(audio["audio"])
+        # 16-bit FLAC (written * 32767, read / 32768): the samples come back to within one step
+        assert heard.shape == wave.shape and float((heard - wave).abs().max()) <= 1 / 32767
+    # the metric: exact match after VQAv2's normaliser ("Blue" = "blue."; a sentence is not the answer)
+    colour = said[0].answer.rstrip(".")
+    answers = [colour.upper(), f"It is {colour}.", said[2].answer, "no"]
+    total, _, scores = score_predictions(get_task("speech-qa"), samples, answers)
+    assert scores == [1.0, 0.0, 1.0, 0.0] and math.isclose(total, 0.5)

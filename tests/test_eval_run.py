@@ -13,7 +13,9 @@ import pytest
 import torch
 from eval_testing import (
     tiny_model,
+    tone,
     write_chartqa,
+    write_clip,
     write_librispeech,
     write_text_mc,
     write_videomme,
@@ -75,7 +77,25 @@ def test_batched_equals_one_at_a_time_for_speech_and_video(av_model, tmp_path):
         tmp_path / "vme",
         [(f"vid{k}", f"{k}-1", f"What happens {k}?", ["a", "b", "c", "d"], "B") for k in range(3)],
     )
-    for task, data in (("asr", split), ("video-mcq", videos)):
+    # open-ended video QA (a JSON list, clips in videos/) and spoken QA (JSON Lines, clips in audio/)
+    import soundfile as sf
+
+    open_qa = tmp_path / "vqa" / "test_qa.json"
+    records = []
+    for k in range(3):
+        write_clip(tmp_path / "vqa" / "videos" / f"video{k}.mp4", seed=10 + k)
+        records.append({"question_id": k, "video": f"video{k}.mp4", "question": f"What {k}?", "answer": "a"})
+    open_qa.write_text(json.dumps(records))
+    spoken = tmp_path / "sqa" / "speech_qa.jsonl"
+    (spoken.parent / "audio").mkdir(parents=True)
+    lines = []
+    for k in range(4):
+        sf.write(spoken.parent / "audio" / f"q{k}.wav", tone(0.3 + 0.2 * k, 250 + 90 * k), 16000)
+        extra = {"instruction": "Answer in one word."} if k % 2 else {}
+        lines.append(json.dumps({"id": f"q{k}", "audio": f"q{k}.wav", "answer": "blue", **extra}))
+    spoken.write_text("\n".join(lines) + "\n")
+    cases = (("asr", split), ("video-mcq", videos), ("video-qa", open_qa), ("speech-qa", spoken))
+    for task, data in cases:
         one = evaluate(av_model, task, data, batch_size=1, max_new_tokens=6, progress=False)
         three = evaluate(av_model, task, data, batch_size=3, max_new_tokens=6, progress=False)
         assert _samples(one) == _samples(three), task

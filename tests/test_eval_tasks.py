@@ -15,8 +15,10 @@ import sys
 import pytest
 from eval_testing import (
     picture,
+    tone,
     write_ai2d,
     write_chartqa,
+    write_clip,
     write_covost,
     write_docvqa,
     write_librispeech,
@@ -246,7 +248,111 @@ def test_video_mcq_readers_and_scores_by_hand(tmp_path):
     assert sample.messages[0]["content"][0]["video"].endswith("pt/videos/video_10909.mp4")
 
 
+# ActivityNet-QA / MSRVTT-QA records: (question_id, video field, value, question, answer)
+VIDEO_QA = [
+    ("v_1", "video", "video7010.mp4", "How many people are there?", "2"),
+    ("v_2", "video_name", "kNfn3Tc8Ikw", "Where is the man?", "in the park"),
+    ("v_3", "video", "video7011.mp4", "Is it raining?", "yes"),
+]
+
+
+def write_video_qa(root, records, name="test_qa.json"):
+    """A JSON list in the open-ended video QA layout, the clips in ``videos/`` (ActivityNet's ``v_`` names
+    for ``video_name`` records)."""
+    out = []
+    for k, (qid, key, value, question, answer) in enumerate(records):
+        file = value if key == "video" else f"v_{value}.mp4"
+        if not (root / "videos" / file).exists():
+            write_clip(root / "videos" / file, seed=k)
+        out.append({"question_id": qid, key: value, "question": question, "answer": answer})
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / name
+    path.write_text("\n".join(json.dumps(r) for r in out) if name.endswith(".jsonl") else json.dumps(out))
+    return path
+
+
+def test_video_qa_reader_follows_the_layout_and_scores_by_hand(tmp_path):
+    data = write_video_qa(tmp_path / "anet", VIDEO_QA)
+    samples = read_task("video-qa", data).samples
+    assert [s.id for s in samples] == ["v_1", "v_2", "v_3"]
+    assert [s.references for s in samples] == [("2",), ("in the park",), ("yes",)]
+    video, text = samples[0].messages[0]["content"]
+    assert video["video"].endswith("anet/videos/video7010.mp4")
+    assert text["text"] == "How many people are there?\nAnswer the question using a single word or phrase."
+    assert samples[1].messages[0]["content"][0]["video"].endswith("anet/videos/v_kNfn3Tc8Ikw.mp4")
+    assert samples[2].source.endswith("test_qa.json: [2]")
+    total, predictions, scores = score("video-qa", data, [" Two. ", "The park", "Yes, it is"])
+    # "Two." -> "two" -> "2" (number word) = "2" -> 1. "The park" -> "park" but "in the park" -> "in park" -> 0.
+    # "Yes, it is" -> "yes it is" != "yes" -> 0. Mean 1/3.
+    assert scores == [1.0, 0.0, 0.0] and total == pytest.approx(1 / 3)
+    assert predictions == ["Two.", "The park", "Yes, it is"]
+    _, _, scores = score("video-qa", data, ["2", "In the park!", "YES"])
+    assert scores == [1.0, 1.0, 1.0]  # "In the park!" -> "in park" = "in park"; "YES" -> "yes"
+
+    # --prompt "" asks the question alone; JSON Lines, ids by place when a record has none, --media
+    alone = read_task("video-qa", data, TaskOptions(prompt="")).samples
+    assert alone[0].messages[0]["content"][1]["text"] == "How many people are there?"
+    lines = tmp_path / "msrvtt" / "qa.jsonl"
+    lines.parent.mkdir()
+    lines.write_text(json.dumps({"video": "video7011.mp4", "question": "What?", "answer": 3}) + "\n")
+    (sample,) = read_task("video-qa", lines, TaskOptions(media=tmp_path / "anet" / "videos")).samples
+    assert sample.id == "qa-0" and sample.references == ("3",) and sample.source.endswith("qa.jsonl:1")
+
+
 # ---------------------------------------------------------------------------------------- speech
+def write_speech_qa(root, records, name="speech_qa.jsonl"):
+    """AudioBench / VoiceBench style records ``{"id", "audio", "answer"[, "instruction"]}``, clips in
+    ``audio/``; ``records``: dicts (a tone is written for each ``audio``)."""
+    import soundfile as sf
+
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    for k, rec in enumerate(records):
+        sf.write(root / "audio" / rec["audio"], tone(0.4 + 0.1 * k, 300 + 60 * k), 16000)
+    path = root / name
+    path.write_text(
+        "\n".join(json.dumps(r) for r in records) + "\n" if name.endswith(".jsonl") else json.dumps(records)
+    )
+    return path
+
+
+SPEECH_QA = [
+    {"id": "q-0", "audio": "q-0.wav", "answer": "blue"},
+    {"id": "q-1", "audio": "q-1.wav", "answer": "Blue.", "instruction": "Answer in one word."},
+    {"id": "q-2", "audio": "q-2.wav", "answer": "four"},
+]
+
+
+def test_speech_qa_reader_follows_the_layout_and_scores_by_hand(tmp_path):
+    data = write_speech_qa(tmp_path / "sqa", SPEECH_QA)
+    samples = read_task("speech-qa", data).samples
+    assert [s.id for s in samples] == ["q-0", "q-1", "q-2"]
+    (audio,) = samples[0].messages[0]["content"]  # no instruction: the spoken question is the whole turn
+    assert audio == {"type": "audio", "audio": str(tmp_path / "sqa" / "audio" / "q-0.wav")}
+    text, audio = samples[1].messages[0]["content"]  # the instruction first, then the audio
+    assert text == {"type": "text", "text": "Answer in one word."} and audio["audio"].endswith("q-1.wav")
+    assert samples[1].source.endswith("speech_qa.jsonl:2")
+    total, _, scores = score("speech-qa", data, ["Blue.", "It is blue.", " 4 "])
+    # "Blue." -> "blue" = "blue" -> 1. "It is blue." -> "it is blue" != "blue" -> 0. "4" = "four" -> "4" -> 1.
+    assert scores == [1.0, 0.0, 1.0] and total == pytest.approx(2 / 3)
+    # --prompt is the instruction of records without their own; a JSON list reads the same
+    prompted = read_task("speech-qa", data, TaskOptions(prompt="Answer briefly.")).samples
+    assert [m["content"][0].get("text") for s in prompted for m in s.messages] == [
+        "Answer briefly.",
+        "Answer in one word.",
+        "Answer briefly.",
+    ]
+    listed = write_speech_qa(tmp_path / "sqa2", SPEECH_QA, name="speech_qa.json")
+    from_list = read_task("speech-qa", listed).samples
+    assert [(s.id, s.references, s.source.split("speech_qa.json")[1]) for s in from_list] == [
+        ("q-0", ("blue",), ": [0]"),
+        ("q-1", ("Blue.",), ": [1]"),
+        ("q-2", ("four",), ": [2]"),
+    ]
+    assert from_list[2].messages[0]["content"] == [
+        {"type": "audio", "audio": str(listed.parent / "audio" / "q-2.wav")}
+    ]
+
+
 def test_librispeech_reader_and_corpus_wer_by_hand(tmp_path):
     split = write_librispeech(
         tmp_path, [(1089, 134686, 0, "HELLO WORLD"), (1089, 134686, 1, "GOOD MORNING EVERYONE")]
@@ -428,6 +534,21 @@ BAD = {
         "video-mcq",
         r"videomme\.json: \[1\]: 'answer' 'E' is neither",
     ),
+    "video-qa": (
+        lambda tmp: _break_json(write_video_qa(tmp, VIDEO_QA), lambda d: d[1].pop("question")),
+        "video-qa",
+        r"test_qa\.json: \[1\]: 'question' is missing",
+    ),
+    "video-qa-file": (
+        lambda tmp: _break_json(write_video_qa(tmp, VIDEO_QA), lambda d: d[2].update(video="gone.mp4")),
+        "video-qa",
+        r"test_qa\.json: \[2\]: no such file .*videos/gone\.mp4",
+    ),
+    "speech-qa": (
+        lambda tmp: write_speech_qa(tmp, [*SPEECH_QA[:2], {"id": "q-2", "audio": "q-2.wav", "answer": ""}]),
+        "speech-qa",
+        r"speech_qa\.jsonl:3: 'answer' is empty",
+    ),
     "text": (
         lambda tmp: write_text_mc(
             tmp / "mc.jsonl",
@@ -499,7 +620,19 @@ def test_invalid_json_names_the_line(tmp_path):
 
 # ---------------------------------------------------------------------------------------- the command's shape
 def test_every_task_has_a_reader_and_a_metric():
-    assert TASK_NAMES == ("vqav2", "textvqa", "docvqa", "chartqa", "mcq", "video-mcq", "asr", "ast", "text")
+    assert TASK_NAMES == (
+        "vqav2",
+        "textvqa",
+        "docvqa",
+        "chartqa",
+        "mcq",
+        "video-mcq",
+        "video-qa",
+        "asr",
+        "ast",
+        "speech-qa",
+        "text",
+    )
     assert {get_task(t).metric for t in TASK_NAMES} == {
         "vqa_accuracy",
         "anls",

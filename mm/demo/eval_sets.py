@@ -11,11 +11,14 @@ reproduces it (``mm eval MODEL TASK DATA --out DIR ...``).
 | image questions | VQAv2 questions + annotations (ten copies of the answer; ``question_type`` is the kind) | ``vqav2``, VQA accuracy (= exact match after VQAv2's normaliser) |
 | speech recognition | a LibriSpeech split folder (FLAC, ``*.trans.txt``) | ``asr``, corpus WER (Whisper normaliser, jiwer) |
 | speech translation | a CoVoST 2 TSV with ``clips/`` | ``ast``, corpus BLEU (sacreBLEU) |
+| video questions | an ActivityNet-QA style JSON list (``type`` is the kind) with ``videos/`` | ``video-qa``, exact match after VQAv2's normaliser |
+| spoken questions | an AudioBench style JSON Lines file with ``audio/`` (FLAC, no instruction) | ``speech-qa``, exact match after VQAv2's normaliser |
 
 Images are written losslessly as PNG data under VQAv2's ``COCO_{split}_{id:012d}.jpg`` names (every
 decoder mm uses reads an image by its content; JPEG would change the pixels the demo generated).
-Audio is 16-bit FLAC. Questions about videos and spoken questions have no task of ``mm eval``: they
-are answered by the same answer loop (:func:`mm.eval.run.generate_answers`) and scored here.
+Audio is 16-bit FLAC; videos are the demo's own mp4 files, copied. What no task measures (the text model
+repeating or translating words given as text) is answered by the same answer loop
+(:func:`mm.eval.run.generate_answers`, :func:`answer_turns`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ __all__ = [
     "score",
     "write_covost",
     "write_librispeech",
+    "write_speech_qa",
+    "write_video_qa",
     "write_vqav2",
 ]
 
@@ -156,6 +161,45 @@ def write_covost(
     tsv = folder / "covost_v2.en_fr.demo.tsv"
     tsv.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return tsv
+
+
+def write_video_qa(samples: Sequence[Any], videos: Sequence[Path], folder: Path) -> Path:
+    """Write video questions (:class:`~mm.demo.video_data.VideoQASample`, with their mp4 files) as an
+    open-ended video QA set: ``test_qa.json`` (``[{"question_id", "video", "question", "answer",
+    "type"}]``, ``type`` the question's kind) and the clips in ``videos/``; returns the JSON file."""
+    import shutil
+
+    clips = folder / "videos"
+    clips.mkdir(parents=True, exist_ok=True)
+    records = []
+    for qid, (s, video) in enumerate(zip(samples, videos, strict=True)):
+        name = f"{qid:06d}{Path(video).suffix}"
+        shutil.copyfile(video, clips / name)
+        records.append(
+            {"question_id": qid, "video": name, "question": s.question, "answer": s.answer, "type": s.kind}
+        )
+    path = folder / "test_qa.json"
+    _write_json(path, records)
+    return path
+
+
+def write_speech_qa(
+    samples: Sequence[Any], waves: Sequence[Any], folder: Path, *, sample_rate: int = 16000
+) -> Path:
+    """Write spoken questions (:class:`~mm.demo.speech_data.SpeechSample`) as an open spoken-QA set:
+    ``speech_qa.jsonl`` (``{"id", "audio", "answer", "question"}`` a line, ``question`` the words
+    said; no ``instruction``: the speech is the whole turn, as the demo trains) and FLAC clips in
+    ``audio/``; returns the JSON Lines file."""
+    audio = folder / "audio"
+    audio.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (s, wave) in enumerate(zip(samples, waves, strict=True)):
+        key = f"qa-{i:04d}"
+        _flac(wave, audio / f"{key}.flac", sample_rate)
+        lines.append(json.dumps({"id": key, "audio": f"{key}.flac", "answer": s.answer, "question": s.text}))
+    path = folder / "speech_qa.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def score(

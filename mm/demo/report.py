@@ -23,6 +23,8 @@ __all__ = [
     "demo_report",
     "evaluations_markdown",
     "markdown",
+    "posttrain_markdown",
+    "posttrain_summary_rows",
     "speech_markdown",
     "speech_summary_rows",
     "summary",
@@ -45,12 +47,16 @@ def demo_report(
     video: dict[str, Any],
     speech: dict[str, Any],
     parameters: dict[str, Any],
+    posttrain: dict[str, Any] | None = None,
     model_dir: Path,
     seconds: float,
 ) -> dict[str, Any]:
     """The demo's report (``report.json``) from what each phase returned and the final model's
     figures (``image_qa`` from :func:`~mm.demo.image.image_qa_accuracy`, ``digest_after`` and
-    ``ppl_after`` of its backbone, its ``parameters`` per component)."""
+    ``ppl_after`` of its backbone, its ``parameters`` per component). The backbone counts as
+    unchanged when the final model's digest and that of every post-training model are the first."""
+    posttrain = posttrain or {"posttrain_stages": []}
+    post_digests = posttrain.get("posttrain_digests", {})
     return {
         "mode": "quick" if quick else "full",
         "seed": seed,
@@ -58,22 +64,35 @@ def demo_report(
         "text_ppl_after": ppl_after,
         "backbone_digest_before": text.digest_before,
         "backbone_digest_after": digest_after,
-        "backbone_unchanged": text.digest_before == digest_after,
+        "backbone_unchanged": text.digest_before == digest_after
+        and all(d == text.digest_before for d in post_digests.values()),
         "image_qa_accuracy": image_qa["accuracy"],
         "image_qa_chance": 0.25,
         "image_qa_per_kind": image_qa["per_kind"],
         "image_qa_eval_samples": image_qa_eval_samples,
         "image_qa_examples": image_qa["examples"],
         # which mm eval task and metric produced each figure, and the command that reproduces it
-        "evaluations": {"image_qa_accuracy": image_qa["eval"], **speech.get("speech_evaluations", {})},
-        **{k: v for k, v in video.items() if k.startswith("video_")},
+        "evaluations": {
+            "image_qa_accuracy": image_qa["eval"],
+            **posttrain.get("posttrain_evaluations", {}),
+            **video.get("video_evaluations", {}),
+            **speech.get("speech_evaluations", {}),
+        },
+        **{k: v for k, v in posttrain.items() if k not in ("posttrain_stages", "posttrain_evaluations")},
+        **{k: v for k, v in video.items() if k.startswith("video_") and k != "video_evaluations"},
         **{
             k: v
             for k, v in speech.items()
             if k.startswith("speech_")
             and k not in ("speech_stages", "speech_model_dir", "speech_evaluations")
         },
-        "stages": [text.stage, *image.stages, *video["stages"], *speech["speech_stages"]],
+        "stages": [
+            text.stage,
+            *image.stages,
+            *posttrain["posttrain_stages"],
+            *video["stages"],
+            *speech["speech_stages"],
+        ],
         "data": image.data,
         "parameters": parameters,
         "model_dir": str(model_dir),
@@ -96,6 +115,7 @@ def summary(r: dict[str, Any]) -> str:
             f"{r['image_qa_accuracy']:.3f}  (chance {r['image_qa_chance']:.2f})",
         ),
         *[(f"  {k}", f"{v:.3f}") for k, v in r["image_qa_per_kind"].items()],
+        *posttrain_summary_rows(r),
         *video_summary_rows(r),
         *speech_summary_rows(r),
         ("text perplexity before / after", f"{r['text_ppl_before']:.4f} / {r['text_ppl_after']:.4f}"),
@@ -136,7 +156,7 @@ combinations never seen in training.
 | --- | --- |
 {kinds}
 
-{video_markdown(r)}{speech_markdown(r)}{evaluations_markdown(r)}## Stages
+{posttrain_markdown(r)}{video_markdown(r)}{speech_markdown(r)}{evaluations_markdown(r)}## Stages
 
 | stage | steps | seconds | final loss |
 | --- | --- | --- | --- |
@@ -145,6 +165,7 @@ combinations never seen in training.
 ![text backbone](plots/text-backbone.png)
 ![image encoder](plots/image-encoder.png)
 ![image stages](plots/image-stages.png)
+{"![post-training stages](plots/posttrain-stages.png)" if "reward_accuracy" in r else ""}
 {"![video stage](plots/video-stage.png)" if "video_qa_accuracy" in r else ""}
 {"![speech stages](plots/speech-stages.png)" if "speech_wer" in r else ""}
 
@@ -166,13 +187,102 @@ def evaluations_markdown(r: dict[str, Any]) -> str:
 
 The held-out sets are written under `eval-data/` in published layouts and scored by `mm eval`'s
 code (results under `eval/`); each command reproduces its figure. Per-kind figures come from the
-per-sample scores of `eval.json`. Video questions and spoken questions have no `mm eval` task:
-their answers come from `mm eval`'s answer loop and are scored by exact match and by the colour
-named.
+per-sample scores of `eval.json`.
 
 | figure | task | metric | command |
 | --- | --- | --- | --- |
 {rows}
+
+"""
+
+
+def posttrain_summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows of the printed summary for the post-training phase (none when it did not run)."""
+    if "reward_accuracy" not in r:
+        return []
+    return [
+        (
+            "reward model ranking accuracy (held-out pairs)",
+            f"{r['reward_accuracy']:.3f}  (chance {r['reward_chance']:.2f})",
+        ),
+        (
+            "DPO preference rate before -> after",
+            f"{r['preference_rate_before']:.3f} -> {r['preference_rate_after']:.3f}",
+        ),
+        (
+            "image QA accuracy before -> after DPO",
+            f"{r['image_qa_accuracy_before_dpo']:.3f} -> {r['image_qa_accuracy_after_dpo']:.3f}",
+        ),
+        (
+            "rejection sampling accuracy greedy -> picked",
+            f"{r['rejection_accuracy_before']:.3f} -> {r['rejection_accuracy_after']:.3f}  "
+            f"(best possible {r['rejection_best_possible']:.3f})",
+        ),
+        ("post-training time", f"{r['posttrain_seconds']['total']:.0f} s"),
+    ]
+
+
+def posttrain_markdown(r: dict[str, Any]) -> str:
+    """The post-training section of ``report.md`` (empty when the phase did not run)."""
+    if "reward_accuracy" not in r:
+        return ""
+    flaws = sorted(r["reward_accuracy_per_flaw"])
+    per_flaw = "\n".join(
+        f"| {f} | {r['reward_accuracy_per_flaw'][f]:.3f} | {r['preference_rate_per_flaw']['before'][f]:.3f} "
+        f"| {r['preference_rate_per_flaw']['after'][f]:.3f} |"
+        for f in flaws
+    )
+    examples = "\n".join(
+        f"| {e['question']} | {e['chosen']} | {e['rejected']} | {e['reward'][0]:.2f} / {e['reward'][1]:.2f} |"
+        for e in r["preference_examples"][:6]
+    )
+
+    def cell(text: str | None) -> str:  # sampled answers may hold anything
+        return " ".join(str(text).split()).replace("|", "\\|")
+
+    picks = "\n".join(
+        f"| {e['question']} | {e['answer']} | {cell(e['greedy'])} | "
+        f"{' / '.join(cell(a) for a in e['sampled'])} | {cell(e['kept'])} |"
+        for e in r["rejection_examples"][:6]
+    )
+    s = r["rejection_settings"]
+    t = r["posttrain_seconds"]
+    return f"""## Post-training
+
+The image model was then post-trained on preference pairs (Llama 3 section 7.5): a picture and a
+question, the short correct answer preferred over a wrong short answer (half the pairs) or the
+correct answer buried in a long hedging sentence (the other half). Every held-out pair holds a
+colour-shape-quadrant combination never seen in training. A reward model (the image adapter and a
+scalar head, from the image model) and DPO (the image adapter, from the image model, against the
+frozen image model) trained on the same pairs. The published model is still the image model.
+
+| | |
+| --- | --- |
+| reward model ranking accuracy | **{r["reward_accuracy"]:.3f}** (chance {r["reward_chance"]:.2f}, {r["preference_heldout_pairs"]} held-out pairs) |
+| DPO preference rate, before -> after | **{r["preference_rate_before"]:.3f} -> {r["preference_rate_after"]:.3f}** |
+| DPO median log-probability margin (chosen - rejected), before -> after | {r["preference_margin_before"]:.2f} -> {r["preference_margin_after"]:.2f} |
+| image QA accuracy, before -> after DPO | {r["image_qa_accuracy_before_dpo"]:.3f} -> {r["image_qa_accuracy_after_dpo"]:.3f} ({r["image_qa_dpo_samples"]} questions) |
+| rejection sampling accuracy, greedy -> reward model's pick | **{r["rejection_accuracy_before"]:.3f} -> {r["rejection_accuracy_after"]:.3f}** (best possible {r["rejection_best_possible"]:.3f}) |
+| post-training time | training {t["train"]:.1f} s, measures {t["measure"]:.1f} s, rejection sampling {t["rejection"]:.1f} s |
+
+The preference rate is the share of held-out pairs whose chosen answer the policy gives the higher
+summed log-probability (the image model before, the DPO model after). Rejection sampling: on
+{s["prompts"]} held-out questions the image model sampled {s["n"]} answers each (temperature
+{s["temperature"]}, top-p {s["top_p"]}, seed {s["seed"]}); the reward model, not the reference, picked one; the
+references then score the greedy answers and the picks (VQA accuracy). "Best possible": the share
+of questions with a right answer among the samples.
+
+| rejected answer | reward accuracy | preference before | preference after |
+| --- | --- | --- | --- |
+{per_flaw}
+
+| question | chosen | rejected | reward chosen / rejected |
+| --- | --- | --- | --- |
+{examples}
+
+| question | answer | greedy | sampled | picked |
+| --- | --- | --- | --- | --- |
+{picks}
 
 """
 

@@ -8,6 +8,10 @@
 3. Run the image stages of the ``tiny-demo`` recipe on generated pictures of shapes (captions, then
    questions about colour, shape, count and position), through the real data path: PNG files ->
    ``mm data pack`` shards -> streaming -> the staged trainer (:mod:`mm.demo.image`).
+   Then post-train the image model (:mod:`mm.demo.posttrain`): preference pairs about held-out
+   pictures (the short correct answer preferred over a wrong or a verbose one), a reward model
+   and DPO through the trainer, and rejection sampling with the reward model choosing; the
+   published model stays the image model (the video phase starts from it).
 4. Run the video stage (:mod:`mm.demo.video`): moving-shapes clips written as mp4, the frozen image
    encoder's frame tokens cached once (``mm data cache-features``), then only the temporal
    aggregator and the video cross-attention blocks learn; questions no single frame answers
@@ -37,6 +41,7 @@ from typing import Any
 
 from mm.demo.evaluate import perplexity
 from mm.demo.image import ImagePhase, image_qa_accuracy, run_image_phase
+from mm.demo.posttrain import POST_FULL, POST_QUICK, PosttrainSettings, run_posttrain_phase
 from mm.demo.report import demo_report, summary, write_report
 from mm.demo.speech import SpeechDemoSettings, run_speech_demo
 from mm.demo.text import TextPhase, run_text_phase
@@ -124,13 +129,17 @@ def run_demo(
     video_settings: VideoDemoSettings | None = None,
     speech: bool = False,
     speech_settings: SpeechDemoSettings | None = None,
+    posttrain: bool = True,
+    posttrain_settings: PosttrainSettings | None = None,
 ) -> dict[str, Any]:
     """Run the demo into ``out`` and return the report (also written to ``out/report.json``).
 
-    ``settings``, ``video_settings`` and ``speech_settings`` override the amounts of work that
-    ``quick`` picks (:data:`QUICK` / :data:`FULL`, :data:`~mm.demo.video.VIDEO_QUICK` /
-    :data:`~mm.demo.video.VIDEO_FULL`, :data:`mm.demo.speech.QUICK` / :data:`mm.demo.speech.FULL`);
-    ``speech_settings`` also turns the speech phase on.
+    ``settings``, ``video_settings``, ``speech_settings`` and ``posttrain_settings`` override the
+    amounts of work that ``quick`` picks (:data:`QUICK` / :data:`FULL`,
+    :data:`~mm.demo.video.VIDEO_QUICK` / :data:`~mm.demo.video.VIDEO_FULL`,
+    :data:`mm.demo.speech.QUICK` / :data:`mm.demo.speech.FULL`, :data:`~mm.demo.posttrain.POST_QUICK`
+    / :data:`~mm.demo.posttrain.POST_FULL`); ``speech_settings`` also turns the speech phase on,
+    ``posttrain_settings`` the post-training phase (``posttrain=False`` skips it).
     """
     from mm.training.trainer import summary_table
 
@@ -170,6 +179,18 @@ def run_demo(
     )
     final_dir = image.model_dir
 
+    # 3b. post-training on the image SFT model (mm.demo.posttrain); its models are not published
+    post_report: dict[str, Any] = {"posttrain_stages": []}
+    if posttrain or posttrain_settings is not None:
+        post_report = run_posttrain_phase(
+            out,
+            image.model_dir,
+            settings=posttrain_settings or (POST_QUICK if quick else POST_FULL),
+            qa_samples=settings.eval_samples,
+            seed=seed,
+            progress=progress,
+        )
+
     # 4. the video stage (mm.demo.video), on the model the image stages produced
     video_report: dict[str, Any] = {"stages": []}
     if video or video_settings is not None:
@@ -194,6 +215,7 @@ def run_demo(
         image=image,
         video_report=video_report,
         speech_report=speech_report,
+        post_report=post_report,
         eval_samples=settings.eval_samples,
         quick=quick,
         seed=seed,
@@ -213,6 +235,7 @@ def _final_report(
     image: ImagePhase,
     video_report: dict[str, Any],
     speech_report: dict[str, Any],
+    post_report: dict[str, Any],
     eval_samples: int,
     quick: bool,
     seed: int,
@@ -236,6 +259,7 @@ def _final_report(
         ppl_after=perplexity(lambda ids: model(ids).logits, text.heldout, text.tokenizer),
         video=video_report,
         speech=speech_report,
+        posttrain=post_report,
         parameters=model.component_parameters(),
         model_dir=out / "model",
         seconds=round(time.perf_counter() - started, 1),
@@ -258,11 +282,25 @@ def run_demo_command(args: argparse.Namespace) -> int:
     if args.require_video_accuracy is not None and args.no_video:
         print("mm demo: --require-video-accuracy and --no-video contradict each other", file=sys.stderr)
         return 2
+    for dest in _POSTTRAIN_REQUIREMENTS:  # the post-training figures exist only with that phase
+        if getattr(args, dest) is not None and args.no_posttrain:
+            print(
+                f"mm demo: --{dest.replace('_', '-')} and --no-posttrain contradict each other",
+                file=sys.stderr,
+            )
+            return 2
     for dest, *_ in _REQUIREMENTS:  # the speech figures exist only with --speech
         if dest.startswith("require_speech_") and getattr(args, dest) is not None and not args.speech:
             print(f"mm demo: --{dest.replace('_', '-')} needs --speech", file=sys.stderr)
             return 2
-    report = run_demo(args.out, quick=args.quick, seed=args.seed, video=not args.no_video, speech=args.speech)
+    report = run_demo(
+        args.out,
+        quick=args.quick,
+        seed=args.seed,
+        video=not args.no_video,
+        speech=args.speech,
+        posttrain=not args.no_posttrain,
+    )
     ok = report["backbone_unchanged"] and report["text_ppl_before"] == report["text_ppl_after"]
     if not ok:
         print("mm demo: the backbone changed — this is a bug in mm", file=sys.stderr)
@@ -281,6 +319,46 @@ _REQUIREMENTS = (
     ("require_speech_qa_accuracy", "spoken QA accuracy", "speech_qa_accuracy", "speech_qa_chance", False),
     ("require_speech_wer", "recognition word error rate", "speech_wer", "speech_wer_chance", True),
     ("require_speech_bleu", "speech translation BLEU", "speech_bleu", "speech_bleu_chance", False),
+    ("require_reward_accuracy", "reward model ranking accuracy", "reward_accuracy", "reward_chance", False),
+    (
+        "require_preference_rate",
+        "preference rate after DPO",
+        "preference_rate_after",
+        "preference_rate_before",
+        False,
+    ),
+    (
+        "require_rejection_accuracy",
+        "accuracy of the reward model's pick",
+        "rejection_accuracy_after",
+        "rejection_accuracy_before",
+        False,
+    ),
+)
+#: ``--require-*-gain``: (option's dest, what, the "after" figure, the "before" figure); met when
+#: after - before reaches the option's value.
+_GAINS = (
+    (
+        "require_preference_gain",
+        "DPO's preference rate gain",
+        "preference_rate_after",
+        "preference_rate_before",
+    ),
+    (
+        "require_rejection_gain",
+        "rejection sampling's accuracy gain",
+        "rejection_accuracy_after",
+        "rejection_accuracy_before",
+    ),
+)
+#: ``--require-dpo-qa-drop D``: image QA accuracy after DPO is at most D below before it.
+_POSTTRAIN_REQUIREMENTS = (
+    "require_reward_accuracy",
+    "require_preference_rate",
+    "require_rejection_accuracy",
+    "require_preference_gain",
+    "require_rejection_gain",
+    "require_dpo_qa_drop",
 )
 
 
@@ -294,5 +372,21 @@ def unmet_requirements(args: argparse.Namespace, report: dict[str, Any]) -> list
         value = report[key]
         if value > required if lower_is_better else value < required:
             side = "above the allowed" if lower_is_better else "below the required"
-            unmet.append(f"{what} {value:.3f} is {side} {required:.3f} (chance {report[chance]:.3f})")
+            reference = "before" if chance.endswith("_before") else "chance"
+            unmet.append(f"{what} {value:.3f} is {side} {required:.3f} ({reference} {report[chance]:.3f})")
+    for dest, what, after, before in _GAINS:
+        required = getattr(args, dest, None)
+        if required is not None and report[after] - report[before] < required:
+            unmet.append(
+                f"{what} {report[after] - report[before]:+.3f} ({report[before]:.3f} -> {report[after]:.3f}) "
+                f"is below the required {required:+.3f}"
+            )
+    drop = getattr(args, "require_dpo_qa_drop", None)
+    if drop is not None:
+        lost = report["image_qa_accuracy_before_dpo"] - report["image_qa_accuracy_after_dpo"]
+        if lost > drop:
+            unmet.append(
+                f"image QA accuracy fell by {lost:.3f} with DPO ({report['image_qa_accuracy_before_dpo']:.3f} -> "
+                f"{report['image_qa_accuracy_after_dpo']:.3f}), more than the allowed {drop:.3f}"
+            )
     return unmet

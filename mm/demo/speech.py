@@ -30,8 +30,11 @@ Starting from the model the video phase saved:
 3. **Evaluation** (through ``mm eval``, :mod:`mm.demo.eval_sets`): greedy answers on the held-out
    utterances, to the model's stop token (at most :data:`ANSWER_TOKENS`); ``speech_wer`` is
    ``mm eval``'s ``asr`` task on a LibriSpeech folder of them (corpus WER after Whisper's English
-   normaliser, jiwer), ``speech_qa_accuracy`` the share of answers naming the
-   right colour and no other, with ``speech_qa_chance`` (always answering the most common colour)
+   normaliser, jiwer), ``speech_qa_accuracy`` ``mm eval``'s ``speech-qa`` task on a JSON Lines set of
+   the spoken questions (exact match after VQAv2's answer normaliser: "Blue." and "blue" are right,
+   "It is blue." is not; until this was scored by ``mm eval`` it counted answers naming the right
+   colour and no other, :func:`qa_correct`), with ``speech_qa_chance`` (always answering the most
+   common colour)
    and ``speech_wer_chance`` (the best single training transcript said for every utterance, i.e.
    a model that ignores the audio). ``speech_text_repeat_wer`` is the same recognition turn with
    the words given as *text* ("Repeat after me in English. The red circle."): text-only turns give
@@ -142,7 +145,9 @@ def named_colours(text: str) -> set[str]:
 
 
 def qa_correct(sample: SpeechSample, answer: str) -> bool:
-    """A spoken-question answer is right when it names the right colour and no other one."""
+    """Whether a spoken-question answer names the right colour and no other one (the demo's metric
+    before ``speech_qa_accuracy`` came from ``mm eval``'s ``speech-qa`` task, which asks for the
+    answer itself: exact match after VQAv2's normaliser)."""
     return named_colours(answer) == named_colours(sample.answer)
 
 
@@ -154,8 +159,8 @@ def chance_wer(references: Sequence[str], train_transcripts: Sequence[str]) -> f
 
 
 def answer_all(model, samples: Sequence[SpeechSample], waves: Sequence[torch.Tensor]) -> list[str]:
-    """Greedy answers of ``model`` to utterances no ``mm eval`` task reads (spoken questions),
-    through ``mm eval``'s answer loop (:func:`mm.demo.eval_sets.answer_turns`)."""
+    """Greedy answers of ``model`` to utterances given as waveforms, through ``mm eval``'s answer loop
+    (:func:`mm.demo.eval_sets.answer_turns`); the report's figures come from ``mm eval``'s tasks."""
     from mm.demo.eval_sets import answer_turns
 
     turns = [speech_messages(s, w)[:1] for s, w in zip(samples, waves, strict=True)]
@@ -336,11 +341,12 @@ def speech_figures(
 
     Recognition is written as a LibriSpeech folder under ``out/eval-data/speech-asr`` and scored by
     ``mm eval``'s ``asr`` task (corpus WER after Whisper's normaliser); translation as a CoVoST 2
-    TSV under ``out/eval-data/speech-ast``, scored by ``ast`` (corpus sacreBLEU); the results and
-    their commands go under ``out/eval/``. Spoken questions have no task: their answers come from
-    the same answer loop and are scored by :func:`qa_correct`.
+    TSV under ``out/eval-data/speech-ast``, scored by ``ast`` (corpus sacreBLEU); spoken questions
+    as a JSON Lines set under ``out/eval-data/speech-qa``, scored by ``speech-qa`` (exact match after
+    VQAv2's normaliser, the audio alone as the turn); the results and their commands go under
+    ``out/eval/``.
     """
-    from mm.demo.eval_sets import score, write_librispeech
+    from mm.demo.eval_sets import score, write_librispeech, write_speech_qa
 
     data = write_librispeech(evals["asr"], eval_waves["asr"], out / "eval-data" / "speech-asr")
     recognition = score(
@@ -353,16 +359,24 @@ def speech_figures(
         max_new_tokens=ANSWER_TOKENS,
     )
     asr = [r.prediction for r in recognition.result.samples]
-    qa = answer_all(model, evals["qa"], eval_waves["qa"])
+    questions = write_speech_qa(evals["qa"], eval_waves["qa"], out / "eval-data" / "speech-qa")
+    spoken = score(
+        model, model_dir, "speech-qa", questions, out / "eval" / "speech-qa", max_new_tokens=ANSWER_TOKENS
+    )
+    qa = [r.prediction for r in spoken.result.samples]
+    right = [r.score for r in spoken.result.samples]
     refs = [s.answer for s in evals["asr"]]
     repeated = text_task_all(model, "asr", refs)
     translation, translated = _translation_figures(
         model, train, evals, eval_waves, out=out, model_dir=model_dir
     )
-    evaluations = {"speech_wer": recognition.provenance(), **translation.pop("_eval", {})}
+    evaluations = {
+        "speech_wer": recognition.provenance(),
+        **translation.pop("_eval", {}),
+        "speech_qa_accuracy": spoken.provenance(),
+    }
     held = [i for i, s in enumerate(evals["asr"]) if s.heldout_phrasing]
     colours = [next(iter(named_colours(s.answer))) for s in evals["qa"]]
-    right = [qa_correct(s, a) for s, a in zip(evals["qa"], qa)]
     return {
         **translation,
         "speech_wer": recognition.result.score,
@@ -371,7 +385,7 @@ def speech_figures(
         "speech_asr_exact": sum(a == r for a, r in zip(asr, refs)) / len(refs),
         "speech_text_repeat_wer": corpus_wer(repeated, refs),
         "speech_text_repeat_examples": [{"text": r, "model": a} for r, a in zip(refs[:4], repeated)],
-        "speech_qa_accuracy": sum(right) / len(right),
+        "speech_qa_accuracy": spoken.result.score,
         "speech_qa_chance": max(colours.count(c) for c in set(colours)) / len(colours),
         "speech_qa_heldout_phrasing": _mean([r for r, s in zip(right, evals["qa"]) if s.heldout_phrasing]),
         "speech_qa_exact": sum(a == s.answer for a, s in zip(qa, evals["qa"])) / len(qa),

@@ -13,7 +13,8 @@ After the image stages, the demo teaches its model to watch clips (Llama 3 paper
    the temporal aggregator and the video cross-attention blocks learn, 16 frames merged into 4
    ordered frames (groups of 4);
 4. answer the evaluation questions by greedy generation from the mp4 files (decoded, sampled and
-   encoded by the same path ``model.chat`` uses) and score exact matches.
+   encoded by the same path ``model.chat`` uses), through ``mm eval``'s ``video-qa`` task: exact match
+   after VQAv2's answer normaliser (:func:`video_qa_accuracy`).
 
 ``quick`` is the same job on fewer clips and steps (CI runs it).
 """
@@ -93,28 +94,35 @@ def write_video_data(
     return info, evals, files
 
 
-def video_qa_accuracy(model, samples, videos) -> dict[str, Any]:
-    """Exact-match accuracy of greedy answers to video questions, overall and per question kind.
+def video_qa_accuracy(model, samples, videos, *, out: Path, model_dir: Path) -> dict[str, Any]:
+    """Accuracy of greedy answers to video questions, overall and per question kind, by ``mm eval``.
 
-    No task of ``mm eval`` asks short questions about videos (``video-mcq`` wants an option letter),
-    so the answers come from ``mm eval``'s answer loop (:func:`mm.demo.eval_sets.answer_turns`, the
-    model's own group size) and are scored here, stripped, against the sample's answer.
+    The questions are written as an open-ended video QA set under ``out/eval-data/video-qa``
+    (:func:`mm.demo.eval_sets.write_video_qa`) and scored by ``mm eval``'s ``video-qa`` task (exact
+    match after VQAv2's answer normaliser), asked as the demo trains (the question alone:
+    ``--prompt ""``); ``eval.json`` and ``eval.md`` go under ``out/eval/video-qa``.
 
     Args:
-        model: the model, with its preprocessor (which decodes and samples the clips).
+        model: the model (loaded from ``model_dir``), with its preprocessor (which decodes and samples
+            the clips).
         samples: :class:`~mm.demo.video_data.VideoQASample` s.
         videos: per sample, its mp4 file.
+        out: the demo's folder.
+        model_dir: the folder ``model`` was loaded from (named in the reproducing command).
 
     Returns:
-        ``accuracy``, ``per_kind`` and ``examples`` (up to three questions of each kind, with their
-        answers and the model's).
+        ``accuracy``, ``per_kind`` (the mean per-sample score of each kind), ``examples`` (up to three
+        questions of each kind, with their answers and the model's) and ``eval`` (the task, metric and
+        ``mm eval`` command behind ``accuracy``).
     """
-    from mm.demo.eval_sets import answer_turns, per_kind
-    from mm.demo.video_data import video_qa_messages
+    from mm.demo.eval_sets import per_kind, score, write_video_qa
 
-    turns = [video_qa_messages(s, str(v))[:1] for s, v in zip(samples, videos, strict=True)]
-    answers = answer_turns(model, turns, max_new_tokens=12)
-    right = [float(a == s.answer) for s, a in zip(samples, answers)]
+    data = write_video_qa(samples, videos, out / "eval-data" / "video-qa")
+    scored = score(
+        model, model_dir, "video-qa", data, out / "eval" / "video-qa", prompt="", max_new_tokens=12
+    )
+    answers = [r.prediction for r in scored.result.samples]
+    right = [r.score for r in scored.result.samples]
     examples = []
     seen: Counter[str] = Counter()
     for s, answer in zip(samples, answers):
@@ -122,9 +130,10 @@ def video_qa_accuracy(model, samples, videos) -> dict[str, Any]:
         if len(examples) < 9 and seen[s.kind] <= 3:
             examples.append({"question": s.question, "answer": s.answer, "model": answer, "kind": s.kind})
     return {
-        "accuracy": sum(right) / max(1, len(right)),
+        "accuracy": scored.result.score,
         "per_kind": per_kind([s.kind for s in samples], right),
         "examples": examples,
+        "eval": scored.provenance(),
     }
 
 
@@ -211,7 +220,8 @@ def run_video_demo(
 
     Returns:
         ``video_qa_accuracy``, ``video_qa_chance``, ``video_qa_per_kind``, ``video_qa_eval_samples``,
-        ``video_qa_examples``, ``stages`` (the video stage, as the demo report lists stages),
+        ``video_qa_examples``, ``video_evaluations`` (``{"video_qa_accuracy": {task, metric,
+        command}}``), ``stages`` (the video stage, as the demo report lists stages),
         ``video_timings`` (seconds per phase), ``video_data`` and ``model_dir`` (the trained model).
     """
     from mm.model.multimodal import MultimodalModel
@@ -236,7 +246,7 @@ def run_video_demo(
     # 4. held-out evaluation from the mp4 files, through the serving path
     t0 = time.perf_counter()
     model = MultimodalModel.from_pretrained(result.model_dir).eval()
-    qa = video_qa_accuracy(model, eval_samples, eval_files)
+    qa = video_qa_accuracy(model, eval_samples, eval_files, out=out, model_dir=Path(result.model_dir))
     eval_seconds = time.perf_counter() - t0
     report = {
         "video_qa_accuracy": qa["accuracy"],
@@ -244,6 +254,8 @@ def run_video_demo(
         "video_qa_per_kind": qa["per_kind"],
         "video_qa_eval_samples": len(eval_samples),
         "video_qa_examples": qa["examples"],
+        # which mm eval task and metric produced the figure, and the command that reproduces it
+        "video_evaluations": {"video_qa_accuracy": qa["eval"]},
         "stages": [
             {
                 "name": result.name,

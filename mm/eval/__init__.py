@@ -3,7 +3,8 @@
 Each follows its benchmark's own scorer; the module docstrings name the file and function, and list every
 place mm departs from it and why.
 
-* :mod:`mm.eval.vqa` — VQAv2 and TextVQA accuracy (ten human answers, leave-one-out) and their normalisers.
+* :mod:`mm.eval.vqa` — VQAv2 and TextVQA accuracy (ten human answers, leave-one-out) and their normalisers;
+  exact match after the VQAv2 normaliser (open-ended video and spoken QA).
 * :mod:`mm.eval.anls` — DocVQA ANLS.
 * :mod:`mm.eval.chartqa` — ChartQA relaxed accuracy.
 * :mod:`mm.eval.choice` — option-letter extraction (MMMU rules; Video-MME prefixes) and its score.
@@ -14,6 +15,7 @@ place mm departs from it and why.
 
 * :mod:`mm.eval.tasks` — the tasks (reader, metric, aggregation); :mod:`mm.eval.samples` — what a reader
   returns; the readers of the published layouts: :mod:`mm.eval.vqa_tasks`, :mod:`mm.eval.choice_tasks`,
+  :mod:`mm.eval.open_qa_tasks`,
   :mod:`mm.eval.speech_tasks`, :mod:`mm.eval.text` (which also checks the backbone's promise).
 * :mod:`mm.eval.run` — :func:`evaluate` (answer and score), ``eval.json`` / ``eval.md``, the command.
 
@@ -50,6 +52,7 @@ from mm.eval.tasks import TASK_NAMES, TASKS, Task, get_task, read_task, score_pr
 from mm.eval.vqa import (
     normalize_textvqa_answer,
     normalize_vqa_answer,
+    normalized_exact_match,
     textvqa_accuracy,
     vqa_accuracy,
     vqa_soft_accuracy,
@@ -82,6 +85,7 @@ __all__ = [
     "normalize_textvqa_answer",
     "normalize_transcript",
     "normalize_vqa_answer",
+    "normalized_exact_match",
     "option_letters",
     "read_task",
     "relaxed_correctness",

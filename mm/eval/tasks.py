@@ -8,12 +8,14 @@
 | ``chartqa`` | ``test_human.json`` / ``test_augmented.json``, ``png/`` | relaxed accuracy -> mean |
 | ``mcq`` | MMMU / AI2D parquet | option letter (MMMU rules) = gold -> mean |
 | ``video-mcq`` | Video-MME / PerceptionTest JSON, videos | option letter (Video-MME prefixes) = gold -> mean |
+| ``video-qa`` | ActivityNet-QA / MSRVTT-QA style JSON, videos | exact match after VQAv2's normaliser -> mean |
 | ``asr`` | LibriSpeech folders | WER per utterance -> corpus WER (Whisper normaliser) |
 | ``ast`` | CoVoST 2 TSV, clips | sentence BLEU -> corpus BLEU (sacreBLEU) |
+| ``speech-qa`` | AudioBench / VoiceBench style JSON(L), audio | exact match after VQAv2's normaliser -> mean |
 | ``text`` | lm-eval style multiple-choice JSONL | log-likelihood choice = gold -> mean (``acc``) |
 
-Layouts and prompts: :mod:`mm.eval.vqa_tasks`, :mod:`mm.eval.choice_tasks`, :mod:`mm.eval.speech_tasks`,
-:mod:`mm.eval.text`. Metrics: the rest of :mod:`mm.eval`, each following its benchmark's official scorer.
+Layouts and prompts: :mod:`mm.eval.vqa_tasks`, :mod:`mm.eval.choice_tasks`, :mod:`mm.eval.open_qa_tasks`,
+:mod:`mm.eval.speech_tasks`, :mod:`mm.eval.text`. Metrics: the rest of :mod:`mm.eval`, each following its benchmark's official scorer.
 
 Predictions are scored stripped of outer whitespace (the official scorers expect the model's answer
 string; ANLS, relaxed accuracy and the letter rules all say to pass it stripped).
@@ -31,11 +33,12 @@ from mm.eval.anls import anls
 from mm.eval.chartqa import relaxed_correctness
 from mm.eval.choice import choice_accuracy, extract_choice, extract_video_choice
 from mm.eval.choice_tasks import read_mcq, read_video_mcq
+from mm.eval.open_qa_tasks import read_speech_qa, read_video_qa
 from mm.eval.samples import EvalDataError, EvalSample, TaskData, TaskOptions
 from mm.eval.speech import corpus_bleu, corpus_wer, sample_wer, sentence_bleu
 from mm.eval.speech_tasks import read_covost, read_librispeech
 from mm.eval.text import TEXT_MAX_NEW_TOKENS, read_text
-from mm.eval.vqa import textvqa_accuracy, vqa_accuracy
+from mm.eval.vqa import normalized_exact_match, textvqa_accuracy, vqa_accuracy
 from mm.eval.vqa_tasks import read_chartqa, read_docvqa, read_textvqa, read_vqav2
 
 __all__ = ["TASKS", "TASK_NAMES", "Task", "get_task", "read_task", "score_predictions"]
@@ -135,6 +138,13 @@ TASKS: dict[str, Task] = {
             max_new_tokens=32,
         ),
         Task(
+            name="video-qa",
+            metric="accuracy",
+            description="accuracy (0-1; exact match after VQAv2's answer normaliser)",
+            read=read_video_qa,
+            sample_score=lambda p, s: normalized_exact_match(p, s.references),
+        ),
+        Task(
             name="asr",
             metric="wer",
             description="corpus WER (fraction; Whisper English normaliser, jiwer)",
@@ -152,6 +162,14 @@ TASKS: dict[str, Task] = {
             sample_score=lambda p, s: sentence_bleu(p, s.references[0]),
             corpus_score=_bleu,
             max_new_tokens=256,
+        ),
+        Task(
+            name="speech-qa",
+            metric="accuracy",
+            description="accuracy (0-1; exact match after VQAv2's answer normaliser)",
+            read=read_speech_qa,
+            sample_score=lambda p, s: normalized_exact_match(p, s.references),
+            max_new_tokens=32,
         ),
         Task(
             name="text",

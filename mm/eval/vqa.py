@@ -33,6 +33,7 @@ from mm.eval._vqa_tables import ARTICLES, CONTRACTIONS, NUMBER_WORDS, PUNCTUATIO
 __all__ = [
     "normalize_textvqa_answer",
     "normalize_vqa_answer",
+    "normalized_exact_match",
     "textvqa_accuracy",
     "vqa_accuracy",
     "vqa_soft_accuracy",
@@ -155,3 +156,21 @@ def textvqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     :func:`vqa_soft_accuracy` with :func:`normalize_textvqa_answer` (mmf ``TextVQAAccuracyEvaluator``).
     """
     return vqa_soft_accuracy(prediction, answers, normalize_textvqa_answer)
+
+
+def normalized_exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the prediction equals one of the gold answers after :func:`normalize_vqa_answer` on both
+    sides, else 0.0: the accuracy of the open-ended video and spoken QA tasks (one gold answer each).
+
+    ActivityNet-QA and MSRVTT-QA were first scored by exact match of the answer word (later papers often
+    use a GPT judge instead, which needs a network and is not reproducible; mm does not run one). Matching
+    after the VQAv2 normaliser (lower case, punctuation, articles, number words to digits) keeps exact
+    match but forgives form: ``"Two."`` matches ``"2"`` and ``"the park"`` matches ``"park"``.
+
+    Raises:
+        ValueError: when ``answers`` is empty.
+    """
+    if not answers:
+        raise ValueError("exact match needs at least one gold answer")
+    predicted = normalize_vqa_answer(prediction)
+    return float(any(predicted == normalize_vqa_answer(answer) for answer in answers))

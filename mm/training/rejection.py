@@ -304,11 +304,14 @@ def _stage_media(prompt: Prompt, staging: Path) -> list[dict[str, Any]]:
                 kind = part.get("type")
                 if kind in ("image", "video", "audio") and isinstance(part.get(kind), str):
                     name = part[kind].lower()
-                    target = staging / folder / name
+                    staged = (
+                        name if "." in name else f"{kind}.{name}"
+                    )  # a folder sample's field: its extension
+                    target = staging / folder / staged
                     if not target.exists():
                         target.parent.mkdir(parents=True, exist_ok=True)
                         target.write_bytes(prompt.media[name])
-                    part = {**part, kind: f"{folder}/{name}"}
+                    part = {**part, kind: f"{folder}/{staged}"}
                 parts.append(part)
             message = {**message, "content": parts}
         out.append(message)
