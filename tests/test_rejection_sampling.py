@@ -262,3 +262,30 @@ def test_cli(tmp_path, policy, capsys):
         main(["sample", str(tmp_path / "model"), str(bad), str(tmp_path / "out2"), "--metric", "exact"]) == 2
     )
     assert "no reference" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+
+
+def test_folder_packed_shards_are_sampled_and_repacked(tmp_path, policy):
+    """A folder sample's image member is named by its extension alone (``q00.png`` -> field ``png``):
+    the kept samples must still pack, image and all."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"q{i:02d}.png").write_bytes(_png(i))
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": f"q{i:02d}.png"}, {"type": "text", "text": "What?"}],
+            },
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
+        (src / f"q{i:02d}.json").write_text(json.dumps({"messages": messages}))
+    pack(src, tmp_path / "shards")
+    summary = _run(policy, tmp_path / "shards", tmp_path / "out", metric="exact")
+    assert summary["sft"] == 3
+    images = {}
+    for url in expand_shards(tmp_path / "out" / "sft"):
+        for _, fields, _ in read_shard(url, DataCounters()):
+            (image,) = [v for f, v in fields.items() if f != "json"]
+            images[json.loads(fields["json"])["messages"][-1]["content"]] = image
+    assert len(images) == 3
+    assert sorted(images.values()) == sorted(_png(i) for i in range(3))  # the images came along

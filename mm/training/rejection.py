@@ -304,9 +304,8 @@ def _stage_media(prompt: Prompt, staging: Path) -> list[dict[str, Any]]:
                 kind = part.get("type")
                 if kind in ("image", "video", "audio") and isinstance(part.get(kind), str):
                     name = part[kind].lower()
-                    staged = (
-                        name if "." in name else f"{kind}.{name}"
-                    )  # a folder sample's field: its extension
+                    # A folder sample's member is named by its extension alone ("png"): keep a name.
+                    staged = name if "." in name else f"{kind}.{name}"
                     target = staging / folder / staged
                     if not target.exists():
                         target.parent.mkdir(parents=True, exist_ok=True)
