@@ -349,6 +349,25 @@ def _write_shards(tmp: Path, groups: Sequence[Sequence[Plan]], prefix: str) -> l
     return shards
 
 
+def _pack_manifest(
+    plans: Sequence[Plan],
+    shards: list[dict[str, Any]],
+    source: str | None,
+    limit: int,
+    prefix: str,
+    caption_prompt: str | None,
+) -> dict[str, Any]:
+    """``manifest.json`` of a pack: the shards written and the settings that wrote them."""
+    settings = {"source": source, "shard_bytes": limit, "prefix": prefix, "caption_prompt": caption_prompt}
+    return {
+        "format": "mm-webdataset",
+        "version": 1,
+        "samples": len(plans),
+        "shards": shards,
+        "settings": settings,
+    }
+
+
 def pack(
     src: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -397,18 +416,7 @@ def pack(
     with staging_folder(out) as tmp:
         try:
             shards = _write_shards(tmp, _group(plans, limit), prefix)
-            manifest = {
-                "format": "mm-webdataset",
-                "version": 1,
-                "samples": len(plans),
-                "shards": shards,
-                "settings": {
-                    "source": str(src),
-                    "shard_bytes": limit,
-                    "prefix": prefix,
-                    "caption_prompt": caption_prompt,
-                },
-            }
+            manifest = _pack_manifest(plans, shards, str(src), limit, prefix, caption_prompt)
             publish_shards(tmp, out, manifest, replace=old)
         except BaseException:
             discard_shards(tmp, out, shards, remove_out=created)
@@ -536,18 +544,7 @@ def pack_samples(
                 if not plans:
                     raise PackError(f"no samples found in {source or 'the input'}")
                 shards = _write_shards(tmp, _group(plans, limit), prefix)
-                manifest = {
-                    "format": "mm-webdataset",
-                    "version": 1,
-                    "samples": len(plans),
-                    "shards": shards,
-                    "settings": {
-                        "source": source,
-                        "shard_bytes": limit,
-                        "prefix": prefix,
-                        "caption_prompt": None,
-                    },
-                }
+                manifest = _pack_manifest(plans, shards, source, limit, prefix, None)
                 publish_shards(tmp, out, manifest, replace=old)
             except BaseException:
                 discard_shards(tmp, out, shards, remove_out=False)

@@ -156,6 +156,25 @@ def _vision(**sizes) -> dict[str, Any]:
     return vision
 
 
+# The "small" model's sizes, shared by its Llama 3-vocabulary and 4,096-token forms.
+_SMALL_TEXT = dict(
+    hidden_size=512,
+    num_hidden_layers=10,  # 8 self-attention + 2 cross-attention
+    cross_attention_layers=[3, 8],
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    intermediate_size=1792,
+)
+_SMALL_VISION = _vision(
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_global_layers=2,
+    attention_heads=4,
+    intermediate_size=1024,
+    image_size=112,  # 8 x 8 patches + class token per tile
+    intermediate_layers_indices=[1, 3],
+)
+
 SIZES: dict[str, BenchSize] = {
     # For the test suite: seconds, not a measurement.
     "tiny": BenchSize(
@@ -198,51 +217,23 @@ SIZES: dict[str, BenchSize] = {
     # About a minute on 2 CPU cores; Llama 3's real vocabulary, since the logits cost is felt.
     "small": BenchSize(
         name="small",
-        text=_text(
-            hidden_size=512,
-            num_hidden_layers=10,  # 8 self-attention + 2 cross-attention
-            cross_attention_layers=[3, 8],
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            intermediate_size=1792,
-        ),
+        text=_text(**_SMALL_TEXT),
         rope=_LLAMA3_ROPE,
-        vision=_vision(
-            hidden_size=256,
-            num_hidden_layers=4,
-            num_global_layers=2,
-            attention_heads=4,
-            intermediate_size=1024,
-            image_size=112,  # 8 x 8 patches + class token per tile
-            intermediate_layers_indices=[1, 3],
-        ),
+        vision=_SMALL_VISION,
     ),
     # The same model with a 4,096-token vocabulary: the output head no longer dominates, so the rest of
     # the network shows (issue 21).
     "small-4k": BenchSize(
         name="small-4k",
         text=_text(
-            hidden_size=512,
-            num_hidden_layers=10,  # 8 self-attention + 2 cross-attention
-            cross_attention_layers=[3, 8],
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            intermediate_size=1792,
+            **_SMALL_TEXT,
             vocab_size=4096,
             bos_token_id=4000,
             eos_token_id=4001,
             pad_token_id=4004,
         ),
         rope=_LLAMA3_ROPE,
-        vision=_vision(
-            hidden_size=256,
-            num_hidden_layers=4,
-            num_global_layers=2,
-            attention_heads=4,
-            intermediate_size=1024,
-            image_size=112,  # 8 x 8 patches + class token per tile
-            intermediate_layers_indices=[1, 3],
-        ),
+        vision=_SMALL_VISION,
     ),
     # Llama 3.2 11B Vision's configuration, for a GPU.
     "11b": BenchSize(
