@@ -296,7 +296,7 @@ def _assert_posttrain_figures_follow_from_the_models(report, out):
     def better(values):
         return values[0] > values[1]
 
-    questions = make_image_qa(POST_MICRO.rejection_prompts, split="eval", seed=23)
+    questions = make_image_qa(POST_MICRO.rejection_prompts, split="eval", seed=23, heldout_phrasings=True)
     picks = report["rejection_examples"]
     assert [(e["question"], e["answer"]) for e in picks] == [(s.question, s.answer) for s in questions]
     for e in picks:  # the reward model chose: the highest reward among the non-blank samples, first on ties
@@ -313,6 +313,7 @@ def _assert_posttrain_figures_follow_from_the_models(report, out):
         "preference_rate_before": share(better(e["logp_before"]) for e in examples),
         "preference_rate_after": share(better(e["logp_after"]) for e in examples),
         "rejection_accuracy_before": share(right(e["greedy"], e["answer"]) for e in picks),
+        "rejection_policy_greedy_accuracy": share(right(e["policy_greedy"], e["answer"]) for e in picks),
         "rejection_accuracy_after": share(right(e["kept"], e["answer"]) for e in picks),
         "preference_margin_before": statistics.median(
             e["logp_before"][0] - e["logp_before"][1] for e in examples
@@ -337,25 +338,37 @@ def _assert_posttrain_figures_follow_from_the_models(report, out):
     assert (out / "plots" / "posttrain-stages.png").is_file()
 
 
-def test_preference_pairs_prefer_the_short_correct_answer_over_a_wrong_or_verbose_one(tmp_path):
+def test_preference_pairs_prefer_the_short_correct_answer_over_a_wrong_verbose_or_off_topic_one(tmp_path):
     from mm.datasets.shards import pack
     from mm.datasets.webdata import DataCounters, read_shard
     from mm.demo.posttrain_data import write_preference_manifest
-    from mm.demo.scenes import is_novel
+    from mm.demo.scenes import CHOICES, QUESTIONS, caption, is_novel
 
-    pairs = make_preference_pairs(40, split="train", seed=4)
-    assert pairs == make_preference_pairs(40, split="train", seed=4)  # the same arguments, the same pairs
-    assert [p.flaw for p in pairs] == [FLAWS[i % 2] for i in range(40)]  # half wrong, half verbose
+    pairs = make_preference_pairs(60, split="train", seed=4)
+    assert pairs == make_preference_pairs(60, split="train", seed=4)  # the same arguments, the same pairs
+    assert [p.flaw for p in pairs] == [FLAWS[i % 3] for i in range(60)]  # a third of each flaw
+    seen_captions = 0
     for p in pairs:
         assert p.chosen == p.sample.answer and p.chosen in p.sample.choices  # short and right
+        wordings = QUESTIONS[p.sample.kind]
+        # only the off-topic pairs are asked in wordings the image stages never used
+        assert p.sample.question in (wordings.heldout if p.flaw == "off-topic" else wordings.train)
         if p.flaw == "wrong":  # as short, another answer of the same kind (a neighbouring count)
             assert p.rejected in p.sample.choices and p.rejected != p.chosen
             if p.sample.kind == "count":
                 assert abs(int(p.rejected) - int(p.chosen)) == 1
-        else:  # the right answer among many words
+        elif p.flaw == "verbose":  # the right answer among many words
             assert p.rejected in {t.format(answer=p.chosen) for t in VERBOSE_TEMPLATES}
             assert len(p.rejected.split()) >= 10 > len(p.chosen.split()) + 2
+        else:  # true of the picture, but not an answer of the kind asked: a caption or another kind's answer
+            first = p.sample.scene.shapes[0]
+            assert p.rejected not in p.sample.choices
+            assert p.rejected == caption(p.sample.scene) or p.rejected in {first.colour, first.shape} | set(
+                CHOICES["position"]
+            )
+            seen_captions += p.rejected == caption(p.sample.scene)
         assert not is_novel(p.sample.scene)
+    assert 0 < seen_captions < 20
     assert all(is_novel(p.sample.scene) for p in make_preference_pairs(12, split="eval", seed=4))
 
     manifest = write_preference_manifest(pairs[:6], tmp_path / "raw")
@@ -379,7 +392,12 @@ def _assert_mm_eval_reproduces_the_figures(report, out, again, capsys):
     through the CLI into another folder: the same score, the same per-sample answers and scores."""
     from mm.cli import main
 
-    post = ("image_qa_accuracy_before_dpo", "image_qa_accuracy_after_dpo", "rejection_accuracy_before")
+    post = (
+        "image_qa_accuracy_before_dpo",
+        "image_qa_accuracy_after_dpo",
+        "rejection_accuracy_before",
+        "rejection_policy_greedy_accuracy",
+    )
     open_qa = {"video_qa_accuracy": "video-qa", "speech_qa_accuracy": "speech-qa"}
     assert set(report["evaluations"]) == {"image_qa_accuracy", "speech_wer", "speech_bleu", *post, *open_qa}
     tasks = {
@@ -393,6 +411,11 @@ def _assert_mm_eval_reproduces_the_figures(report, out, again, capsys):
         assert provenance["task"] == tasks[figure]
         argv = shlex.split(provenance["command"])
         assert argv[:2] == ["mm", "eval"] and argv[3] == tasks[figure]
+        # the DPO model answers after DPO and is the policy rejection sampling samples; the image model before
+        dpo = figure in ("image_qa_accuracy_after_dpo", "rejection_policy_greedy_accuracy")
+        assert Path(argv[2]).parts[-3:-1] == (("runs", "dpo") if dpo else ("runs", "image-anneal")) or (
+            not dpo and figure in ("image_qa_accuracy", "speech_wer", "speech_bleu", *open_qa)
+        )
         first = json.loads((Path(argv[argv.index("--out") + 1]) / "eval.json").read_text())
         argv[argv.index("--out") + 1] = str(again / figure)
         assert main([*argv[1:], "--no-progress", "--device", "cpu"]) == 0, capsys.readouterr().err

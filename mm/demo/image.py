@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from mm.demo.scenes import caption
+
 __all__ = [
     "ImagePhase",
     "caption",
@@ -80,19 +82,6 @@ def pretrain_image_encoder(config, samples, *, steps: int, batch: int, seed: int
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     return encoder.eval(), losses
-
-
-def caption(scene) -> str:
-    """A plain-English description of a generated scene: what and where for a lone shape, how many
-    (and of which colours) for several."""
-    from mm.demo.scenes import quadrant
-
-    shapes = scene.shapes
-    if len(shapes) == 1:
-        s = shapes[0]
-        return f"A {s.colour} {s.shape} in the {quadrant(s.x, s.y)}."
-    words = {2: "Two", 3: "Three", 4: "Four"}
-    return f"{words[len(shapes)]} shapes."
 
 
 def write_image_data(out: Path, *, caption_samples: int, qa_samples: int, seed: int) -> dict[str, Any]:

@@ -4,9 +4,12 @@ On the model the image stages produced (the image SFT model; Llama 3 paper, sect
 the image phase and before video:
 
 1. **Pairs** (:mod:`mm.demo.posttrain_data`): a picture and a question; the short correct answer is
-   chosen, a wrong short answer (half the pairs) or the correct answer in a long hedging sentence
-   (the other half) rejected. Training pairs never show a held-out colour-shape-quadrant combination;
-   every held-out pair does. Written as a manifest with PNG files and packed with ``mm data pack``.
+   chosen; a third of the pairs reject a wrong short answer, a third the correct answer in a long
+   hedging sentence, and a third (asked in a wording the image stages never used, as users word
+   questions) an answer that is true of the picture but beside the question, such as its caption:
+   what the SFT model says to such wordings. Training pairs never show a held-out
+   colour-shape-quadrant combination; every held-out pair does. Written as a manifest with PNG
+   files and packed with ``mm data pack``.
 2. **Reward model**: the ``reward-model`` stage of the ``tiny-demo-post`` recipe, through the
    trainer, from the SFT model: a fresh ``reward_head`` and the image adapter learn (the paper
    unfreezes the vision side of its vision reward model too; without the adapter the head only sees
@@ -21,11 +24,14 @@ the image phase and before video:
    Image QA accuracy on the demo's held-out questions is measured before and after DPO (through
    ``mm eval``, as the demo's headline figure).
 4. **Rejection sampling** (:func:`mm.training.rejection.rejection_sample`) on held-out image
-   questions with reference answers: ``rejection_accuracy_before`` is the SFT model's greedy answers'
-   accuracy (through ``mm eval``'s ``vqav2`` task); ``rejection_accuracy_after`` the accuracy of the
-   answer **the reward model** keeps among ``n`` answers the SFT model sampled (fixed temperature, top-p and
-   seed); the reference answers only score the kept answers afterwards, as VQA accuracy (exact match
-   after VQAv2's normaliser).
+   questions with reference answers, a third of them in the new wordings: the latest policy (the
+   DPO model, as the paper's post-training rounds sample the best model of the round before) samples
+   ``n`` answers per question (fixed temperature, top-p and seed) and **the reward model** keeps one.
+   ``rejection_accuracy_before`` is the SFT model's greedy answers' accuracy (through ``mm eval``'s
+   ``vqav2`` task), ``rejection_policy_greedy_accuracy`` the DPO model's, and
+   ``rejection_accuracy_after`` the accuracy of the kept answers; the reference answers only score
+   answers afterwards, as VQA accuracy (exact match after VQAv2's normaliser).
+   ``rejection_best_possible`` is what a perfect reward model would keep.
 
 Neither model is published: ``OUT/model`` remains the image, video (and speech) model, and the video
 phase starts from the image SFT model as before. The trainer checks the backbone's digest after each
@@ -69,8 +75,12 @@ class PosttrainSettings:
         rejection_prompts: held-out image questions of rejection sampling.
         rejection_n: answers sampled per question.
         rejection_temperature: their sampling temperature.
-        rejection_top_p: their nucleus mass (below 1 it drops the odd tokens a reward model trained
-            on short answers has never seen and may score high).
+        rejection_top_p: their nucleus mass (below 1 it drops the misspellings a byte-level model
+            samples now and then, which a reward model trained on whole words has never seen and
+            may score high: at 1.0 the pick was 0.90 against 0.94 at 0.8 in a trial).
+        rejection_max_new_tokens: the longest answer, greedy or sampled, in tokens (bytes): room
+            for a whole caption or hedging sentence, so the reward model judges what the policy
+            would say rather than its first dozen characters.
     """
 
     train_pairs: int
@@ -81,13 +91,14 @@ class PosttrainSettings:
     rejection_n: int
     rejection_temperature: float = 1.0
     rejection_top_p: float = 0.8
+    rejection_max_new_tokens: int = 48
 
 
 POST_FULL = PosttrainSettings(
-    train_pairs=2000, heldout_pairs=400, reward_steps=600, dpo_steps=200, rejection_prompts=200, rejection_n=8
+    train_pairs=6000, heldout_pairs=600, reward_steps=600, dpo_steps=400, rejection_prompts=400, rejection_n=8
 )
 POST_QUICK = PosttrainSettings(
-    train_pairs=1000, heldout_pairs=200, reward_steps=300, dpo_steps=100, rejection_prompts=100, rejection_n=6
+    train_pairs=3000, heldout_pairs=300, reward_steps=300, dpo_steps=200, rejection_prompts=200, rejection_n=8
 )
 
 
@@ -195,7 +206,9 @@ def _train(out: Path, sft_dir: Path, settings: PosttrainSettings, progress: bool
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def greedy_image_qa(model, model_dir: Path, samples: Sequence[Any], folder: Path) -> dict[str, Any]:
+def greedy_image_qa(
+    model, model_dir: Path, samples: Sequence[Any], folder: Path, max_new_tokens: int = 12
+) -> dict[str, Any]:
     """Greedy answers to image questions scored by ``mm eval``'s ``vqav2`` task, as the demo's image
     QA figure is (the set written under ``folder/data``, results under ``folder/eval``).
 
@@ -206,7 +219,7 @@ def greedy_image_qa(model, model_dir: Path, samples: Sequence[Any], folder: Path
     from mm.demo.eval_sets import score, write_vqav2
 
     data = write_vqav2(samples, folder / "data")
-    scored = score(model, model_dir, "vqav2", data, folder / "eval", prompt="", max_new_tokens=12)
+    scored = score(model, model_dir, "vqav2", data, folder / "eval", prompt="", max_new_tokens=max_new_tokens)
     return {
         "accuracy": scored.result.score,
         "answers": [r.prediction for r in scored.result.samples],
@@ -215,15 +228,18 @@ def greedy_image_qa(model, model_dir: Path, samples: Sequence[Any], folder: Path
     }
 
 
-def _rejection(out: Path, sft, sft_dir: Path, reward_model, settings: PosttrainSettings, seed: int, progress):
-    """Greedy accuracy of the SFT model and accuracy of the reward model's pick among sampled answers,
-    on the same held-out questions (module docstring)."""
+def _rejection(
+    out: Path, models: dict[str, tuple[Any, Path]], reward_model, settings: PosttrainSettings, seed, progress
+):
+    """Greedy accuracy of the SFT and DPO models, and accuracy of the reward model's pick among answers
+    the DPO model sampled, on the same held-out questions (module docstring). ``models`` maps
+    ``"sft"`` and ``"dpo"`` to ``(model, its folder)``."""
     from mm.datasets.shards import pack
     from mm.demo.image_data import make_image_qa, qa_messages
     from mm.eval.vqa import normalize_vqa_answer
     from mm.training.rejection import read_prompts, rejection_sample
 
-    samples = make_image_qa(settings.rejection_prompts, split="eval", seed=seed + 23)
+    samples = make_image_qa(settings.rejection_prompts, split="eval", seed=seed + 23, heldout_phrasings=True)
     raw, shards, sampled = out / "raw-post" / "rejection", out / "data" / "rejection", out / "rejection"
     shutil.rmtree(shards, ignore_errors=True)
     # A manifest, not a KEY.png + KEY.json folder: rejection_sample stages media under their field
@@ -237,9 +253,12 @@ def _rejection(out: Path, sft, sft_dir: Path, reward_model, settings: PosttrainS
         rows.append(json.dumps({"key": key, "messages": qa_messages(s, f"{key}.png")}))
     (raw / "questions.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     pack(raw / "questions.jsonl", shards, shard_bytes="4MB")
-    greedy = greedy_image_qa(sft, sft_dir, samples, out / "eval" / "rejection-greedy")
+    greedy, policy_greedy = (
+        greedy_image_qa(*models[name], samples, out / "eval" / folder, settings.rejection_max_new_tokens)
+        for name, folder in (("sft", "rejection-greedy"), ("dpo", "rejection-policy-greedy"))
+    )
     rejection_sample(
-        sft,
+        models["dpo"][0],
         shards,
         sampled,
         n=settings.rejection_n,
@@ -248,7 +267,7 @@ def _rejection(out: Path, sft, sft_dir: Path, reward_model, settings: PosttrainS
         seed=seed,
         reward_model=reward_model,
         batch_size=32,
-        max_new_tokens=12,
+        max_new_tokens=settings.rejection_max_new_tokens,
         progress=progress,
         overwrite=True,
     )
@@ -261,6 +280,8 @@ def _rejection(out: Path, sft, sft_dir: Path, reward_model, settings: PosttrainS
 
     return {
         "rejection_accuracy_before": greedy["accuracy"],
+        "rejection_policy": "dpo",
+        "rejection_policy_greedy_accuracy": policy_greedy["accuracy"],
         "rejection_accuracy_after": sum(right(kept.get(k, ""), s) for k, s in zip(keys, samples))
         / len(samples),
         # the share of questions with a right answer among the sampled ones: what a perfect reward
@@ -275,20 +296,24 @@ def _rejection(out: Path, sft, sft_dir: Path, reward_model, settings: PosttrainS
             "temperature": settings.rejection_temperature,
             "top_p": settings.rejection_top_p,
             "seed": seed,
-            "max_new_tokens": 12,
+            "max_new_tokens": settings.rejection_max_new_tokens,
         },
         "rejection_examples": [
             {
                 "question": s.question,
                 "answer": s.answer,
                 "greedy": g,
+                "policy_greedy": pg,
                 "sampled": rows[k]["answers"],
                 "rewards": rows[k]["scores"],
                 "kept": kept.get(k),
             }
-            for s, g, k in zip(samples, greedy["answers"], keys)
+            for s, g, pg, k in zip(samples, greedy["answers"], policy_greedy["answers"], keys)
         ],
-        "evaluations": {"rejection_accuracy_before": greedy["eval"]},
+        "evaluations": {
+            "rejection_accuracy_before": greedy["eval"],
+            "rejection_policy_greedy_accuracy": policy_greedy["eval"],
+        },
     }
 
 
@@ -331,7 +356,9 @@ def run_posttrain_phase(
     qa_before = greedy_image_qa(sft, sft_dir, questions, out / "eval" / "image-qa-before-dpo")
     qa_after = greedy_image_qa(dpo, dpo_dir, questions, out / "eval" / "image-qa-after-dpo")
     t_measure = time.perf_counter()
-    rejection = _rejection(out, sft, sft_dir, reward_model, settings, seed, progress)
+    rejection = _rejection(
+        out, {"sft": (sft, sft_dir), "dpo": (dpo, dpo_dir)}, reward_model, settings, seed, progress
+    )
     t_rejection = time.perf_counter()
 
     stage_eval = json.loads((out / "runs" / "reward-model" / "summary.json").read_text()).get("eval", {})

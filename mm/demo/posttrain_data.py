@@ -5,18 +5,28 @@ colour-shape-quadrant combinations stay apart exactly as there: ``"train"`` pair
 every ``"eval"`` pair does) with
 
 * ``chosen``: the short correct answer (``"red"``), the form the image stages taught;
-* ``rejected``: by the pair's place in the list, alternately (even places, half the pairs)
-  **wrong** — another answer of the same kind, as short (``"blue"``; for a count, a neighbouring
-  number, the mistake a model makes) — or (odd places, the other half) **verbose** — the correct answer buried in a long hedging sentence (``"Looking at the
-  picture, I would say that the answer is probably red, but I am not completely sure."``).
+* ``rejected``, by the pair's place in the list (:data:`FLAWS`, a third of the pairs each):
 
-A user sees the difference at once: the rejected answer is either false or padded. The pairs are
+  - **wrong**: another answer of the same kind, as short (``"blue"``; for a count, a neighbouring
+    number, the mistake a model makes);
+  - **verbose**: the correct answer buried in a long hedging sentence (``"Looking at the picture, I
+    would say that the answer is probably red, but I am not completely sure."``);
+  - **off-topic**: the question is worded as users word it and the image stages never did (one of
+    the kind's held-out wordings, :data:`mm.demo.scenes.QUESTIONS`), and the rejected answer is
+    true of the picture but answers another question: its caption (``"A red circle in the top
+    left."``) or an answer of another kind (the corner when asked the colour). That is what the SFT
+    model does with such wordings (its tiny frozen language model does not carry the image stages'
+    answers over to new wordings; it falls back on captions and on other questions' answers), so
+    these are the pairs DPO has something to teach on.
+
+A user sees the difference at once: the rejected answer is false, padded, or beside the question. The pairs are
 written as preference samples (``{"messages": [user: image + question], "chosen", "rejected"}``,
 a JSONL manifest with PNG files beside it) and packed with ``mm data pack``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -27,6 +37,7 @@ from typing import Any
 
 from mm.demo._sampling import check_count
 from mm.demo.image_data import QASample, make_image_qa
+from mm.demo.scenes import QUESTIONS, caption
 
 __all__ = [
     "FLAWS",
@@ -37,8 +48,8 @@ __all__ = [
     "write_preference_manifest",
 ]
 
-#: What is wrong with the rejected answer, by the pair's place in the list (even, odd).
-FLAWS = ("wrong", "verbose")
+#: What is wrong with the rejected answer, by the pair's place in the list (``FLAWS[i % 3]``).
+FLAWS = ("wrong", "verbose", "off-topic")
 
 #: Long answers that hold the correct answer (``{answer}``) among many words.
 VERBOSE_TEMPLATES = (
@@ -56,8 +67,8 @@ class PreferencePair:
     Attributes:
         sample: the image question (its ``answer`` is the chosen answer).
         chosen: the short correct answer.
-        rejected: a wrong short answer or a verbose correct one (``flaw``).
-        flaw: ``"wrong"`` or ``"verbose"``.
+        rejected: a wrong short answer, a verbose correct one or an off-topic one (``flaw``).
+        flaw: one of :data:`FLAWS`.
     """
 
     sample: QASample
@@ -69,16 +80,19 @@ class PreferencePair:
 def make_preference_pairs(
     num_pairs: int, *, split: str, seed: int, image_size: int = 56
 ) -> list[PreferencePair]:
-    """``num_pairs`` pairs, half with a wrong rejected answer and half with a verbose one (module
-    docstring); ``split`` and ``seed`` as :func:`~mm.demo.image_data.make_image_qa` takes them, the
-    same arguments giving the same pairs."""
+    """``num_pairs`` pairs, a third each with a wrong, a verbose and an off-topic rejected answer
+    (module docstring); ``split`` and ``seed`` as :func:`~mm.demo.image_data.make_image_qa` takes
+    them, the same arguments giving the same pairs."""
     check_count("num_pairs", num_pairs)
     samples = make_image_qa(num_pairs, split=split, seed=seed, image_size=image_size)
     rng = random.Random(f"preference-{split}-{seed}")
     pairs = []
     for i, s in enumerate(samples):
-        flaw = FLAWS[i % 2]
-        if flaw == "wrong" and s.kind == "count":  # a neighbouring count: the hard mistake
+        flaw = FLAWS[i % len(FLAWS)]
+        if flaw == "off-topic":
+            s = dataclasses.replace(s, question=rng.choice(QUESTIONS[s.kind].heldout))
+            rejected = rng.choice(_off_topic(s))
+        elif flaw == "wrong" and s.kind == "count":  # a neighbouring count: the hard mistake
             rejected = rng.choice([c for c in s.choices if abs(int(c) - int(s.answer)) == 1])
         elif flaw == "wrong":
             rejected = rng.choice([c for c in s.choices if c != s.answer])
@@ -86,6 +100,18 @@ def make_preference_pairs(
             rejected = rng.choice(VERBOSE_TEMPLATES).format(answer=s.answer)
         pairs.append(PreferencePair(sample=s, chosen=s.answer, rejected=rejected, flaw=flaw))
     return pairs
+
+
+def _off_topic(sample: QASample) -> list[str]:
+    """True things to say about the picture that do not answer the question: its caption (a lone
+    shape's) and the answers to questions of other kinds."""
+    from mm.demo.scenes import quadrant
+
+    first = sample.scene.shapes[0]
+    facts = {"colour": first.colour, "shape": first.shape, "position": quadrant(first.x, first.y)}
+    if len(sample.scene.shapes) > 1:  # several shapes: the first one's colour or shape is beside a count
+        return [facts["colour"], facts["shape"]]
+    return [caption(sample.scene)] + [v for k, v in facts.items() if k != sample.kind]
 
 
 def pair_prompt(pair: PreferencePair, image_ref: Any = None) -> list[dict[str, Any]]:

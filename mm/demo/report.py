@@ -214,9 +214,9 @@ def posttrain_summary_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
             f"{r['image_qa_accuracy_before_dpo']:.3f} -> {r['image_qa_accuracy_after_dpo']:.3f}",
         ),
         (
-            "rejection sampling accuracy greedy -> picked",
-            f"{r['rejection_accuracy_before']:.3f} -> {r['rejection_accuracy_after']:.3f}  "
-            f"(best possible {r['rejection_best_possible']:.3f})",
+            "rejection sampling: SFT greedy -> DPO greedy -> picked",
+            f"{r['rejection_accuracy_before']:.3f} -> {r['rejection_policy_greedy_accuracy']:.3f} -> "
+            f"{r['rejection_accuracy_after']:.3f}  (best possible {r['rejection_best_possible']:.3f})",
         ),
         ("post-training time", f"{r['posttrain_seconds']['total']:.0f} s"),
     ]
@@ -241,7 +241,7 @@ def posttrain_markdown(r: dict[str, Any]) -> str:
         return " ".join(str(text).split()).replace("|", "\\|")
 
     picks = "\n".join(
-        f"| {e['question']} | {e['answer']} | {cell(e['greedy'])} | "
+        f"| {e['question']} | {e['answer']} | {cell(e['greedy'])} | {cell(e['policy_greedy'])} | "
         f"{' / '.join(cell(a) for a in e['sampled'])} | {cell(e['kept'])} |"
         for e in r["rejection_examples"][:6]
     )
@@ -250,8 +250,10 @@ def posttrain_markdown(r: dict[str, Any]) -> str:
     return f"""## Post-training
 
 The image model was then post-trained on preference pairs (Llama 3 section 7.5): a picture and a
-question, the short correct answer preferred over a wrong short answer (half the pairs) or the
-correct answer buried in a long hedging sentence (the other half). Every held-out pair holds a
+question, the short correct answer preferred over a wrong short answer (a third of the pairs), the
+correct answer buried in a long hedging sentence (a third), or, for a question worded as the image
+stages never worded one, an answer true of the picture but beside the question, such as its
+caption (a third: what the image model says to such wordings). Every held-out pair holds a
 colour-shape-quadrant combination never seen in training. A reward model (the image adapter and a
 scalar head, from the image model) and DPO (the image adapter, from the image model, against the
 frozen image model) trained on the same pairs. The published model is still the image model.
@@ -262,15 +264,16 @@ frozen image model) trained on the same pairs. The published model is still the 
 | DPO preference rate, before -> after | **{r["preference_rate_before"]:.3f} -> {r["preference_rate_after"]:.3f}** |
 | DPO median log-probability margin (chosen - rejected), before -> after | {r["preference_margin_before"]:.2f} -> {r["preference_margin_after"]:.2f} |
 | image QA accuracy, before -> after DPO | {r["image_qa_accuracy_before_dpo"]:.3f} -> {r["image_qa_accuracy_after_dpo"]:.3f} ({r["image_qa_dpo_samples"]} questions) |
-| rejection sampling accuracy, greedy -> reward model's pick | **{r["rejection_accuracy_before"]:.3f} -> {r["rejection_accuracy_after"]:.3f}** (best possible {r["rejection_best_possible"]:.3f}) |
+| rejection sampling accuracy, image model's greedy answers -> reward model's pick | **{r["rejection_accuracy_before"]:.3f} -> {r["rejection_accuracy_after"]:.3f}** (best possible {r["rejection_best_possible"]:.3f}) |
+| the sampled policy's (DPO model's) own greedy answers | {r["rejection_policy_greedy_accuracy"]:.3f} |
 | post-training time | training {t["train"]:.1f} s, measures {t["measure"]:.1f} s, rejection sampling {t["rejection"]:.1f} s |
 
 The preference rate is the share of held-out pairs whose chosen answer the policy gives the higher
 summed log-probability (the image model before, the DPO model after). Rejection sampling: on
-{s["prompts"]} held-out questions the image model sampled {s["n"]} answers each (temperature
-{s["temperature"]}, top-p {s["top_p"]}, seed {s["seed"]}); the reward model, not the reference, picked one; the
-references then score the greedy answers and the picks (VQA accuracy). "Best possible": the share
-of questions with a right answer among the samples.
+{s["prompts"]} held-out questions (a third in the new wordings) the latest policy, the DPO model,
+sampled {s["n"]} answers each (temperature {s["temperature"]}, top-p {s["top_p"]}, seed {s["seed"]}); the reward
+model, not the reference, picked one; the references then score the greedy answers and the picks
+(VQA accuracy). "Best possible": the share of questions with a right answer among the samples.
 
 | rejected answer | reward accuracy | preference before | preference after |
 | --- | --- | --- | --- |
@@ -280,8 +283,8 @@ of questions with a right answer among the samples.
 | --- | --- | --- | --- |
 {examples}
 
-| question | answer | greedy | sampled | picked |
-| --- | --- | --- | --- | --- |
+| question | answer | image model, greedy | DPO model, greedy | DPO model's samples | picked |
+| --- | --- | --- | --- | --- | --- |
 {picks}
 
 """

@@ -9,8 +9,9 @@
    questions about colour, shape, count and position), through the real data path: PNG files ->
    ``mm data pack`` shards -> streaming -> the staged trainer (:mod:`mm.demo.image`).
    Then post-train the image model (:mod:`mm.demo.posttrain`): preference pairs about held-out
-   pictures (the short correct answer preferred over a wrong or a verbose one), a reward model
-   and DPO through the trainer, and rejection sampling with the reward model choosing; the
+   pictures (the short correct answer preferred over a wrong, a verbose or an off-topic one), a
+   reward model and DPO through the trainer, and rejection sampling with the reward model choosing
+   among the DPO model's samples; the
    published model stays the image model (the video phase starts from it).
 4. Run the video stage (:mod:`mm.demo.video`): moving-shapes clips written as mp4, the frozen image
    encoder's frame tokens cached once (``mm data cache-features``), then only the temporal

@@ -39,12 +39,13 @@ __all__ = [
     "MARGIN",
     "OUTLINE",
     "POSITIONS",
-    "QUESTIONS",
-    "SHAPES",
-    "VIDEO_KINDS",
     "Phrasings",
     "PlacedShape",
+    "QUESTIONS",
+    "SHAPES",
     "ShapeScene",
+    "VIDEO_KINDS",
+    "caption",
     "draw_scene",
     "is_novel",
     "place_in_quadrant",
@@ -288,3 +289,14 @@ def place_in_quadrant(rng: random.Random, shape: str, colour: str, position: str
     y0 = 0.0 if position.startswith("top") else 0.5
     lo, hi = size / 2 + MARGIN, 0.5 - size / 2 - MARGIN
     return PlacedShape(shape, colour, size, x0 + rng.uniform(lo, hi), y0 + rng.uniform(lo, hi))
+
+
+def caption(scene) -> str:
+    """A plain-English description of a generated scene: what and where for a lone shape, how many
+    (and of which colours) for several."""
+    shapes = scene.shapes
+    if len(shapes) == 1:
+        s = shapes[0]
+        return f"A {s.colour} {s.shape} in the {quadrant(s.x, s.y)}."
+    words = {2: "Two", 3: "Three", 4: "Four"}
+    return f"{words[len(shapes)]} shapes."
