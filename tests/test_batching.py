@@ -157,3 +157,59 @@ def test_kv_cache_join_compact_and_grow():
     assert a.length == 3 and a.valid[0, :3].all() and a.keys[0][0, 0, :3].eq(1).all()
     a.ensure_capacity(a.capacity + 1)
     assert a.capacity >= 2 * 5 and a.keys[0][0, 0, :3].eq(1).all()
+
+
+def test_the_engine_wakes_an_event_loop_once_per_step_and_keeps_each_answer_in_order(model):
+    """mm serve's worker hands an event loop everything of one prefill or one step in one call (not
+    one per row and token), and each job still gets exactly its deltas, in order, as decoded alone."""
+    import asyncio
+    import threading
+
+    from mm.model.chat import GenerationOptions, encode_conversation, generate_deltas
+    from mm.serving.engine import Engine, Job
+
+    steps = 6
+    conversations = [_conversations()[k] for k in ("text", "image", "two images", "longer text")]
+    samples = [encode_conversation(model, c) for c in conversations]
+    options = GenerationOptions(max_new_tokens=steps)
+    alone = [[delta for step in generate_deltas(model, [s], [options]) for _, delta in step] for s in samples]
+
+    class CountingLoop(asyncio.SelectorEventLoop):
+        wakeups = 0
+
+        def call_soon_threadsafe(self, *args, **kwargs):
+            CountingLoop.wakeups += 1
+            return super().call_soon_threadsafe(*args, **kwargs)
+
+    loop = CountingLoop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    engine = Engine(model, max_batch_size=8, max_concurrent_requests=8)
+    got = [[] for _ in samples]
+    done = threading.Semaphore(0)
+
+    def collector(i):
+        def emit(item):  # runs on the loop
+            assert threading.current_thread() is thread
+            got[i].append(item)
+            if item.finish_reason is not None:
+                done.release()
+
+        return emit
+
+    try:
+        with engine.pause():  # all four join in one prefill
+            for i, sample in enumerate(samples):
+                assert engine.try_admit()
+                engine.submit(Job(sample, options, collector(i), loop=loop))
+        for _ in samples:
+            assert done.acquire(timeout=60)
+        wakeups = CountingLoop.wakeups
+    finally:
+        engine.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    assert got == alone  # every delta, in order, as the request decodes alone
+    # one wake-up for the prefill (the first tokens) and one per later step: 6, against 24 deltas
+    assert wakeups == steps < sum(map(len, got)) == len(samples) * steps
+    assert engine.in_flight == 0

@@ -231,7 +231,7 @@ def _add_chat_completions(app, served: _Served) -> None:
         results: asyncio.Queue = asyncio.Queue()
         try:
             sample, options = await run_in_threadpool(_prepare, served, req)
-            job = Job(sample, options, lambda item: loop.call_soon_threadsafe(results.put_nowait, item))
+            job = Job(sample, options, results.put_nowait, loop=loop)
             engine.submit(job)
         except BaseException:
             engine.release()
