@@ -33,13 +33,20 @@ from mm.text_backbone.rope import rope_cos_sin, rope_frequencies
 __all__ = ["TextBackbone", "packed_positions"]
 
 
+def _sample_starts(sequence_ids: torch.Tensor) -> torch.Tensor:
+    """``[b, s]`` True where a packed sample starts: the row's first token, or a change of id."""
+    starts = torch.ones_like(sequence_ids, dtype=torch.bool)
+    starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+    return starts
+
+
 def packed_positions(sequence_ids: torch.Tensor) -> torch.Tensor:
     """Positions ``[b, s]`` that restart at 0 wherever ``sequence_ids [b, s]`` changes along a row."""
     s = sequence_ids.shape[1]
     idx = torch.arange(s, device=sequence_ids.device).expand_as(sequence_ids)  # [b, s]
-    starts = torch.ones_like(sequence_ids, dtype=torch.bool)
-    starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
-    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # [b, s]
+    first = (
+        torch.where(_sample_starts(sequence_ids), idx, torch.zeros_like(idx)).cummax(dim=1).values
+    )  # [b, s]
     return idx - first
 
 
@@ -223,10 +230,8 @@ class TextBackbone(nn.Module):
             raise ValueError("with sequence_ids, mark padding by its own sequence id, not attention_mask")
         # Spans of equal ids along each row; attention runs span by span (cost: the sum of each
         # sample's length squared, not the row's), which also keeps samples apart.
-        starts = torch.ones_like(sequence_ids, dtype=torch.bool)
-        starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
         segments = []
-        for row in starts.tolist():
+        for row in _sample_starts(sequence_ids).tolist():
             cuts = [i for i, new in enumerate(row) if new] + [s]
             segments.append(tuple(zip(cuts[:-1], cuts[1:])))
         ctx = AttentionContext(cos=cos, sin=sin, mask=None, is_causal=False, segments=tuple(segments))

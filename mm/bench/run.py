@@ -572,113 +572,34 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         entry = part.get(impl, {})
         return "error" if "error" in entry else entry.get(key)
 
+    def side_by_side(part, figure, field, fmt, key=None, note="", impl="mm") -> None:
+        """A row of ``field`` measured by mm (``impl``) and by Hugging Face in ``part``."""
+        rows.append(_row(figure, get(part, impl, field), get(part, "hf", field), fmt, cmp, key, note))
+
     train = res.get("train", {})
     if train:
         tokens = sum(cfg["size"]["train_lengths"])
-        mm_call, hf_call = (
-            "trainer's call, return_logits=False",
-            "HF-style call, model(**batch, labels=labels)",
-        )
-        for impl, label, key in (
-            ("mm", mm_call, "train_speedup"),
-            ("mm_hf_call", hf_call, "train_hf_call_speedup"),
-        ):
-            rows.append(_row(f"train step, s ({label})", get(train, impl, "seconds_per_step"),
-                             get(train, "hf", "seconds_per_step"), ".3f", cmp, key))  # fmt: skip
-        rows.append(
-            _row(
-                f"train tokens/s ({tokens} tokens, trainer's call)",
-                get(train, "mm", "tokens_per_s"),
-                get(train, "hf", "tokens_per_s"),
-                ".0f",
-                cmp,
-            )  # fmt: skip
-        )
-        rows.append(
-            _row(
-                "train peak memory, MB over weights",
-                get(train, "mm", "peak_step_mb"),
-                get(train, "hf", "peak_step_mb"),
-                ".0f",
-                cmp,
-                "train_memory_ratio",
-            )  # fmt: skip
-        )
-        rows.append(
-            _row(
-                "train peak memory, MB over weights (HF-style call)",
-                get(train, "mm_hf_call", "peak_step_mb"),
-                get(train, "hf", "peak_step_mb"),
-                ".0f",
-                cmp,
-                "train_hf_call_memory_ratio",
-            )  # fmt: skip
-        )
-        rows.append(
-            _row(
-                "train peak process memory, MB",
-                get(train, "mm", "peak_process_mb"),
-                get(train, "hf", "peak_process_mb"),
-                ".0f",
-                cmp,
-            )  # fmt: skip
-        )
-        rows.append(_row("train MFU", get(train, "mm", "mfu"), get(train, "hf", "mfu"), "%", cmp))
+        side_by_side(train, "train step, s (trainer's call, return_logits=False)", "seconds_per_step", ".3f",
+                     "train_speedup")  # fmt: skip
+        side_by_side(train, "train step, s (HF-style call, model(**batch, labels=labels))", "seconds_per_step",
+                     ".3f", "train_hf_call_speedup", impl="mm_hf_call")  # fmt: skip
+        side_by_side(train, f"train tokens/s ({tokens} tokens, trainer's call)", "tokens_per_s", ".0f")
+        side_by_side(train, "train peak memory, MB over weights", "peak_step_mb", ".0f", "train_memory_ratio")
+        side_by_side(train, "train peak memory, MB over weights (HF-style call)", "peak_step_mb", ".0f",
+                     "train_hf_call_memory_ratio", impl="mm_hf_call")  # fmt: skip
+        side_by_side(train, "train peak process memory, MB", "peak_process_mb", ".0f")
+        side_by_side(train, "train MFU", "mfu", "%")
         diff = cmp.get("first_loss_abs_diff")
-        rows.append(
-            _row(
-                "first-step loss",
-                get(train, "mm", "first_loss"),
-                get(train, "hf", "first_loss"),
-                ".6f",
-                cmp,
-                note="" if diff is None else f"|diff| {diff:.2e}",
-            )  # fmt: skip
-        )
-        rows.append(
-            _row(
-                "trainable parameters",
-                get(train, "mm", "trainable_params"),
-                get(train, "hf", "trainable_params"),
-                ",d",
-                cmp,
-            )  # fmt: skip
-        )
+        side_by_side(train, "first-step loss", "first_loss", ".6f",
+                     note="" if diff is None else f"|diff| {diff:.2e}")  # fmt: skip
+        side_by_side(train, "trainable parameters", "trainable_params", ",d")
     decode = res.get("decode", {})
     if decode:
         n = cfg["size"]["new_tokens"]
-        rows.append(
-            _row(
-                "prefill, s",
-                get(decode, "mm", "prefill_s"),
-                get(decode, "hf", "prefill_s"),
-                ".4f",
-                cmp,
-                "prefill_speedup",
-                "speed ratio",
-            )  # fmt: skip
-        )
-        rows.append(
-            _row(
-                "decode tokens/s",
-                get(decode, "mm", "decode_tokens_per_s"),
-                get(decode, "hf", "decode_tokens_per_s"),
-                ".1f",
-                cmp,
-                "decode_speedup",
-            )  # fmt: skip
-        )
-        rows.append(
-            _row(
-                f"generate, s (prefill + {n} tokens)",
-                get(decode, "mm", "generate_s"),
-                get(decode, "hf", "generate_s"),
-                ".4f",
-                cmp,
-                "generate_speedup",
-                "speed ratio",
-            )  # fmt: skip
-        )
+        side_by_side(decode, "prefill, s", "prefill_s", ".4f", "prefill_speedup", "speed ratio")
+        side_by_side(decode, "decode tokens/s", "decode_tokens_per_s", ".1f", "decode_speedup")
+        side_by_side(decode, f"generate, s (prefill + {n} tokens)", "generate_s", ".4f", "generate_speedup",
+                     "speed ratio")  # fmt: skip
         roof = report.get("roofline", {})
         need = roof.get("bytes_per_token", {})
         if need:
@@ -705,20 +626,10 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         )
         frac = roof.get("fraction", {})
         rows.append(_row("decode fraction of roofline", frac.get("mm"), frac.get("hf"), "%", cmp))
-        rows.append(
-            _row("prefill MFU", get(decode, "mm", "prefill_mfu"), get(decode, "hf", "prefill_mfu"), "%", cmp)
-        )
+        side_by_side(decode, "prefill MFU", "prefill_mfu", "%")
         same = cmp.get("decode_same_tokens")
-        rows.append(
-            _row(
-                "decode MFU",
-                get(decode, "mm", "decode_mfu"),
-                get(decode, "hf", "decode_mfu"),
-                "%",
-                cmp,
-                note="" if same is None else f"same greedy tokens: {same}",
-            )  # fmt: skip
-        )
+        side_by_side(decode, "decode MFU", "decode_mfu", "%",
+                     note="" if same is None else f"same greedy tokens: {same}")  # fmt: skip
     serve = res.get("serve", {}).get("mm")
     if serve is not None:
         if "error" in serve:
@@ -784,9 +695,7 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             )
     source = train or decode
     if source:
-        rows.append(
-            _row("load checkpoint, s", get(source, "mm", "load_s"), get(source, "hf", "load_s"), ".2f", cmp)
-        )
+        side_by_side(source, "load checkpoint, s", "load_s", ".2f")
     return rows
 
 

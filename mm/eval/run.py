@@ -141,48 +141,27 @@ def generate_answers(
     """
     from tqdm.auto import tqdm
 
-    from mm.model.batching import DecodeBatch
-    from mm.model.chat import GenerationOptions, start_rows
+    from mm.model.chat import GenerationOptions, JoinError, decode_queue
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=0.0)
-    texts: list[list[str]] = [[] for _ in samples]
-    rows: dict[int, Any] = {}
-    batch = DecodeBatch(model)
-    waiting = 0  # index of the next sample to start
+    answers: list[str] = [""] * len(samples)
     with tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress) as bar:
-
-        def push(keys: Sequence[int], tokens: Sequence[int]) -> None:
-            done = []
-            for key, token in zip(keys, tokens):
-                delta = rows[key].push(token)
-                texts[key].append(delta.text)
-                if delta.finish_reason is not None:
-                    done.append(key)
-            batch.leave(done)
-            for key in done:
-                del rows[key]
-            bar.update(len(done))
-
-        while waiting < len(samples) or len(batch):
-            if len(batch):
-                keys = list(batch.keys)
-                push(keys, batch.step())
-            free = batch_size - len(batch)
-            if free > 0 and waiting < len(samples):
-                keys = list(range(waiting, min(len(samples), waiting + free)))
-                waiting = keys[-1] + 1
-                encoded = [_encode(model, samples[k]) for k in keys]
-                try:
-                    new_rows, first = start_rows(model, batch, keys, encoded, [options] * len(keys))
-                except ValueError as e:  # a prompt that leaves no room to answer
-                    raise EvalDataError(
-                        f"samples {samples[keys[0]].id!r}..{samples[keys[-1]].id!r}: {e}"
-                    ) from None
-                rows.update(zip(keys, new_rows))
-                push(keys, first)
-    return ["".join(t) for t in texts]
+        try:
+            for finished in decode_queue(
+                model,
+                range(len(samples)),
+                batch_size=batch_size,
+                sample_for=lambda k: _encode(model, samples[k]),
+                options_for=lambda k: options,
+            ):
+                for key, text in finished:
+                    answers[key] = text
+                bar.update(len(finished))
+        except JoinError as e:  # a prompt that leaves no room to answer
+            raise EvalDataError(
+                f"samples {samples[e.keys[0]].id!r}..{samples[e.keys[-1]].id!r}: {e}"
+            ) from None
+    return answers
 
 
 def evaluate(

@@ -25,7 +25,7 @@ Heavy modules (torch, the tokenizer) are imported on first use, so ``mm --help``
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +43,10 @@ __all__ = [
     "chat_stream",
     "complete",
     "complete_batch",
+    "decode_queue",
     "encode_conversation",
     "generate_deltas",
+    "JoinError",
     "start_rows",
 ]
 
@@ -244,6 +246,76 @@ def start_rows(model, batch, keys, samples, options) -> tuple[list[_Row], list[i
     prompts = {k: v.to(model.device) for k, v in prompts.items()}
     sampling = [Sampling(o.temperature, o.top_p, o.seed) for o in options]
     return rows, batch.join(keys, prompts, sampling)
+
+
+class JoinError(ValueError):
+    """:func:`decode_queue` could not start the rows of ``keys`` (a prompt fills the context)."""
+
+    def __init__(self, message: str, keys: list) -> None:
+        super().__init__(message)
+        self.keys = keys
+
+
+def decode_queue(
+    model,
+    keys: Sequence[Hashable],
+    *,
+    batch_size: int,
+    sample_for: Callable[[Hashable], EncodedSample],
+    options_for: Callable[[Hashable], GenerationOptions],
+) -> Iterator[list[tuple[Hashable, str]]]:
+    """Decode an answer for every key, up to ``batch_size`` rows together, in the order of ``keys``.
+
+    A key's prompt is asked for (``sample_for``, then ``options_for``) when a row frees for it; a row
+    that finishes leaves at once and the next keys join before the next step. Yields, after each
+    prefill and each step, the ``(key, answer)`` of the rows that finished there.
+
+    Raises:
+        JoinError: the rows joining could not start (its ``keys`` are theirs).
+    """
+    from mm.model.batching import DecodeBatch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    keys = list(keys)
+    texts: dict[Hashable, list[str]] = {}
+    rows: dict[Hashable, _Row] = {}
+    batch = DecodeBatch(model)
+    waiting = 0  # index of the next key to start
+
+    def push(step_keys, tokens) -> list[tuple[Hashable, str]]:
+        done = []
+        for key, token in zip(step_keys, tokens):
+            delta = rows[key].push(token)
+            texts[key].append(delta.text)
+            if delta.finish_reason is not None:
+                done.append(key)
+        batch.leave(done)
+        for key in done:
+            del rows[key]
+        return [(key, "".join(texts.pop(key))) for key in done]
+
+    while waiting < len(keys) or len(batch):
+        if len(batch):
+            finished = push(list(batch.keys), batch.step())
+            if finished:
+                yield finished
+        free = batch_size - len(batch)
+        if free > 0 and waiting < len(keys):
+            joining = keys[waiting : waiting + free]
+            waiting += len(joining)
+            samples = [sample_for(k) for k in joining]
+            options = [options_for(k) for k in joining]
+            for key in joining:
+                texts[key] = []
+            try:
+                new_rows, first = start_rows(model, batch, joining, samples, options)
+            except ValueError as e:
+                raise JoinError(str(e), joining) from None
+            rows.update(zip(joining, new_rows))
+            finished = push(joining, first)
+            if finished:
+                yield finished
 
 
 def generate_deltas(

@@ -202,60 +202,43 @@ def _generate(
 ) -> Iterator[list[tuple[Prompt, list[str]]]]:
     """Decode ``n`` answers per prompt, ``batch_size`` rows together; yield the prompts finished at each
     step with their answers (in answer order)."""
-    from mm.model.batching import DecodeBatch
-    from mm.model.chat import GenerationOptions, encode_conversation, start_rows
+    from mm.model.chat import GenerationOptions, JoinError, decode_queue, encode_conversation
 
-    rows_todo = [(i, j) for i in range(len(prompts)) for j in range(n)]
-    texts: dict[tuple[int, int], list[str]] = {}
+    texts: dict[tuple[int, int], str] = {}
     left = {i: n for i in range(len(prompts))}
     encoded: dict[int, Any] = {}
-    rows: dict[tuple[int, int], Any] = {}
-    batch = DecodeBatch(model)
-    waiting = 0
 
-    def push(keys, tokens) -> list[tuple[Prompt, list[str]]]:
-        done, finished = [], []
-        for key, token in zip(keys, tokens):
-            delta = rows[key].push(token)
-            texts[key].append(delta.text)
-            if delta.finish_reason is not None:
-                done.append(key)
-        batch.leave(done)
-        for i, j in done:
-            del rows[(i, j)]
-            left[i] -= 1
-            if left[i] == 0:
-                encoded.pop(i, None)
-                finished.append((prompts[i], ["".join(texts.pop((i, k))) for k in range(n)]))
-        return finished
-
-    while waiting < len(rows_todo) or len(batch):
-        if len(batch):
-            finished = push(list(batch.keys), batch.step())
-            if finished:
-                yield finished
-        free = batch_size - len(batch)
-        if free > 0 and waiting < len(rows_todo):
-            keys = rows_todo[waiting : waiting + free]
-            waiting += len(keys)
-            samples = []
-            for i, j in keys:
-                if i not in encoded:
-                    try:
-                        encoded[i] = encode_conversation(model, _with_bytes(prompts[i]))
-                    except ValueError as e:
-                        raise RejectionError(f"{prompts[i].where}: {e}") from None
-                samples.append(encoded[i])
-                texts[(i, j)] = []
-            opts = [GenerationOptions(**options, seed=answer_seed(seed, prompts[i].key, j)) for i, j in keys]
+    def sample_for(key: tuple[int, int]):
+        i = key[0]
+        if i not in encoded:
             try:
-                new_rows, first = start_rows(model, batch, keys, samples, opts)
+                encoded[i] = encode_conversation(model, _with_bytes(prompts[i]))
             except ValueError as e:
-                raise RejectionError(f"{prompts[keys[0][0]].where}: {e}") from None
-            rows.update(zip(keys, new_rows))
-            finished = push(keys, first)
+                raise RejectionError(f"{prompts[i].where}: {e}") from None
+        return encoded[i]
+
+    rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    try:
+        for done in decode_queue(
+            model,
+            rows,
+            batch_size=batch_size,
+            sample_for=sample_for,
+            options_for=lambda key: GenerationOptions(
+                **options, seed=answer_seed(seed, prompts[key[0]].key, key[1])
+            ),
+        ):
+            finished = []
+            for (i, j), text in done:
+                texts[(i, j)] = text
+                left[i] -= 1
+                if left[i] == 0:
+                    encoded.pop(i, None)
+                    finished.append((prompts[i], [texts.pop((i, k)) for k in range(n)]))
             if finished:
                 yield finished
+    except JoinError as e:
+        raise RejectionError(f"{prompts[e.keys[0][0]].where}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -294,27 +277,20 @@ def _append(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 # -------------------------------------------------------------------------------------------- output
 def _stage_media(prompt: Prompt, staging: Path) -> list[dict[str, Any]]:
     """The prompt's messages with media parts naming copies of the members under ``staging/media``."""
+    from mm.datasets.shards import check_messages, rewrite_media
+
     folder = f"media/{prompt.index:09d}"
-    out = []
-    for message in prompt.messages:
-        content = message["content"]
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                kind = part.get("type")
-                if kind in ("image", "video", "audio") and isinstance(part.get(kind), str):
-                    name = part[kind].lower()
-                    # A folder sample's member is named by its extension alone ("png"): keep a name.
-                    staged = name if "." in name else f"{kind}.{name}"
-                    target = staging / folder / staged
-                    if not target.exists():
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(prompt.media[name])
-                    part = {**part, kind: f"{folder}/{staged}"}
-                parts.append(part)
-            message = {**message, "content": parts}
-        out.append(message)
-    return out
+    mapping = {}
+    for kind, ref in check_messages(prompt.messages):
+        name = ref.lower()
+        # A folder sample's member is named by its extension alone ("png"): keep a name.
+        staged = name if "." in name else f"{kind}.{name}"
+        target = staging / folder / staged
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(prompt.media[name])
+        mapping[ref] = f"{folder}/{staged}"
+    return rewrite_media(prompt.messages, mapping)
 
 
 def _write_output(out: Path, prompts: Sequence[Prompt], done: Mapping[int, Mapping], pairs: bool) -> dict:
