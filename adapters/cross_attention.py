@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.text_backbone.layers import RMSNorm, SwiGLU
+from mm.text_backbone.linear import Linear
 
 __all__ = ["CrossAttention", "GatedCrossAttentionBlock", "VisionKV"]
 
@@ -39,10 +40,10 @@ class CrossAttention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
+        self.q_proj = Linear(dim, num_heads * head_dim, bias=False)
+        self.k_proj = Linear(dim, num_kv_heads * head_dim, bias=False)
+        self.v_proj = Linear(dim, num_kv_heads * head_dim, bias=False)
+        self.o_proj = Linear(num_heads * head_dim, dim, bias=False)
         self.q_norm = RMSNorm(head_dim, norm_eps)
         self.k_norm = RMSNorm(head_dim, norm_eps)
 

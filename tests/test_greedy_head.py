@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mm.text_backbone import TextBackbone, TextConfig
 from mm.text_backbone.greedy_head import ScreenedHead
+from mm.text_backbone.linear import linear
 
 
 def _matrix(v=5000, d=128, seed=0):
@@ -42,15 +43,16 @@ def test_the_argmax_is_the_fp32_argmax_and_only_candidates_are_computed():
 
 
 def test_where_the_bound_does_not_hold_it_is_the_full_projection(monkeypatch):
+    """The full projection: the one the head computes (:func:`~mm.text_backbone.linear.linear`)."""
     w = _matrix()
     h = torch.randn(2, 128)
     monkeypatch.setattr(ScreenedHead, "accumulates_in_fp32", staticmethod(lambda d: False))
-    assert torch.equal(ScreenedHead(w).logits(h, w), F.linear(h, w))  # fp16 sums could not be bounded
+    assert torch.equal(ScreenedHead(w).logits(h, w), linear(h, w))  # fp16 sums could not be bounded
     monkeypatch.undo()
     huge = h * 1e6  # past fp16's range
-    assert torch.equal(ScreenedHead(w).logits(huge, w), F.linear(huge, w))
+    assert torch.equal(ScreenedHead(w).logits(huge, w), linear(huge, w))
     few = ScreenedHead(w, max_candidates=0)  # too many survivors
-    assert torch.equal(few.logits(h, w), F.linear(h, w)) and few.screened == 0
+    assert torch.equal(few.logits(h, w), linear(h, w)) and few.screened == 0
     screen = ScreenedHead(w)
     w.mul_(2)  # changed in place: the fp16 copy is stale
     with pytest.raises(ValueError, match="weight changed"):

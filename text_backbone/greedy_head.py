@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mm.text_backbone.linear import linear
+
 __all__ = ["ScreenedHead"]
 
 _U = 2.0**-11  # fp16 unit roundoff
@@ -90,11 +92,11 @@ class ScreenedHead:
         if self.key_of(weight) != self.key:
             raise ValueError("the weight changed since the screen was built; build a new ScreenedHead")
         if not self.exact or h.dtype != torch.float32:
-            return F.linear(h, weight)
+            return linear(h, weight)
         h16 = h.to(torch.float16)
         approx = F.linear(h16, self.half).float()  # [b, V]
         if not (torch.isfinite(h16).all() and torch.isfinite(approx).all()):
-            return F.linear(h, weight)
+            return linear(h, weight)
         hn2 = h.norm(dim=-1, keepdim=True)  # [b, 1]
         hn1 = h.abs().sum(dim=-1, keepdim=True)  # [b, 1]
         bound = self._a * hn2 * self.row_l2 + self._b * (hn1 + self.row_l1) + self._c
@@ -104,8 +106,8 @@ class ScreenedHead:
         )  # [b, 1]: the argmax's logit is at least this
         rows = ((approx + bound) >= floor).any(dim=0).nonzero().squeeze(1)  # [c]
         if rows.numel() > self.max_candidates:
-            return F.linear(h, weight)
+            return linear(h, weight)
         out = torch.full_like(approx, float("-inf"))
-        out[:, rows] = F.linear(h, weight[rows])  # [b, c], fp32
+        out[:, rows] = linear(h, weight[rows])  # [b, c], fp32
         self.screened += 1
         return out

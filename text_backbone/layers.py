@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.text_backbone.kv_cache import KVCache
+from mm.text_backbone.linear import Linear
 from mm.text_backbone.rope import apply_rope
 
 __all__ = ["AttentionContext", "DecoderLayer", "RMSNorm", "SelfAttention", "SwiGLU"]
@@ -45,9 +46,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden_dim, bias=False)
+        self.up_proj = Linear(dim, hidden_dim, bias=False)
+        self.down_proj = Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -87,10 +88,10 @@ class SelfAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
+        self.q_proj = Linear(dim, num_heads * head_dim, bias=False)
+        self.k_proj = Linear(dim, num_kv_heads * head_dim, bias=False)
+        self.v_proj = Linear(dim, num_kv_heads * head_dim, bias=False)
+        self.o_proj = Linear(num_heads * head_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, s, _ = x.shape

@@ -19,7 +19,6 @@ import os
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mm.text_backbone.config import TextConfig
@@ -28,6 +27,7 @@ from mm.text_backbone.generation import stream_tokens
 from mm.text_backbone.greedy_head import ScreenedHead
 from mm.text_backbone.kv_cache import KVCache
 from mm.text_backbone.layers import AttentionContext, DecoderLayer, RMSNorm
+from mm.text_backbone.linear import linear
 from mm.text_backbone.rope import rope_cos_sin, rope_frequencies
 
 __all__ = ["TextBackbone", "packed_positions"]
@@ -239,7 +239,7 @@ class TextBackbone(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection: ``[..., d]`` hidden states to ``[..., V]`` logits."""
-        return F.linear(self.norm(h), self.output_weight)
+        return linear(self.norm(h), self.output_weight)
 
     def greedy_head(self, h: torch.Tensor) -> torch.Tensor:
         """:meth:`head` for greedy decoding, ``[b, d]`` to ``[b, V]``: the same argmax, with the
