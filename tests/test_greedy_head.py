@@ -1,4 +1,4 @@
-"""The screened greedy head: the fp32 argmax always, fp16 screening only where its error bound holds."""
+"""The screened greedy head: the fp32 argmax always, int8 screening only where its error bound holds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mm.text_backbone import TextBackbone, TextConfig
-from mm.text_backbone.greedy_head import ScreenedHead
+from mm.text_backbone.greedy_head import _SAFETY, ScreenedHead, _bound, _quantize
 from mm.text_backbone.linear import linear
 
 
@@ -15,19 +15,19 @@ def _matrix(v=5000, d=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(v, d, generator=g) * 0.05
     w[17] = w[4000]  # an exact tie: the argmax is the first of the two, as in the full projection
-    w[18] = w[4001] * (1 + 2e-4)  # near ties, closer than fp16 can tell apart
+    w[18] = w[4001] * (1 + 2e-4)  # near ties, closer than the int8 screen can tell apart
     w[19] = w[4002] * (1 - 2e-4)
-    w[20, :5] = 1e-6  # fp16 subnormals
+    w[20, :5] = 1e-6  # values int8 rounds to zero
     return w
 
 
 def test_the_argmax_is_the_fp32_argmax_and_only_candidates_are_computed():
     w = _matrix()
     screen = ScreenedHead(w)
-    assert screen.exact  # PyTorch's CPU fp16 products sum in fp32
+    assert screen.exact  # PyTorch's CPU int8 kernel sums in fp32
     g = torch.Generator().manual_seed(1)
     hs = [torch.randn(4, 128, generator=g) * s for s in (0.1, 1.0, 10.0, 100.0)]
-    hs += [w[[4000, 4001, 4002, 20]] * 50]  # rows pointing at the tied / near-tied / subnormal rows
+    hs += [w[[4000, 4001, 4002, 20]] * 50]  # rows pointing at the tied / near-tied / tiny rows
     for h in hs:
         full = F.linear(h, w)
         out = screen.logits(h, w)
@@ -42,19 +42,39 @@ def test_the_argmax_is_the_fp32_argmax_and_only_candidates_are_computed():
     assert screen.screened == len(hs)
 
 
+def test_every_screened_logit_lies_within_its_bound():
+    """The bound itself, row by row against float64, without its safety factor; and not vacuous."""
+    w = _matrix()
+    w[21] = 0.0  # a zero row
+    screen = ScreenedHead(w)
+    q, scale, r = _quantize(w)
+    exact_r = (w.double() - q.double() * scale.double()[:, None]).norm(dim=1)
+    assert (r.double() >= exact_r).all() and (r.double() <= exact_r * (1 + 1e-4) + 1e-30).all()
+    g = torch.Generator().manual_seed(2)
+    for scale_h in (1e-4, 0.1, 1.0, 100.0, 1e5):
+        h = torch.randn(3, 128, generator=g) * scale_h
+        approx = torch._weight_int8pack_mm(h.bfloat16(), screen.q, screen.scale).float()
+        bound = _bound(approx, h, screen.row_l2, screen.row_r).double() / _SAFETY
+        error = (h.double() @ w.double().t() - approx.double()).abs()
+        assert (error <= bound).all()
+        assert error.max() >= bound.max() / 20  # the bound is within a factor 20 of the worst error
+
+
 def test_where_the_bound_does_not_hold_it_is_the_full_projection(monkeypatch):
     """The full projection: the one the head computes (:func:`~mm.text_backbone.linear.linear`)."""
     w = _matrix()
     h = torch.randn(2, 128)
-    monkeypatch.setattr(ScreenedHead, "accumulates_in_fp32", staticmethod(lambda d: False))
-    assert torch.equal(ScreenedHead(w).logits(h, w), linear(h, w))  # fp16 sums could not be bounded
+    monkeypatch.setattr(ScreenedHead, "kernel_is_bounded", staticmethod(lambda d: False))
+    assert torch.equal(ScreenedHead(w).logits(h, w), linear(h, w))  # the kernel could not be bounded
     monkeypatch.undo()
-    huge = h * 1e6  # past fp16's range
-    assert torch.equal(ScreenedHead(w).logits(huge, w), linear(huge, w))
+    big = w * 1e4
+    overflowing = ScreenedHead(big)
+    overflowing.logits(h * 1e36, big)  # screened sums past fp32's range: not finite
+    assert overflowing.exact and overflowing.screened == 0
     few = ScreenedHead(w, max_candidates=0)  # too many survivors
     assert torch.equal(few.logits(h, w), linear(h, w)) and few.screened == 0
     screen = ScreenedHead(w)
-    w.mul_(2)  # changed in place: the fp16 copy is stale
+    w.mul_(2)  # changed in place: the int8 copy is stale
     with pytest.raises(ValueError, match="weight changed"):
         screen.logits(h, w)
     with pytest.raises(ValueError, match="fp32"):

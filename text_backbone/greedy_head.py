@@ -1,47 +1,84 @@
-"""Greedy decoding's output projection on the CPU: screen the vocabulary in fp16, rescore in fp32.
+"""Greedy decoding's output projection on the CPU: screen the vocabulary in int8, rescore in fp32.
 
 Shapes: b batch, d model width, V vocabulary, c candidates.
 
 At batch 1 the output projection of a Llama 3 model reads the whole ``[V, d]`` matrix for every
 token (128,256 rows), and on a CPU that read is the largest cost of a decoded token. Greedy
-decoding only needs the argmax. :class:`ScreenedHead` keeps an fp16 copy of the matrix (half the
-bytes to read), computes every logit from it, and bounds each one's error against the exact fp32
-logit; only the rows whose bound interval reaches the best lower bound can hold the argmax, and
-those (usually a handful) are recomputed from the fp32 weights. The result is the argmax of the
-fp32 logits, not an approximation of it (up to the last-bit differences any two fp32 kernels have,
-which decide only exact ties).
+decoding only needs the argmax. :class:`ScreenedHead` keeps an int8 copy of the matrix with one
+scale per row (a quarter of the bytes to read), computes every logit from it, and bounds each
+one's error against the exact fp32 logit; only the rows whose bound interval reaches the best lower
+bound can hold the argmax, and those (usually a handful) are recomputed from the fp32 weights. The
+result is the argmax of the fp32 logits, not an approximation of it (up to the last-bit differences
+any two fp32 kernels have, which decide only exact ties).
 
-Error bound of one fp16 logit ``c_i`` against ``l_i = sum_j h_j w_ij``, with fp16's unit roundoff
-``u = 2^-11``, its subnormal rounding error ``eta = 2^-25``, and fp32 accumulation of the ``d``
-products (``gamma = d 2^-24 / (1 - d 2^-24)``); rounding ``h`` and ``w`` to fp16 costs at most
-``(2u + u^2) sum|h||w| + eta (1 + u)(|h|_1 + |w_i|_1) + d eta^2``, the fp32 sum ``gamma`` times the
-sum of the rounded products' magnitudes, and rounding the result to fp16 ``u (|c_i| + eta) / (1 - u)
-+ eta``; ``sum_j |h_j||w_ij| <= |h|_2 |w_i|_2`` (Cauchy-Schwarz) makes it cheap per row. The bound
-assumes the fp16 matrix product accumulates in fp32, which is checked once when the screen is built
-(PyTorch's CPU kernels do); where it does not hold, or the fp16 values overflow, or too many rows
-survive the screen, the full fp32 projection is used instead.
+The screen's product is PyTorch's weight-only int8 kernel (``torch._weight_int8pack_mm``), which
+takes its activations in bf16 and returns bf16. Row ``i`` holds ``q_i`` (integers in [-127, 127])
+and a bf16 scale ``s_i``, so it stands for ``w'_i = s_i q_i``, whose distance ``r_i = |w_i - w'_i|_2``
+is computed exactly (float64) when the screen is built. Error bound of one screened logit ``c_i``
+against ``l_i = sum_j h_j w_ij``, with ``h'`` the bf16 rounding of ``h`` and ``u = 2^-8`` bf16's unit
+roundoff::
+
+    |l_i - c_i| <= |h - h'|_2 |w_i|_2            (rounding h to bf16)
+                 + |h'|_2 r_i                     (rounding w_i to int8 x scale)
+                 + gamma |h'|_2 (|w_i|_2 + r_i)   (fp32 sums of d exact products, and the scale)
+                 + u / (1 - u) |c_i|              (rounding the result to bf16)
+
+by Cauchy-Schwarz, with ``gamma = (d + 1) 2^-24 / (1 - (d + 1) 2^-24)``; a product of a bf16 value,
+an int8 and a bf16 scale has at most 8 + 7 + 8 significant bits and is exact in fp32. The bound
+assumes the kernel sums in fp32; that is checked once per width when a screen is built, on a
+structured sum and on random data against float64 (PyTorch's CPU kernel does). Where it does not
+hold, or the kernel is missing, or a screened value is not finite, or too many rows survive the
+screen, the full fp32 projection is used instead.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 
 from mm.text_backbone.linear import linear
 
 __all__ = ["ScreenedHead"]
 
-_U = 2.0**-11  # fp16 unit roundoff
-_ETA = 2.0**-25  # largest rounding error of an fp16 subnormal
+_U = 2.0**-8  # bf16 unit roundoff
 _SAFETY = 1.25  # covers the fp32 rounding of the bound's own arithmetic
+
+
+def _gamma(d: int) -> float:
+    n = (d + 1) * 2.0**-24
+    return n / (1 - n)
+
+
+def _quantize(weight: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row int8 ``q [V, d]``, bf16 scales ``s [V]`` and upper bounds ``r [V]`` of the distances
+    ``|w_i - s_i q_i|_2``, ``chunk`` rows at a time.
+
+    Each ``w_ij - s_i q_ij`` is exact in fp32: ``s_i q_ij`` has at most 15 significant bits, and
+    either ``q_ij = 0`` or ``w_ij`` lies within a factor 2 of it (Sterbenz). The fp32 norm of the
+    ``d`` differences is within ``(d + 2) 2^-24`` of the exact one, so it is raised by twice that.
+    """
+    d = weight.shape[1]
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    s = torch.empty(weight.shape[0], dtype=torch.bfloat16)
+    r = torch.empty(weight.shape[0], dtype=torch.float32)
+    for start in range(0, weight.shape[0], chunk):
+        w = weight[start : start + chunk]  # [n, d]
+        scale = (w.abs().amax(dim=1) / 127).to(torch.bfloat16).float()  # [n], bf16 values
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a zero row: any scale
+        rows = torch.round(w / scale[:, None]).clamp_(-127, 127)  # [n, d]
+        q[start : start + chunk] = rows.to(torch.int8)
+        s[start : start + chunk] = scale.to(torch.bfloat16)  # exact: bf16 values
+        r[start : start + chunk] = (w - rows * scale[:, None]).norm(dim=1) * (1 + (d + 2) * 2.0**-23)
+    return q, s, r
 
 
 class ScreenedHead:
     """The argmax-exact output projection of one fp32 weight matrix ``[V, d]`` on the CPU.
 
     Args:
-        weight: the output matrix; it is copied to fp16 once (half its size in extra memory). The
-            screen keeps no reference to it: :meth:`logits` is given it again, and
+        weight: the output matrix; it is copied to int8 once (a quarter of its size in extra
+            memory). The screen keeps no reference to it: :meth:`logits` is given it again, and
             :meth:`key_of` tells whether it is still the matrix the screen was built from.
         max_candidates: more surviving rows than this and the full fp32 projection is used.
     """
@@ -51,17 +88,15 @@ class ScreenedHead:
             raise ValueError("ScreenedHead screens an fp32 [V, d] matrix on the CPU")
         self.key = self.key_of(weight)
         self.max_candidates = max_candidates
-        with torch.no_grad():
-            self.half = weight.to(torch.float16)  # [V, d]
-            self.row_l2 = weight.norm(dim=1)  # [V]
-            self.row_l1 = weight.abs().sum(dim=1)  # [V]
         d = weight.shape[1]
-        gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
-        self._a = (2 * _U + _U * _U) + gamma * (1 + _U) ** 2
-        self._b = _ETA * (1 + _U) * (1 + gamma)
-        self._c = d * _ETA * _ETA * (1 + gamma) + _ETA + _U * _ETA / (1 - _U)
-        self.exact = self.accumulates_in_fp32(d)
+        self.exact = self.kernel_is_bounded(d)
         self.screened = 0  # calls answered through the screen (the rest fell back)
+        if not self.exact:
+            return
+        with torch.no_grad():
+            self.q, self.scale, r = _quantize(weight)  # [V, d] int8, [V] bf16, [V]
+            self.row_l2 = weight.norm(dim=1)  # [V]
+            self.row_r = r + _gamma(d) * (self.row_l2 + r)  # [V]
 
     @staticmethod
     def key_of(weight: torch.Tensor) -> tuple:
@@ -73,17 +108,33 @@ class ScreenedHead:
         return (weight.data_ptr(), version, tuple(weight.shape), weight.dtype, weight.device)
 
     @staticmethod
-    def accumulates_in_fp32(d: int) -> bool:
-        """Whether an fp16 ``[1, d] x [r, d]^T`` product here sums in fp32: ``2048 + (d - 1)`` ones.
+    @functools.cache
+    def kernel_is_bounded(d: int) -> bool:
+        """Whether the int8 product of width ``d`` here sums in fp32, so the bound holds.
 
-        fp16 holds integers exactly only up to 2048, so a sum carried in fp16 stays at 2048.
+        Structured: ``256 + (d - 1)`` ones (a sum carried in bf16 stays at 256). Random: every
+        screened logit of 256 random rows lies within half its bound of the float64 value.
         """
         if d < 64:
             return False
-        x = torch.ones(1, d, dtype=torch.float16)
-        x[0, 0] = 2048.0
-        got = F.linear(x, torch.ones(4096, d, dtype=torch.float16)).float()  # [1, 4096]
-        return bool(((got - (2047.0 + d)).abs() <= 2.0).all())
+        try:
+            x = torch.ones(1, d, dtype=torch.bfloat16)
+            x[0, 0] = 256.0
+            ones = torch.ones(64, d, dtype=torch.int8)
+            got = torch._weight_int8pack_mm(x, ones, torch.ones(64, dtype=torch.bfloat16)).float()
+            if not bool((got == torch.tensor(255.0 + d).bfloat16().float()).all()):
+                return False
+            g = torch.Generator().manual_seed(0)
+            w = torch.randn(256, d, generator=g) * torch.logspace(-3, 1, 256)[:, None]
+            h = torch.randn(4, d, generator=g) * torch.tensor([1e-3, 1.0, 30.0, 1e3])[:, None]
+            q, s, r = _quantize(w)
+            c = torch._weight_int8pack_mm(h.bfloat16(), q, s).float()
+        except (AttributeError, RuntimeError, NotImplementedError):  # no such kernel here
+            return False
+        row_l2 = w.norm(dim=1)
+        bound = _bound(c, h, row_l2, r + _gamma(d) * (row_l2 + r))
+        exact = h.double() @ w.double().t()
+        return bool(((exact - c.double()).abs() <= 0.5 * bound.double()).all())
 
     def logits(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Logits ``[b, V]`` of normed hidden states ``h [b, d]`` under ``weight`` (the matrix the
@@ -93,14 +144,10 @@ class ScreenedHead:
             raise ValueError("the weight changed since the screen was built; build a new ScreenedHead")
         if not self.exact or h.dtype != torch.float32:
             return linear(h, weight)
-        h16 = h.to(torch.float16)
-        approx = F.linear(h16, self.half).float()  # [b, V]
-        if not (torch.isfinite(h16).all() and torch.isfinite(approx).all()):
+        approx = torch._weight_int8pack_mm(h.to(torch.bfloat16), self.q, self.scale).float()  # [b, V]
+        if not bool(torch.isfinite(approx).all()):
             return linear(h, weight)
-        hn2 = h.norm(dim=-1, keepdim=True)  # [b, 1]
-        hn1 = h.abs().sum(dim=-1, keepdim=True)  # [b, 1]
-        bound = self._a * hn2 * self.row_l2 + self._b * (hn1 + self.row_l1) + self._c
-        bound = _SAFETY * (bound + _U / (1 - _U) * approx.abs())  # [b, V]
+        bound = _bound(approx, h, self.row_l2, self.row_r)  # [b, V]
         floor = (
             (approx - bound).max(dim=-1, keepdim=True).values
         )  # [b, 1]: the argmax's logit is at least this
@@ -111,3 +158,13 @@ class ScreenedHead:
         out[:, rows] = linear(h, weight[rows])  # [b, c], fp32
         self.screened += 1
         return out
+
+
+def _bound(approx: torch.Tensor, h: torch.Tensor, row_l2: torch.Tensor, row_r: torch.Tensor) -> torch.Tensor:
+    """The module docstring's bound ``[b, V]`` on ``|l - approx|`` for hidden states ``h [b, d]``,
+    row norms ``row_l2 [V]`` and ``row_r [V] = r + gamma (|w|_2 + r)``, times the safety factor."""
+    hb = h.to(torch.bfloat16).float()
+    err = (h - hb).norm(dim=-1, keepdim=True)  # [b, 1]
+    hn = hb.norm(dim=-1, keepdim=True)  # [b, 1]
+    bound = torch.addcmul(err * row_l2, hn, row_r)  # [b, V]
+    return bound.add_(approx.abs(), alpha=_U / (1 - _U)).mul_(_SAFETY)

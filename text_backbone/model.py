@@ -244,9 +244,9 @@ class TextBackbone(nn.Module):
     def greedy_head(self, h: torch.Tensor) -> torch.Tensor:
         """:meth:`head` for greedy decoding, ``[b, d]`` to ``[b, V]``: the same argmax, with the
         rows that cannot hold it set to ``-inf``. With fp32 weights on the CPU the vocabulary is
-        screened in fp16 and only candidate rows are computed in fp32
-        (:class:`~mm.text_backbone.greedy_head.ScreenedHead`, built on first use: an fp16 copy of
-        the output matrix); elsewhere it is :meth:`head`."""
+        screened in int8 and only candidate rows are computed in fp32
+        (:class:`~mm.text_backbone.greedy_head.ScreenedHead`, built on first use: an int8 copy of
+        the output matrix, a quarter of its size); elsewhere it is :meth:`head`."""
         weight = self.output_weight
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or h.ndim != 2:
             return self.head(h)
