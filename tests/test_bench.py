@@ -124,6 +124,12 @@ def test_every_figure_is_a_positive_number_with_raw_timings(bench):
     for impl in ("mm", "hf"):
         tokens_per_s = report["results"]["decode"][impl]["decode_tokens_per_s"]
         assert roof["fraction"][impl] == pytest.approx(tokens_per_s / roof["tokens_per_s"])
+    # mm's own bytes (CPU, fp32): the output head's fp32 matrix (512 x 64) read as its int8 screen.
+    assert roof["mm_bytes_per_token"] == decode_bytes(TINY, "fp32")["total"] - 4 * 512 * 64 + 512 * (64 + 10)
+    mm_rate = report["results"]["decode"]["mm"]["decode_tokens_per_s"]
+    assert roof["mm_fraction"] == pytest.approx(
+        mm_rate * roof["mm_bytes_per_token"] / bandwidth["bytes_per_s"]
+    )
 
 
 def test_every_target_is_in_the_table_and_json_with_its_verdict(bench):

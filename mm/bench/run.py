@@ -70,6 +70,7 @@ from mm.bench.workload import (
     BenchSize,
     decode_bytes,
     decode_flops,
+    screened_decode_bytes,
     train_step_flops,
 )
 
@@ -285,10 +286,17 @@ def compare(results: dict[str, dict[str, Any]], targets: dict[str, float] = TARG
     return out
 
 
-def roofline(size: BenchSize, dtype: str, bandwidth: float | None, decode: dict[str, Any]) -> dict[str, Any]:
-    """Bytes per decoded token, the bandwidth, the tokens/s they allow and the fraction each reached."""
+def roofline(
+    size: BenchSize, dtype: str, bandwidth: float | None, decode: dict[str, Any], device: str = "cpu"
+) -> dict[str, Any]:
+    """Bytes per decoded token, the bandwidth, the tokens/s they allow and the fraction each reached;
+    on the CPU in fp32 also mm's own bytes (its greedy head reads an int8 screen) and the fraction of
+    the tokens/s those allow."""
     need = decode_bytes(size, dtype)
     out: dict[str, Any] = {"bytes_per_token": need, "bandwidth_bytes_per_s": bandwidth}
+    screened = device == "cpu" and dtype == "fp32"
+    if screened:
+        out["mm_bytes_per_token"] = screened_decode_bytes(size)
     if bandwidth:
         out["tokens_per_s"] = bandwidth / need["total"]
         out["fraction"] = {
@@ -296,6 +304,10 @@ def roofline(size: BenchSize, dtype: str, bandwidth: float | None, decode: dict[
             for impl, part in decode.items()
             if part.get("decode_tokens_per_s")
         }
+        mm_rate = decode.get("mm", {}).get("decode_tokens_per_s")
+        if screened and mm_rate:
+            out["mm_tokens_per_s"] = bandwidth / out["mm_bytes_per_token"]
+            out["mm_fraction"] = mm_rate / out["mm_tokens_per_s"]
     return out
 
 
@@ -476,7 +488,9 @@ def _summarise(
         results["decode"] = {
             impl: summarise_decode(raw["decode"][impl], size, flops_decode, peak) for impl in IMPLS
         }
-        report["roofline"] = roofline(size, report["config"]["dtype"], bandwidth, results["decode"])
+        report["roofline"] = roofline(
+            size, report["config"]["dtype"], bandwidth, results["decode"], report["config"]["device"]
+        )
     if "serve" in raw:
         results["serve"] = {"mm": summarise_serve(raw["serve"]["mm"][0])}
     if "packing" in raw:
@@ -626,6 +640,27 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         )
         frac = roof.get("fraction", {})
         rows.append(_row("decode fraction of roofline", frac.get("mm"), frac.get("hf"), "%", cmp))
+        if "mm_bytes_per_token" in roof:
+            rows.append(
+                _row(
+                    "decode bytes/token mm reads, MB",
+                    roof["mm_bytes_per_token"] / 1e6,
+                    None,
+                    ".2f",
+                    cmp,
+                    note="its greedy head reads an int8 copy of the output matrix",
+                )  # fmt: skip
+            )
+            rows.append(
+                _row(
+                    "decode fraction of mm's own roofline",
+                    roof.get("mm_fraction"),
+                    None,
+                    "%",
+                    cmp,
+                    note="bandwidth / bytes mm reads",
+                )  # fmt: skip
+            )
         side_by_side(decode, "prefill MFU", "prefill_mfu", "%")
         same = cmp.get("decode_same_tokens")
         side_by_side(decode, "decode MFU", "decode_mfu", "%",
