@@ -31,7 +31,10 @@ Figures, for both implementations:
 * **roofline** (decode): the bytes each decoded token must read (:func:`decode_bytes`: weights at
   the dtype plus the KV cache at the measured lengths) over the machine's memory bandwidth (best
   of timed STREAM-like copies and triads of large tensors, in a process of its own before and after
-  the figures) is the fastest decode the memory allows; the fraction of it reached is printed.
+  the figures) is the fastest decode the memory allows; the fraction of it reached is printed. On
+  the CPU in fp32 mm's greedy decoding reads less (its output head reads an int8 screen:
+  :func:`~mm.bench.workload.screened_decode_bytes`), so mm's bytes and the fraction of the roofline
+  they allow are printed too.
 * **packing** (with ``train``): training tokens/s with packed rows against padded batches
   (:mod:`mm.bench.packing`, another engineer's; mm only).
 * **serve** (``--serve``): aggregate tokens/s and time to first token of ``mm serve`` at 1, 4, 8 and
