@@ -172,3 +172,25 @@ def write_colour_folder(folder, n, seed=0, size=28, corrupt=()):
         conv[0]["content"][0]["image"] = f"{key}.png"
         (folder / f"{key}.json").write_text(json.dumps({"messages": conv}))
     return folder
+
+
+def random_backbone(**overrides):
+    """A small text backbone (any config field overridden) in eval mode, every weight moved off its
+    initial value by noise of 0.05."""
+    from mm.text_backbone import TextBackbone, TextConfig
+
+    torch.manual_seed(0)
+    cfg = dict(
+        vocab_size=2000,
+        embed_dim=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_dim=128,
+        max_seq_len=256,
+    )
+    bb = TextBackbone(TextConfig(**{**cfg, **overrides})).eval()
+    with torch.no_grad():
+        for p in bb.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return bb

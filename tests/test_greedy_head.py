@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from mm_testing import random_backbone
 
-from mm.text_backbone import TextBackbone, TextConfig
 from mm.text_backbone.greedy_head import _SAFETY, ScreenedHead, _bound, _quantize
 from mm.text_backbone.linear import linear
 
@@ -81,26 +81,8 @@ def test_where_the_bound_does_not_hold_it_is_the_full_projection(monkeypatch):
         ScreenedHead(w.bfloat16())
 
 
-def _backbone(**overrides):
-    torch.manual_seed(0)
-    cfg = dict(
-        vocab_size=2000,
-        embed_dim=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_dim=128,
-        max_seq_len=256,
-    )
-    bb = TextBackbone(TextConfig(**{**cfg, **overrides})).eval()
-    with torch.no_grad():
-        for p in bb.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return bb
-
-
 def test_greedy_generation_uses_the_screen_and_gives_the_full_heads_tokens():
-    bb = _backbone()
+    bb = random_backbone()
     ids = torch.randint(3, 2000, (2, 9))
     new = bb.generate(ids, max_new_tokens=12, stop_token_ids=())
     assert bb.__dict__["_greedy_screen"].screened == 12  # prefill and every decoded token
@@ -118,7 +100,7 @@ def test_greedy_generation_uses_the_screen_and_gives_the_full_heads_tokens():
 
 
 def test_outside_fp32_on_the_cpu_it_is_the_plain_head():
-    bb = _backbone().to(torch.bfloat16)
+    bb = random_backbone().to(torch.bfloat16)
     h = torch.randn(3, 64, dtype=torch.bfloat16)
     assert torch.equal(bb.greedy_head(h), bb.head(h))
     assert "_greedy_screen" not in bb.__dict__

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from mm_testing import random_backbone
 
-from mm.text_backbone import TextBackbone, TextConfig
 from mm.text_backbone.linear import AS_COLUMNS, FEW_ROWS, MIN_WEIGHT, Linear, linear
 
 
@@ -97,20 +97,7 @@ def test_decoding_through_the_split_gives_f_linears_logits_and_tokens(bmm_calls,
     """A backbone's decode steps (prompts of 1 and of 6 rows, then one token each at a time through
     the KV cache) give F.linear's logits up to fp32 rounding with the split products, and the same
     greedy tokens."""
-    torch.manual_seed(0)
-    cfg = TextConfig(
-        vocab_size=1000,
-        embed_dim=256,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_dim=512,
-        max_seq_len=64,
-    )
-    bb = TextBackbone(cfg).eval()
-    with torch.no_grad():
-        for p in bb.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    bb = random_backbone(vocab_size=1000, embed_dim=256, intermediate_dim=512, max_seq_len=64)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 1000, (1, 20), generator=g)  # prefill: more than FEW_ROWS rows, F.linear
     new = torch.randint(3, 1000, (1, 5), generator=g)
