@@ -14,9 +14,9 @@ any two fp32 kernels have, which decide only exact ties).
 The screen's product is PyTorch's weight-only int8 kernel (``torch._weight_int8pack_mm``), which
 takes its activations in bf16 and returns bf16. Row ``i`` holds ``q_i`` (integers in [-127, 127])
 and a bf16 scale ``s_i``, so it stands for ``w'_i = s_i q_i``, whose distance ``r_i = |w_i - w'_i|_2``
-is computed exactly (float64) when the screen is built. Error bound of one screened logit ``c_i``
-against ``l_i = sum_j h_j w_ij``, with ``h'`` the bf16 rounding of ``h`` and ``u = 2^-8`` bf16's unit
-roundoff::
+is bounded from above when the screen is built (:func:`_quantize`). Error bound of one screened
+logit ``c_i`` against ``l_i = sum_j h_j w_ij``, with ``h'`` the bf16 rounding of ``h`` and
+``u = 2^-8`` bf16's unit roundoff::
 
     |l_i - c_i| <= |h - h'|_2 |w_i|_2            (rounding h to bf16)
                  + |h'|_2 r_i                     (rounding w_i to int8 x scale)

@@ -18,10 +18,10 @@ Used only where it helps: fp32 on the CPU, at most :data:`FEW_ROWS` rows, a matr
 overhead outweigh it), no bias, no gradient wanted. Everything else (training, prefill, GPUs, bf16,
 the ``tiny`` presets) is ``F.linear``.
 
-Measured (torch 2.14, MKL, 2 threads of an AMD EPYC; one product with each matrix of 10 layers of
-the ``mm bench --size small`` backbone, 136 MB, so every read comes from memory), milliseconds for
-the 70 products, ``F.linear`` -> this: 1 row 8.9 -> 3.5, 2 rows 11.3 -> 4.0, 4 rows 12.0 -> 4.6,
-8 rows 9.8 -> 8.2, 16 rows 12.5 -> 10.8.
+Measured (torch 2.14, MKL, 2 threads of an AMD EPYC): one product with each of 70 matrices shaped
+like the ``mm bench --size small`` backbone's (10 layers of q, k, v, o and the MLP's three; 136 MB,
+so every read comes from memory), milliseconds for the 70, ``F.linear`` -> this: 1 row 8.9 -> 3.5,
+2 rows 11.3 -> 4.0, 4 rows 12.0 -> 4.6, 8 rows 9.8 -> 8.2, 16 rows 12.5 -> 10.8.
 """
 
 from __future__ import annotations
