@@ -74,6 +74,12 @@ def _quantize(weight: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, to
     return q, s, r
 
 
+def _row_terms(weight: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bound's per-row factors: ``|w_i|_2`` and ``r_i + gamma (|w_i|_2 + r_i)`` (see :func:`_bound`)."""
+    row_l2 = weight.norm(dim=1)  # [V]
+    return row_l2, r + _gamma(weight.shape[1]) * (row_l2 + r)
+
+
 class ScreenedHead:
     """The argmax-exact output projection of one fp32 weight matrix ``[V, d]`` on the CPU.
 
@@ -96,8 +102,7 @@ class ScreenedHead:
             return
         with torch.no_grad():
             self.q, self.scale, r = _quantize(weight)  # [V, d] int8, [V] bf16, [V]
-            self.row_l2 = weight.norm(dim=1)  # [V]
-            self.row_r = r + _gamma(d) * (self.row_l2 + r)  # [V]
+            self.row_l2, self.row_r = _row_terms(weight, r)  # [V], [V]
 
     @staticmethod
     def key_of(weight: torch.Tensor) -> tuple:
@@ -132,8 +137,7 @@ class ScreenedHead:
             c = torch._weight_int8pack_mm(h.bfloat16(), q, s).float()
         except (AttributeError, RuntimeError, NotImplementedError):  # no such kernel here
             return False
-        row_l2 = w.norm(dim=1)
-        bound = _bound(c, h, row_l2, r + _gamma(d) * (row_l2 + r))
+        bound = _bound(c, h, *_row_terms(w, r))
         exact = h.double() @ w.double().t()
         return bool(((exact - c.double()).abs() <= 0.5 * bound.double()).all())
 
