@@ -168,10 +168,14 @@ def test_serve_batches_concurrent_clients_and_answers_as_alone(bench):
         assert lv["tokens"] == serve["requests"] * serve["max_tokens"] == 16 * 8
         assert lv["tokens_per_s"] > 0 and lv["ttft_median_s"] > 0
         assert lv["same_answers_as_alone"] is True
+        # The level reported is the median of its repeated runs.
+        runs = lv["tokens_per_s_runs"]
+        assert len(runs) == serve["repeats"] == 3 and lv["tokens_per_s"] == sorted(runs)[1]
     assert serve["speedup"]["1"] == 1.0
     mid = serve["mid_batch"]
     assert mid["arrived_mid_batch"] is True
     assert mid["ratio"] == pytest.approx(mid["mid_batch_s"] / mid["alone_s"])
+    assert len(mid["ratio_runs"]) == 3 and mid["ratio"] == sorted(mid["ratio_runs"])[1]
     assert report["comparison"]["serve_speedup_8"] == serve["speedup"]["8"]
 
 
@@ -222,6 +226,9 @@ def test_small_4k_is_small_with_a_4096_token_vocabulary():
     assert differs == {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
     assert small4k.vision == small.vision and small4k.train_lengths == small.train_lengths
     assert targets_for(small4k)["generate_speedup"] == 1.5 and "generate_speedup" not in targets_for(small)
+    # Decode and prefill targets are the for the Llama 3 vocabulary only.
+    for key in ("decode_speedup", "prefill_speedup"):
+        assert key in targets_for(small) and key not in targets_for(small4k)
 
 
 def test_bandwidth_worker_counts_bytes_moved(tmp_path):
@@ -326,3 +333,16 @@ def test_bench_subcommand_registers_on_the_mm_command():
     assert callable(args.func)
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--repeats", "0"])
+
+
+def test_serve_figures_are_the_median_run_and_the_worse_middle_of_an_even_count():
+    from mm.bench.serve import _median_run
+
+    runs = [{"clients": 8, "tokens_per_s": v} for v in (300.0, 100.0, 200.0)]
+    assert _median_run(runs, "tokens_per_s") == {**runs[2], "tokens_per_s_runs": [300.0, 100.0, 200.0]}
+    four = [{"ratio": v, "arrived_mid_batch": True} for v in (1.0, 4.0, 2.0, 3.0)]
+    assert _median_run(four, "ratio", lower_is_better=True)["ratio"] == 3.0  # a ratio: the higher middle
+    even = [{"tokens_per_s": v} for v in (1.0, 4.0, 2.0, 3.0)]
+    assert _median_run(even, "tokens_per_s")["tokens_per_s"] == 2.0  # a throughput: the lower middle
+    failed = {"clients": 8, "error": "boom"}
+    assert _median_run([runs[0], failed], "tokens_per_s") == failed
