@@ -226,8 +226,8 @@ def test_small_4k_is_small_with_a_4096_token_vocabulary():
     assert differs == {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}
     assert small4k.vision == small.vision and small4k.train_lengths == small.train_lengths
     assert targets_for(small4k)["generate_speedup"] == 1.5 and "generate_speedup" not in targets_for(small)
-    # Decode and prefill targets are the issue's for the Llama 3 vocabulary only.
-    for key in ("decode_speedup", "prefill_speedup"):
+    # Memory, decode and prefill targets are the issues' for the Llama 3 vocabulary only.
+    for key in ("train_memory_ratio", "decode_speedup", "prefill_speedup"):
         assert key in targets_for(small) and key not in targets_for(small4k)
 
 
