@@ -1,4 +1,4 @@
-"""The preprocessor and generation defaults of an imported Llama 3.2 Vision folder.
+"""The weights, preprocessor and generation defaults of an imported Llama 3.2 Vision folder.
 
 A model read from a Hugging Face Mllama folder or from Meta's layout answers at once: its tokenizer,
 image settings, multi-image rule and stop tokens come from the files beside the weights, as the
@@ -15,6 +15,9 @@ Both resize and normalise images as Meta's reference transform does (``backend="
 use Meta's multi-image rule (``"most_recent"``: a text token sees the most recent image, a run
 of adjacent images counting as one), which the released models were trained with; it is saved with
 the model like every other preprocessing setting.
+
+The weights of either layout go into a model built on the meta device through
+:func:`assign_imported` (strict, in one dtype), the text backbone recording the folder it came from.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from pathlib import Path
 from mm.datasets.preprocessing import Preprocessor
 from mm.model.config import ModelConfig
 from mm.model.generation import GenerationDefaults
-from mm.text_backbone.checkpoint import CheckpointError, read_json
+from mm.text_backbone.checkpoint import CheckpointError, assign_strict, read_json
 
 __all__ = [
     "IMPORTED_IMAGE_BACKEND",
     "IMPORTED_MASK_MODE",
+    "assign_imported",
+    "backbone_tensors",
     "hf_folder_preprocessing",
     "meta_folder_preprocessing",
 ]
@@ -40,6 +45,24 @@ IMPORTED_MASK_MODE = "most_recent"
 IMPORTED_IMAGE_BACKEND = "pil"
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
+
+
+def assign_imported(model, tensors, path: Path, layout: str, *, dtype, device) -> None:
+    """Assign ``tensors`` (``(mm name, tensor, file)``) into ``model`` (a
+    :class:`~mm.MultimodalModel` or its :class:`~mm.text_backbone.TextBackbone`, built on the meta
+    device): every weight, nothing else, in one dtype; its backbone's ``source`` names the folder and
+    ``layout`` (``"mllama"``, ``"meta_vision"``)."""
+    assign_strict(model, tensors, dtype=dtype, device=device, source=path, one_dtype=True)
+    backbone = getattr(model, "backbone", model)
+    backbone.source = {"path": str(path.resolve()), "format": layout}
+
+
+def backbone_tensors(tensors):
+    """The text backbone's among a multimodal model's ``(name, tensor, file)``, named as the backbone
+    names them."""
+    for name, t, file in tensors:
+        if name.startswith("backbone."):
+            yield name[len("backbone.") :], t, file
 
 
 def _tokenizer(path: Path, config: ModelConfig, names=_TOKENIZER_FILES):

@@ -46,7 +46,6 @@ from mm.text_backbone import TextBackbone, TextConfig
 from mm.text_backbone import key_maps as text_keys
 from mm.text_backbone.checkpoint import (
     CheckpointError,
-    collect_strict,
     merge_meta_shards,
     read_json,
     read_meta_shards,
@@ -371,21 +370,12 @@ def load_meta(cls, path: Path, *, dtype: torch.dtype | None, device: torch.devic
     The folder's ``tokenizer.model`` becomes the preprocessor's tokenizer (with Meta's tile size,
     4 tiles and Meta's multi-image rule); generation stops at the tokenizer's stop tokens.
     """
-    from mm.checkpoint.imported import meta_folder_preprocessing
+    from mm.checkpoint.imported import assign_imported, meta_folder_preprocessing
 
     config = _read_config(path)
     with torch.device("meta"):
         model = cls(config, backbone=TextBackbone(config.text))
-    loaded = collect_strict(
-        model.state_dict(keep_vars=True),
-        _mm_tensors(path, config),
-        dtype=dtype,
-        device=device,
-        source=path,
-        one_dtype=True,
-    )
-    model.load_state_dict(loaded, strict=True, assign=True)
-    model.backbone.source = {"path": str(path.resolve()), "format": "meta_vision"}
+    assign_imported(model, _mm_tensors(path, config), path, "meta_vision", dtype=dtype, device=device)
     model.backbone.freeze()
     model.preprocessor, model.generation_defaults = meta_folder_preprocessing(path, config)
     return model
@@ -393,24 +383,13 @@ def load_meta(cls, path: Path, *, dtype: torch.dtype | None, device: torch.devic
 
 def load_meta_backbone(path: Path, *, dtype: torch.dtype | None, device: torch.device | str = "cpu"):
     """Only the text backbone of Meta's Llama 3.2 Vision folder (for mm folders that refer to one)."""
+    from mm.checkpoint.imported import assign_imported, backbone_tensors
+
     config = _read_config(path)
     with torch.device("meta"):
         backbone = TextBackbone(config.text)
-
-    def tensors():
-        for name, t, file in _mm_tensors(path, config, keep=lambda n: n.startswith("backbone.")):
-            yield name[len("backbone.") :], t, file
-
-    loaded = collect_strict(
-        backbone.state_dict(keep_vars=True),
-        tensors(),
-        dtype=dtype,
-        device=device,
-        source=path,
-        one_dtype=True,
-    )
-    backbone.load_state_dict(loaded, strict=True, assign=True)
-    backbone.source = {"path": str(path.resolve()), "format": "meta_vision"}
+    tensors = backbone_tensors(_mm_tensors(path, config, keep=lambda n: n.startswith("backbone.")))
+    assign_imported(backbone, tensors, path, "meta_vision", dtype=dtype, device=device)
     return backbone
 
 

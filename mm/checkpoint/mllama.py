@@ -35,7 +35,6 @@ from mm.text_backbone import TextBackbone, TextConfig
 from mm.text_backbone.checkpoint import (
     CheckpointError,
     _safetensors_files,
-    collect_strict,
     iter_safetensors,
     read_json,
 )
@@ -152,6 +151,17 @@ def mllama_tensor_names(
     raise KeyError(name)
 
 
+def _mm_tensors(path: Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """Every tensor of the folder's safetensors files under its mm name: ``(name, tensor, file)``."""
+    for name, t, file in iter_safetensors(_safetensors_files(path)):
+        try:
+            pairs = mllama_tensor_names(name, t, config)
+        except KeyError:
+            raise CheckpointError(f"unexpected tensor {name!r} in {file}") from None
+        for mm_name, part in pairs:
+            yield mm_name, part, file
+
+
 def _read_config(path: Path) -> ModelConfig:
     hf = read_json(path / "config.json")
     try:
@@ -167,56 +177,25 @@ def load_mllama(cls, path: Path, *, dtype: torch.dtype | None, device: torch.dev
     config = _read_config(path)
     if config.text.tie_embeddings:
         raise CheckpointError("tied embeddings are not supported for Mllama checkpoints")
+    from mm.checkpoint.imported import assign_imported, hf_folder_preprocessing
+
     with torch.device("meta"):
         model = cls(config, backbone=TextBackbone(config.text))
-
-    def tensors() -> Iterator[tuple[str, torch.Tensor, Path]]:
-        for name, t, file in iter_safetensors(_safetensors_files(path)):
-            try:
-                pairs = mllama_tensor_names(name, t, config)
-            except KeyError:
-                raise CheckpointError(f"unexpected tensor {name!r} in {file}") from None
-            for mm_name, part in pairs:
-                yield mm_name, part, file
-
-    loaded = collect_strict(
-        model.state_dict(keep_vars=True), tensors(), dtype=dtype, device=device, source=path, one_dtype=True
-    )
-    model.load_state_dict(loaded, strict=True, assign=True)
-    model.backbone.source = {"path": str(path.resolve()), "format": "mllama"}
+    assign_imported(model, _mm_tensors(path, config), path, "mllama", dtype=dtype, device=device)
     model.backbone.freeze()
-    from mm.checkpoint.imported import hf_folder_preprocessing
-
     model.preprocessor, model.generation_defaults = hf_folder_preprocessing(path, config)
     return model
 
 
 def load_mllama_backbone(path: Path, *, dtype: torch.dtype | None, device: torch.device | str = "cpu"):
     """Only the text backbone of a Mllama folder (for mm folders that refer to one)."""
+    from mm.checkpoint.imported import assign_imported, backbone_tensors
+
     config = _read_config(path)
     with torch.device("meta"):
         backbone = TextBackbone(config.text)
-
-    def tensors():
-        for name, t, file in iter_safetensors(_safetensors_files(path)):
-            try:
-                pairs = mllama_tensor_names(name, t, config)
-            except KeyError:
-                raise CheckpointError(f"unexpected tensor {name!r} in {file}") from None
-            for mm_name, part in pairs:
-                if mm_name.startswith("backbone."):
-                    yield mm_name[len("backbone.") :], part, file
-
-    loaded = collect_strict(
-        backbone.state_dict(keep_vars=True),
-        tensors(),
-        dtype=dtype,
-        device=device,
-        source=path,
-        one_dtype=True,
-    )
-    backbone.load_state_dict(loaded, strict=True, assign=True)
-    backbone.source = {"path": str(path.resolve()), "format": "mllama"}
+    tensors = backbone_tensors(_mm_tensors(path, config))
+    assign_imported(backbone, tensors, path, "mllama", dtype=dtype, device=device)
     return backbone
 
 
