@@ -53,8 +53,9 @@ def test_every_screened_logit_lies_within_its_bound():
     g = torch.Generator().manual_seed(2)
     for scale_h in (1e-4, 0.1, 1.0, 100.0, 1e5):
         h = torch.randn(3, 128, generator=g) * scale_h
-        approx = torch._weight_int8pack_mm(h.bfloat16(), screen.q, screen.scale).float()
-        bound = _bound(approx, h, screen.row_l2, screen.row_r).double() / _SAFETY
+        hb = h.bfloat16()
+        approx = torch._weight_int8pack_mm(hb, screen.q, screen.scale).float()
+        bound = _bound(approx, h, hb, screen.row_l2, screen.row_r).double() / _SAFETY
         error = (h.double() @ w.double().t() - approx.double()).abs()
         assert (error <= bound).all()
         assert error.max() >= bound.max() / 20  # the bound is within a factor 20 of the worst error

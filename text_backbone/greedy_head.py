@@ -134,10 +134,11 @@ class ScreenedHead:
             w = torch.randn(256, d, generator=g) * torch.logspace(-3, 1, 256)[:, None]
             h = torch.randn(4, d, generator=g) * torch.tensor([1e-3, 1.0, 30.0, 1e3])[:, None]
             q, s, r = _quantize(w)
-            c = torch._weight_int8pack_mm(h.bfloat16(), q, s).float()
+            hb = h.to(torch.bfloat16)
+            c = torch._weight_int8pack_mm(hb, q, s).float()
         except (AttributeError, RuntimeError, NotImplementedError):  # no such kernel here
             return False
-        bound = _bound(c, h, *_row_terms(w, r))
+        bound = _bound(c, h, hb, *_row_terms(w, r))
         exact = h.double() @ w.double().t()
         return bool(((exact - c.double()).abs() <= 0.5 * bound.double()).all())
 
@@ -149,10 +150,11 @@ class ScreenedHead:
             raise ValueError("the weight changed since the screen was built; build a new ScreenedHead")
         if not self.exact or h.dtype != torch.float32:
             return linear(h, weight)
-        approx = torch._weight_int8pack_mm(h.to(torch.bfloat16), self.q, self.scale).float()  # [b, V]
+        hb = h.to(torch.bfloat16)  # [b, d]
+        approx = torch._weight_int8pack_mm(hb, self.q, self.scale).float()  # [b, V]
         if not math.isfinite(float(approx.sum())):  # a value past fp32's range (or a finite sum that is)
             return linear(h, weight)
-        bound = _bound(approx, h, self.row_l2, self.row_r)  # [b, V]
+        bound = _bound(approx, h, hb, self.row_l2, self.row_r)  # [b, V]
         floor = (
             (approx - bound).max(dim=-1, keepdim=True).values
         )  # [b, 1]: the argmax's logit is at least this
@@ -165,10 +167,13 @@ class ScreenedHead:
         return out
 
 
-def _bound(approx: torch.Tensor, h: torch.Tensor, row_l2: torch.Tensor, row_r: torch.Tensor) -> torch.Tensor:
-    """The module docstring's bound ``[b, V]`` on ``|l - approx|`` for hidden states ``h [b, d]``,
-    row norms ``row_l2 [V]`` and ``row_r [V] = r + gamma (|w|_2 + r)``, times the safety factor."""
-    hb = h.to(torch.bfloat16).float()
+def _bound(
+    approx: torch.Tensor, h: torch.Tensor, hb: torch.Tensor, row_l2: torch.Tensor, row_r: torch.Tensor
+) -> torch.Tensor:
+    """The module docstring's bound ``[b, V]`` on ``|l - approx|`` for hidden states ``h [b, d]``
+    (``hb`` their bf16 rounding, what the kernel was given), row norms ``row_l2 [V]`` and
+    ``row_r [V] = r + gamma (|w|_2 + r)``, times the safety factor."""
+    hb = hb.float()
     err = (h - hb).norm(dim=-1, keepdim=True)  # [b, 1]
     hn = hb.norm(dim=-1, keepdim=True)  # [b, 1]
     bound = torch.addcmul(err * row_l2, hn, row_r)  # [b, V]
