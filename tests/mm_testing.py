@@ -194,3 +194,19 @@ def random_backbone(**overrides):
         for p in bb.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return bb
+
+
+def tiny_av_preprocessor(num_frames=8):
+    """The preprocessor of a ``tiny-av`` model: byte tokens, 28 px tiles, ``num_frames`` video
+    frames, 16 kHz audio stacked 4 to a token through a stride-2 convolution."""
+    from mm.datasets import AudioConfig, ImageProcessor, VideoConfig
+    from mm.datasets.preprocessing import AudioTokens, Preprocessor
+    from mm.text_backbone import ByteTokenizer
+
+    return Preprocessor(
+        ByteTokenizer(),
+        ImageProcessor(tile_size=28, max_tiles=4),
+        video=VideoConfig(num_frames=num_frames),
+        audio=AudioConfig(),
+        audio_tokens=AudioTokens(stack=4, conv_kernel=3, conv_stride=2),
+    )

@@ -346,3 +346,22 @@ def test_serve_figures_are_the_median_run_and_the_worse_middle_of_an_even_count(
     assert _median_run(even, "tokens_per_s")["tokens_per_s"] == 2.0  # a throughput: the lower middle
     failed = {"clients": 8, "error": "boom"}
     assert _median_run([runs[0], failed], "tokens_per_s") == failed
+
+
+def test_a_gpu_decode_reports_whether_its_cuda_graph_gave_the_eager_tokens():
+    from mm.bench.run import summarise_decode
+
+    def run(graph_tokens, eager_tokens):
+        out = {"load_s": 1.0, "prefill_s": [0.1], "decode_s": [0.2], "tokens": graph_tokens}
+        if eager_tokens is not None:  # what task_decode records for mm on a CUDA device
+            out.update(
+                cuda_graph=True, eager_tokens=eager_tokens, same_tokens_as_eager=graph_tokens == eager_tokens
+            )
+        return out
+
+    cpu = summarise_decode([run([1, 2], None)], TINY, (1.0, 1.0), None)
+    assert "cuda_graph" not in cpu and "same_tokens_as_eager" not in cpu
+    alike = summarise_decode([run([1, 2], [1, 2]), run([1, 2], [1, 2])], TINY, (1.0, 1.0), None)
+    assert alike["cuda_graph"] is True and alike["same_tokens_as_eager"] is True
+    one_differs = summarise_decode([run([1, 2], [1, 2]), run([1, 2], [1, 3])], TINY, (1.0, 1.0), None)
+    assert one_differs["same_tokens_as_eager"] is False

@@ -254,6 +254,9 @@ def summarise_decode(runs, size: BenchSize, flops: tuple[float, float], peak: fl
         prefill_mfu=None if not peak else flops[0] / prefill / peak,
         decode_mfu=None if not (peak and decode) else flops[1] / decode / peak,
     )
+    if any("same_tokens_as_eager" in r for r in good):  # mm on a GPU: decoded through a CUDA graph
+        out["cuda_graph"] = True
+        out["same_tokens_as_eager"] = all(r.get("same_tokens_as_eager") for r in good)
     return out
 
 
@@ -670,8 +673,11 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             )
         side_by_side(decode, "prefill MFU", "prefill_mfu", "%")
         same = cmp.get("decode_same_tokens")
-        side_by_side(decode, "decode MFU", "decode_mfu", "%",
-                     note="" if same is None else f"same greedy tokens: {same}")  # fmt: skip
+        graphed = decode.get("mm", {}).get("same_tokens_as_eager")
+        note = "" if same is None else f"same greedy tokens: {same}"
+        if graphed is not None:
+            note += f"; mm through a CUDA graph, same tokens as eager: {graphed}"
+        side_by_side(decode, "decode MFU", "decode_mfu", "%", note=note)
     serve = res.get("serve", {}).get("mm")
     if serve is not None:
         if "error" in serve:

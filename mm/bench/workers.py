@@ -383,13 +383,15 @@ def _hf_clock():
     return Clock()
 
 
-def _generate_once(impl: str, model, inputs: dict[str, torch.Tensor], new_tokens: int, device):
-    """Return ``(prefill seconds, seconds from the first to the last new token, new tokens)``."""
+def _generate_once(impl: str, model, inputs: dict[str, torch.Tensor], new_tokens: int, device, graph=None):
+    """Return ``(prefill seconds, seconds from the first to the last new token, new tokens)``; mm
+    decodes through a CUDA graph on a GPU unless ``graph`` says otherwise."""
     _sync(device)
     if impl.startswith("mm"):
         tokens, times = [], []
+        graph = device.type == "cuda" if graph is None else graph
         t0 = time.perf_counter()
-        for token in model.stream(**inputs, max_new_tokens=new_tokens, stop_token_ids=()):
+        for token in model.stream(**inputs, max_new_tokens=new_tokens, stop_token_ids=(), cuda_graph=graph):
             tokens.append(int(token[0].cpu()))  # a reader of the stream needs the token on the host
             times.append(time.perf_counter())
         return times[0] - t0, times[-1] - times[0], tokens
@@ -424,7 +426,7 @@ def task_decode(spec: dict[str, Any]) -> dict[str, Any]:
         p, d, tokens = _generate_once(impl, model, inputs, size.new_tokens, device)
         prefill.append(p)
         decode.append(d)
-    return {
+    out = {
         "load_s": load_s,
         "prefill_s": prefill,
         "decode_s": decode,
@@ -432,6 +434,11 @@ def task_decode(spec: dict[str, Any]) -> dict[str, Any]:
         "tokens": tokens,
         "torch_threads": torch.get_num_threads(),
     }
+    if impl.startswith("mm") and device.type == "cuda":  # the graph's tokens against eager decoding's
+        out["cuda_graph"] = True
+        out["eager_tokens"] = _generate_once(impl, model, inputs, size.new_tokens, device, graph=False)[2]
+        out["same_tokens_as_eager"] = out["eager_tokens"] == tokens
+    return out
 
 
 def task_packing(spec: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch
 
 from mm._strict import check_fields
 from mm.datasets.inputs import AudioInputs, VideoInputs
+from mm.model.static_decode import StaticDecoder
 from mm.model.video import video_state
 from mm.model.vision import VisionState, image_state
 from mm.text_backbone import KVCache, stream_tokens
@@ -142,9 +143,14 @@ def stream(
     top_p: float = 1.0,
     seed: int | None = None,
     stop_token_ids: tuple[int, ...] | None = None,
+    cuda_graph: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ``[b]`` of each (left-padded) row of ``model`` as it is decoded
-    (:meth:`mm.model.MultimodalModel.stream`)."""
+    (:meth:`mm.model.MultimodalModel.stream`).
+
+    ``cuda_graph``: decode through :class:`~mm.model.static_decode.StaticDecoder`, one CUDA graph
+    launch per token on a GPU; on other devices its fixed-shape step runs eagerly.
+    """
     b, s = input_ids.shape
     with torch.inference_mode():
         vision = image_state(model, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
@@ -158,10 +164,16 @@ def stream(
         )
         prefill = [True]
         head = model.backbone.greedy_head if temperature == 0 else model.backbone.head
+        static: list[StaticDecoder] = []
 
         def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             first = prefill[0]
             prefill[0] = False
+            if cuda_graph and not first:
+                if not static:
+                    graph = input_ids.device.type == "cuda"
+                    static.append(StaticDecoder(model, state, mask[:, :s], head, graph=graph))
+                return static[0](ids)
             embeds = model.input_embeddings(ids, audio) if first else model.embed(ids)
             h, ctx = model.backbone.prepare(
                 input_ids=ids if embeds is None else None,

@@ -494,12 +494,15 @@ class MultimodalModel(nn.Module):
         top_p: float = 1.0,
         seed: int | None = None,
         stop_token_ids: tuple[int, ...] | None = None,
+        cuda_graph: bool = False,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token ``[b]`` of each (left-padded) row as it is decoded.
 
         Vision and video tokens, every block's cross-attention keys/values and the spliced speech
         are computed once, at prefill, and reused for each decoded token; decoded tokens see what
-        the prompt's last token saw (see :func:`mm.model.generation.stream`).
+        the prompt's last token saw (see :func:`mm.model.generation.stream`). ``cuda_graph=True``
+        decodes with fixed shapes, each token one CUDA graph launch on a GPU
+        (:mod:`mm.model.static_decode`); elsewhere the fixed-shape step runs eagerly.
         """
         return generation.stream(
             self,
@@ -516,6 +519,7 @@ class MultimodalModel(nn.Module):
             top_p=top_p,
             seed=seed,
             stop_token_ids=stop_token_ids,
+            cuda_graph=cuda_graph,
         )
 
     def score(self, messages) -> float:
