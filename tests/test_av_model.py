@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
+from mm_testing import tiny_av_preprocessor
 
 from mm import ModelConfig, MultimodalModel
-from mm.datasets import AudioConfig, AudioInputs, ImageProcessor, VideoConfig, VideoInputs
-from mm.datasets.preprocessing import AudioTokens, Preprocessor
+from mm.datasets import AudioInputs, VideoInputs
 from mm.model.components import set_trainable, trainable_components
 from mm.model.video import encode_video_frames
-from mm.text_backbone import ByteTokenizer
 
 FRAMES = 8
 
@@ -21,13 +20,7 @@ FRAMES = 8
 def model():
     torch.manual_seed(0)
     m = MultimodalModel(ModelConfig.preset("tiny-av")).eval()
-    m.preprocessor = Preprocessor(
-        ByteTokenizer(),
-        ImageProcessor(tile_size=28, max_tiles=4),
-        video=VideoConfig(num_frames=FRAMES),
-        audio=AudioConfig(),
-        audio_tokens=AudioTokens(stack=4, conv_kernel=3, conv_stride=2),
-    )
+    m.preprocessor = tiny_av_preprocessor(FRAMES)
     return m
 
 

@@ -7,13 +7,11 @@ import math
 
 import pytest
 import torch
-from mm_testing import random_images
+from mm_testing import random_images, tiny_av_preprocessor
 
 from mm import ModelConfig, MultimodalModel
-from mm.datasets import AudioConfig, ImageProcessor, VideoConfig
-from mm.datasets.preprocessing import AudioTokens, Preprocessor
 from mm.model.batching import DecodeBatch, Sampling
-from mm.text_backbone import ByteTokenizer, KVCache
+from mm.text_backbone import KVCache
 
 STEPS = 6
 
@@ -28,13 +26,7 @@ def model():
                 p.fill_(0.8)
             elif not name.startswith("backbone."):
                 p.add_(torch.randn_like(p) * 0.05)
-    m.preprocessor = Preprocessor(
-        ByteTokenizer(),
-        ImageProcessor(tile_size=28, max_tiles=4),
-        video=VideoConfig(num_frames=8),
-        audio=AudioConfig(),
-        audio_tokens=AudioTokens(stack=4, conv_kernel=3, conv_stride=2),
-    )
+    m.preprocessor = tiny_av_preprocessor()
     return m
 
 

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from mm_testing import tiny_av_preprocessor
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mm import ModelConfig, MultimodalModel
 from mm.datasets import ImageProcessor
-from mm.datasets.preprocessing import AudioTokens, Preprocessor
+from mm.datasets.preprocessing import Preprocessor
 from mm.text_backbone import ByteTokenizer, TextConfig
 from mm.text_backbone.checkpoint import CheckpointError
 from mm.text_backbone.tokenizer import load_tokenizer
@@ -57,18 +58,10 @@ def tiny_model(layers=(1, 3)) -> MultimodalModel:
 
 def tiny_av_model() -> MultimodalModel:
     """The tiny-av preset (video blocks before layers 1 and 3, speech), with audio settings saved."""
-    from mm.datasets.audio import AudioConfig
-    from mm.datasets.video import VideoConfig
 
     torch.manual_seed(0)
     model = MultimodalModel(ModelConfig.preset("tiny-av")).eval()
-    model.preprocessor = Preprocessor(
-        ByteTokenizer(),
-        ImageProcessor(tile_size=28, max_tiles=4),
-        video=VideoConfig(num_frames=8),
-        audio=AudioConfig(),
-        audio_tokens=AudioTokens(stack=4, conv_kernel=3, conv_stride=2),
-    )
+    model.preprocessor = tiny_av_preprocessor()
     return _open_gates(model)
 
 
