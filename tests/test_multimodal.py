@@ -308,8 +308,11 @@ def test_logits_are_computed_when_read(ours, monkeypatch):
     labels = batch["input_ids"].clone()
     labels[:, :8] = -100
     rows = []
-    head = ours.backbone.head
+    head, head_loss = ours.backbone.head, ours.backbone.head_loss
     monkeypatch.setattr(ours.backbone, "head", lambda h: rows.append(h.shape[:-1].numel()) or head(h))
+    monkeypatch.setattr(
+        ours.backbone, "head_loss", lambda h, t: rows.append(h.shape[:-1].numel()) or head_loss(h, t)
+    )
     with torch.no_grad():
         out = ours(**batch, labels=labels)
         assert rows == [int((labels[:, 1:] != -100).sum())]  # the loss's positions only

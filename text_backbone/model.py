@@ -25,6 +25,7 @@ from mm.text_backbone.config import TextConfig
 from mm.text_backbone.digest import state_digest
 from mm.text_backbone.generation import stream_tokens
 from mm.text_backbone.greedy_head import ScreenedHead
+from mm.text_backbone.head_loss import linear_cross_entropy
 from mm.text_backbone.kv_cache import KVCache
 from mm.text_backbone.layers import AttentionContext, DecoderLayer, RMSNorm
 from mm.text_backbone.linear import linear
@@ -240,6 +241,11 @@ class TextBackbone(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection: ``[..., d]`` hidden states to ``[..., V]`` logits."""
         return linear(self.norm(h), self.output_weight)
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of :meth:`head`'s logits for ``h [n, d]`` against ``targets [n]``, without
+        keeping the ``[n, V]`` logits for the backward pass (:mod:`~mm.text_backbone.head_loss`)."""
+        return linear_cross_entropy(self.norm(h), self.output_weight, targets)
 
     def greedy_head(self, h: torch.Tensor) -> torch.Tensor:
         """:meth:`head` for greedy decoding, ``[b, d]`` to ``[b, V]``: the same argmax, with the

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -474,8 +473,7 @@ class MultimodalModel(nn.Module):
         count = int(keep.sum())
         if count == 0:
             return h.sum() * 0.0, 0
-        logits = self.backbone.head(h[:, :-1][keep]).float()  # [count, V]
-        return F.cross_entropy(logits, targets[keep]), count
+        return self.backbone.head_loss(h[:, :-1][keep], targets[keep]), count
 
     # ------------------------------------------------------------------ generation
     def stream(
