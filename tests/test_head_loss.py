@@ -10,8 +10,8 @@ from mm_testing import random_images
 from mm import ModelConfig, MultimodalModel
 from mm.datasets import ImageProcessor
 from mm.datasets.preprocessing import Preprocessor
-from mm.text_backbone import ByteTokenizer
-from mm.text_backbone.head_loss import linear_cross_entropy
+from mm.text_backbone import ByteTokenizer, head_loss
+from mm.text_backbone.head_loss import MIN_BYTES, linear_cross_entropy
 
 N, D, V = 37, 24, 1000
 
@@ -38,7 +38,7 @@ def test_loss_and_both_gradients_equal_plain_autograd(chunk_rows):
     x, w, t = _inputs()
     ref_loss, ref_gx, ref_gw = _plain(x, w, t)
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = linear_cross_entropy(xs, ws, t, chunk_bytes=chunk_rows * 4 * V)
+    loss = linear_cross_entropy(xs, ws, t, chunk_bytes=chunk_rows * 4 * V, min_bytes=0)
     (loss * 3.0).backward()  # an incoming gradient other than 1 is applied
     torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(xs.grad, 3.0 * ref_gx, rtol=1e-5, atol=1e-7)
@@ -49,7 +49,7 @@ def test_a_frozen_head_gets_no_gradient_and_the_input_gets_plain_autograds():
     x, w, t = _inputs(seed=1)
     _, ref_gx, _ = _plain(x, w, t)
     xs = x.clone().requires_grad_()
-    linear_cross_entropy(xs, w, t, chunk_bytes=8 * 4 * V).backward()
+    linear_cross_entropy(xs, w, t, chunk_bytes=8 * 4 * V, min_bytes=0).backward()
     assert w.grad is None
     torch.testing.assert_close(xs.grad, ref_gx, rtol=1e-5, atol=1e-7)
 
@@ -58,7 +58,7 @@ def test_bf16_matches_plain_autograd_in_bf16():
     x, w, t = _inputs(torch.bfloat16, seed=2)
     ref_loss, ref_gx, ref_gw = _plain(x, w, t)
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = linear_cross_entropy(xs, ws, t, chunk_bytes=10 * 4 * V)
+    loss = linear_cross_entropy(xs, ws, t, chunk_bytes=10 * 4 * V, min_bytes=0)
     loss.backward()
     assert xs.grad.dtype == ws.grad.dtype == torch.bfloat16
     torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-5)
@@ -80,7 +80,7 @@ def test_no_logits_are_kept_for_the_backward_pass():
     assert any(V in shape for shape in kept)  # plain autograd keeps [n, V] (the check can fail)
     kept.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        linear_cross_entropy(xs, w, t)
+        linear_cross_entropy(xs, w, t, min_bytes=0)
     assert kept and all(V not in shape for shape in kept), kept
 
 
@@ -88,9 +88,23 @@ def test_without_gradients_only_the_loss_is_computed():
     x, w, t = _inputs(seed=4)
     ref = F.cross_entropy(F.linear(x, w).float(), t)
     with torch.no_grad():
-        loss = linear_cross_entropy(x.requires_grad_(), w, t, chunk_bytes=7 * 4 * V)
+        loss = linear_cross_entropy(x.requires_grad_(), w, t, chunk_bytes=7 * 4 * V, min_bytes=0)
     assert loss.grad_fn is None
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_small_logits_take_plain_autograd_bit_for_bit():
+    x, w, t = _inputs(seed=6)  # 37 x 1000 fp32 logits: 148 KB, under MIN_BYTES
+    assert 4 * N * V < MIN_BYTES
+    ref_loss, ref_gx, ref_gw = _plain(x, w, t)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = linear_cross_entropy(xs, ws, t)
+    loss.backward()
+    assert (
+        torch.equal(loss.detach(), ref_loss) and torch.equal(xs.grad, ref_gx) and torch.equal(ws.grad, ref_gw)
+    )
+    fused = linear_cross_entropy(x, w, t, min_bytes=4 * N * V)  # at the threshold: the fused path
+    torch.testing.assert_close(fused, ref_loss, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_shapes_and_no_rows_are_refused():
@@ -101,7 +115,10 @@ def test_bad_shapes_and_no_rows_are_refused():
         linear_cross_entropy(x[:0], w, t[:0])
 
 
-def test_the_models_loss_gives_the_gradients_of_its_logits_loss():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_the_models_loss_gives_the_gradients_of_its_logits_loss(fused, monkeypatch):
+    if fused:  # the tiny model's logits are small: make the head's loss take the fused path anyway
+        monkeypatch.setattr(head_loss, "MIN_BYTES", 0)
     torch.manual_seed(0)
     model = MultimodalModel(ModelConfig.preset("tiny")).train()
     with torch.no_grad():
