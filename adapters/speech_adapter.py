@@ -32,6 +32,7 @@ from torch import nn
 from mm._values import ConfigValueError, as_float, as_int, check_values
 from mm.encoders.conformer import ConformerConfig, RotarySelfAttention, lengths_to_mask
 from mm.text_backbone.layers import RMSNorm, SwiGLU
+from mm.text_backbone.linear import Linear
 from mm.text_backbone.rope import rope_cos_sin, rope_frequencies
 
 if TYPE_CHECKING:  # decoding audio (torchaudio) is not needed to build or run the adapter
@@ -135,7 +136,7 @@ class SpeechAdapter(nn.Module):
         )
         self.layer = _AdapterLayer(config.width, config.num_heads, config.ffn_dim, config.norm_eps)
         self.norm = RMSNorm(config.width, config.norm_eps)
-        self.out_proj = nn.Linear(config.width, config.output_dim, bias=False)
+        self.out_proj = Linear(config.width, config.output_dim, bias=False)
         # Not a buffer: `.to(bfloat16)` must never round the frequencies (they stay float32).
         self._inv_freq = rope_frequencies(config.head_dim, config.rope_theta, None)
 

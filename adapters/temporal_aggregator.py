@@ -36,6 +36,7 @@ from einops import rearrange
 from torch import nn
 
 from mm.text_backbone.layers import RMSNorm, SwiGLU
+from mm.text_backbone.linear import Linear
 
 __all__ = ["PerceiverLayer", "TemporalAggregator", "default_aggregator_ffn_dim", "order_embedding"]
 
@@ -73,10 +74,10 @@ class PerceiverLayer(nn.Module):
         self.num_heads = num_heads
         self.frame_norm = RMSNorm(dim, norm_eps)
         self.latent_norm = RMSNorm(dim, norm_eps)
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
-        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.q_proj = Linear(dim, dim, bias=False)
+        self.k_proj = Linear(dim, dim, bias=False)
+        self.v_proj = Linear(dim, dim, bias=False)
+        self.o_proj = Linear(dim, dim, bias=False)
         self.mlp_norm = RMSNorm(dim, norm_eps)
         self.mlp = SwiGLU(dim, ffn_dim)
 

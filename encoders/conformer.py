@@ -35,6 +35,7 @@ from einops import rearrange
 from torch import nn
 
 from mm._values import ConfigValueError, as_bool, as_choice, as_float, as_int, check_values
+from mm.text_backbone.linear import Linear
 from mm.text_backbone.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 __all__ = [
@@ -147,10 +148,10 @@ class RotarySelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(dim, dim, bias=bias)
-        self.k_proj = nn.Linear(dim, dim, bias=bias)
-        self.v_proj = nn.Linear(dim, dim, bias=bias)
-        self.o_proj = nn.Linear(dim, dim, bias=bias)
+        self.q_proj = Linear(dim, dim, bias=bias)
+        self.k_proj = Linear(dim, dim, bias=bias)
+        self.v_proj = Linear(dim, dim, bias=bias)
+        self.o_proj = Linear(dim, dim, bias=bias)
 
     def forward(
         self,
@@ -178,8 +179,8 @@ class _FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, dropout: float, eps: float) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc1 = Linear(dim, hidden_dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,11 +196,11 @@ class _ConvModule(nn.Module):
     def __init__(self, dim: int, kernel: int, dropout: float, eps: float, norm: str) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.pointwise_in = nn.Linear(dim, 2 * dim)
+        self.pointwise_in = Linear(dim, 2 * dim)
         self.depthwise = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
         self.conv_norm_kind = norm
         self.depthwise_norm = nn.LayerNorm(dim, eps=eps) if norm == "layer" else nn.GroupNorm(1, dim, eps=eps)
-        self.pointwise_out = nn.Linear(dim, dim)
+        self.pointwise_out = Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
@@ -273,7 +274,7 @@ class ConformerEncoder(nn.Module):
     def __init__(self, config: ConformerConfig) -> None:
         super().__init__()
         self.config = config
-        self.input_proj = nn.Linear(config.stack * config.input_dim, config.width)
+        self.input_proj = Linear(config.stack * config.input_dim, config.width)
         self.layers = nn.ModuleList(
             ConformerLayer(
                 dim=config.width,

@@ -50,6 +50,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mm._strict import check_fields
 from mm._values import ConfigValueError, as_float, as_int, as_int_tuple, check_values, nested
+from mm.text_backbone.linear import Linear
 
 __all__ = ["ImageEncoder", "ImageEncoderConfig", "resize_image_encoder", "resize_patch_grid"]
 
@@ -315,10 +316,10 @@ class VisionAttention(nn.Module):
     def __init__(self, width: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.q_proj = nn.Linear(width, width, bias=False)
-        self.k_proj = nn.Linear(width, width, bias=False)
-        self.v_proj = nn.Linear(width, width, bias=False)
-        self.o_proj = nn.Linear(width, width, bias=False)
+        self.q_proj = Linear(width, width, bias=False)
+        self.k_proj = Linear(width, width, bias=False)
+        self.v_proj = Linear(width, width, bias=False)
+        self.o_proj = Linear(width, width, bias=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``x [b, s, d]``, ``mask [b, 1, s, s]`` (additive, or boolean with True = may attend) -> ``[b, s, d]``."""
@@ -334,8 +335,8 @@ class VisionMLP(nn.Module):
 
     def __init__(self, width: int, hidden_dim: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, width)
+        self.fc1 = Linear(width, hidden_dim)
+        self.fc2 = Linear(hidden_dim, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))

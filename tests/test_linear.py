@@ -1,4 +1,5 @@
-"""The backbone's linear layer: decoding's few-row products spread over threads, F.linear's values."""
+"""The backbone's linear layer: fp32 CPU products through oneDNN, decoding's few-row products spread
+over threads, F.linear's values and gradients."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from mm_testing import random_backbone
 
-from mm.text_backbone.linear import AS_COLUMNS, FEW_ROWS, MIN_WEIGHT, Linear, linear
+from mm.text_backbone import linear as linear_module
+from mm.text_backbone.linear import AS_COLUMNS, FEW_ROWS, MIN_WEIGHT, ONEDNN, Linear, linear
+
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason="oneDNN's linear op is not in this PyTorch build")
 
 
 @pytest.fixture
@@ -25,6 +29,29 @@ def bmm_calls(monkeypatch):
 
 
 @pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the oneDNN products :func:`linear` makes (forward and backward), passing each through."""
+    calls = []
+    real = linear_module._onednn
+
+    def counting(x, w, bias=None):
+        calls.append((tuple(x.shape), tuple(w.shape)))
+        return real(x, w, bias)
+
+    monkeypatch.setattr(linear_module, "_onednn", counting)
+    return calls
+
+
+@pytest.fixture(params=[True, False], ids=["onednn", "no-onednn"])
+def onednn(request, monkeypatch):
+    """Runs a test with oneDNN (where the build has it) and without (``MM_ONEDNN_LINEAR=0``)."""
+    if request.param and not ONEDNN:
+        pytest.skip("oneDNN's linear op is not in this PyTorch build")
+    monkeypatch.setattr(linear_module, "ONEDNN", request.param)
+    return request.param
+
+
+@pytest.fixture
 def two_threads():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -38,7 +65,9 @@ SHAPES = [(512, 512), (128, 512), (1792, 512), (512, 1792), (4096, 512)]
 
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("lead", [(1,), (1, 1), (4, 1), (2, 2), (5,), (8, 1), (16,), (2, 3)])
-def test_few_rows_are_split_over_the_threads_and_give_f_linears_values(n, k, lead, bmm_calls, two_threads):
+def test_few_rows_are_split_over_the_threads_and_give_f_linears_values(
+    n, k, lead, bmm_calls, onednn_calls, onednn, two_threads
+):
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g) * 0.05
     x = torch.randn(*lead, k, generator=g)
@@ -46,42 +75,122 @@ def test_few_rows_are_split_over_the_threads_and_give_f_linears_values(n, k, lea
         got = linear(x, w)
     r, p = x.numel() // k, 4  # rows; parts: twice the threads
     if r <= AS_COLUMNS:  # W @ x^T, part by part
-        assert bmm_calls == [((p, n // p, k), (p, k, r))]
+        assert bmm_calls == [((p, n // p, k), (p, k, r))] and onednn_calls == []
+    elif onednn:  # 5 to 16 rows: oneDNN reads the matrix faster than the split
+        assert bmm_calls == [] and onednn_calls == [((*lead, k), (n, k))]
     else:  # x @ W^T, part by part
         assert bmm_calls == [((p, r, k), (p, k, n // p))]
     assert got.shape == (*lead, n)
     # Each output is the same k products summed in another order: fp32 rounding apart.
     torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
-    exact = F.linear(x.double(), w.double()).float()
-    assert (got - exact).abs().max() <= 2 * (F.linear(x, w) - exact).abs().max() + 1e-6
+    exact = F.linear(x.double(), w.double())
+    if r <= AS_COLUMNS or not onednn:  # the split sums like MKL
+        assert (got - exact).abs().max() <= 2 * (F.linear(x, w) - exact).abs().max() + 1e-6
+    # Any order of summing k fp32 products stays within k units of rounding of sum |x_i w_i|
+    # (Higham's bound); oneDNN's error is about twice MKL's on average, well inside it.
+    bound = k * 2.0**-24 * F.linear(x.double().abs(), w.double().abs())
+    assert ((got.double() - exact).abs() <= bound).all()
 
 
-def test_everything_else_is_f_linear(bmm_calls, two_threads):
+def test_everything_else_is_f_linear_or_onednn(bmm_calls, onednn_calls, onednn, two_threads):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(512, 256, generator=g)
     x = torch.randn(1, 256, generator=g)
     many = torch.randn(FEW_ROWS + 1, 256, generator=g)  # prefill, training: many rows
-    assert torch.equal(linear(many, w), F.linear(many, w))
-    small = w[: MIN_WEIGHT // 256 - 4].contiguous()  # a matrix that stays in cache
+    if onednn:
+        torch.testing.assert_close(linear(many, w), F.linear(many, w), rtol=1e-5, atol=1e-5)
+        assert onednn_calls == [((FEW_ROWS + 1, 256), (512, 256))]
+        onednn_calls.clear()
+    else:
+        assert torch.equal(linear(many, w), F.linear(many, w))
+    small = w[: MIN_WEIGHT // 256 - 4].contiguous()  # a matrix that stays in cache: F.linear always
     assert torch.equal(linear(x, small), F.linear(x, small))
-    odd = w[:510].contiguous()  # rows that do not split evenly into the parts
-    assert torch.equal(linear(x, odd), F.linear(x, odd))
-    bias = torch.randn(512, generator=g)
-    assert torch.equal(linear(x, w, bias), F.linear(x, w, bias))
+    assert torch.equal(linear(many, small), F.linear(many, small))
     assert torch.equal(linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
-    view = w.t().contiguous().t()  # non-contiguous
-    assert torch.equal(linear(x, view), F.linear(x, view))
+    assert torch.equal(linear(many.double(), w.double()), F.linear(many.double(), w.double()))
+    assert onednn_calls == []
+    # Not split (rows that do not divide into the parts, a bias, a non-contiguous weight, one
+    # thread): oneDNN where the build has it, else F.linear.
+    odd = w[:510].contiguous()
+    bias = torch.randn(512, generator=g)
+    view = w.t().contiguous().t()
+    cases = [(x, odd, None), (x, w, bias), (x, view, None)]
+    for a, b, c in cases:
+        close = torch.testing.assert_close if onednn else lambda p, q: torch.equal(p, q) or pytest.fail("")
+        close(linear(a, b, c), F.linear(a, b, c))
     torch.set_num_threads(1)
-    assert torch.equal(linear(x, w), F.linear(x, w))
+    close(linear(x, w), F.linear(x, w))
     torch.set_num_threads(2)
     assert bmm_calls == []
-    # A gradient wanted (training): F.linear, and the gradient arrives.
+    assert len(onednn_calls) == (4 if onednn else 0)
+    onednn_calls.clear()
+    # A gradient wanted (training): never split; oneDNN's products or F.linear, and the gradient arrives.
     wg = w.clone().requires_grad_(True)
     linear(x, wg).sum().backward()
     assert bmm_calls == [] and torch.equal(wg.grad, x.expand(512, 256))
+    assert len(onednn_calls) == (2 if onednn else 0)  # forward, and the weight's gradient
     with torch.no_grad():  # the same call without a gradient is split
         linear(x, wg)
     assert len(bmm_calls) == 1
+
+
+@needs_onednn
+@pytest.mark.parametrize("lead", [(7,), (3, 50), (2, 1, 33)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_gradients_are_f_linears(lead, bias, onednn_calls, two_threads):
+    """Forward and every gradient (input, weight, bias) equal F.linear's autograd up to fp32 rounding,
+    with a random upstream gradient and with an expanded one (a sum's)."""
+    g = torch.Generator().manual_seed(len(lead) + bias)
+    k, n = 384, 640
+    tensors = [torch.randn(*lead, k, generator=g), torch.randn(n, k, generator=g) * 0.05]
+    tensors.append(torch.randn(n, generator=g) if bias else None)
+    upstream = torch.randn(*lead, n, generator=g)
+    got, want = [], []
+    for fn, out in ((linear, got), (F.linear, want)):
+        x, w, b = (None if t is None else t.clone().requires_grad_(True) for t in tensors)
+        y = fn(x, w, b)
+        (y * upstream).sum().backward()
+        out += [y.detach(), x.grad, w.grad] + ([b.grad] if bias else [])
+        x.grad = w.grad = None
+        fn(x, w, b).sum().backward()  # an expanded upstream gradient
+        out += [x.grad, w.grad]
+    assert len(onednn_calls) == 2 * 3
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_keeps_what_f_linear_keeps_and_only_the_gradients_asked_for(onednn_calls):
+    """A frozen weight gets no gradient and costs no weight product; a frozen input likewise."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 256, generator=g, requires_grad=True)
+    w = torch.randn(512, 256, generator=g)  # frozen
+    linear(x, w).sum().backward()
+    assert w.grad is None and x.grad is not None
+    assert onednn_calls == [((20, 256), (512, 256)), ((20, 512), (256, 512))]  # forward, g @ W
+    onednn_calls.clear()
+    wl = w.clone().requires_grad_(True)
+    linear(x.detach(), wl).sum().backward()
+    assert wl.grad is not None
+    assert onednn_calls == [((20, 256), (512, 256)), ((512, 20), (256, 20))]  # forward, g^T @ x
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        linear(x, wl).sum().backward()
+    assert saved == [torch.Size([20, 256]), torch.Size([512, 256])]
+
+
+@needs_onednn
+def test_a_row_does_not_depend_on_the_other_rows(two_threads):
+    """Batched requests: each row's product through oneDNN is the same bits as that row alone (or
+    among other rows), so a batch's answers do not depend on what else it holds."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(1792, 512, generator=g)
+    rows = torch.randn(16, 512, generator=g)
+    with torch.no_grad():
+        batch = linear(rows, w)
+        for r in (5, 8, 12):
+            assert torch.equal(linear(rows[:r], w), batch[:r])
+            assert torch.equal(linear(rows[16 - r :], w), batch[16 - r :])
 
 
 def test_linear_module_keeps_nn_linear_parameters_and_keys():
@@ -95,8 +204,8 @@ def test_linear_module_keeps_nn_linear_parameters_and_keys():
 
 def test_decoding_through_the_split_gives_f_linears_logits_and_tokens(bmm_calls, two_threads, monkeypatch):
     """A backbone's decode steps (prompts of 1 and of 6 rows, then one token each at a time through
-    the KV cache) give F.linear's logits up to fp32 rounding with the split products, and the same
-    greedy tokens."""
+    the KV cache) give F.linear's logits up to fp32 rounding with the split (and oneDNN's)
+    products, and the same greedy tokens."""
     bb = random_backbone(vocab_size=1000, embed_dim=256, intermediate_dim=512, max_seq_len=64)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 1000, (1, 20), generator=g)  # prefill: more than FEW_ROWS rows, F.linear
@@ -117,6 +226,8 @@ def test_decoding_through_the_split_gives_f_linears_logits_and_tokens(bmm_calls,
     assert sum(1 for a, _ in bmm_calls if a[0] == 4) >= 5 * (2 * 5 + 1)
     calls = len(bmm_calls)
     monkeypatch.setattr("mm.text_backbone.linear.FEW_ROWS", 0)  # F.linear everywhere
+    monkeypatch.setattr("mm.text_backbone.linear.AS_COLUMNS", 0)
+    monkeypatch.setattr("mm.text_backbone.linear.ONEDNN", False)
     plain, plain_tokens = run()
     assert len(bmm_calls) == calls
     torch.testing.assert_close(split, plain, rtol=1e-5, atol=1e-5)

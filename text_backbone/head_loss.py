@@ -12,9 +12,9 @@ keeps only those gradients (``[n, d]``; ``[V, d]`` for a learning weight). The b
 them by the incoming gradient. Nothing is recomputed: the forward pass does the backward pass's two
 products (``grad_x = g W``, and ``g^T x`` for a learning weight) that plain autograd would do later.
 
-The products and the softmax are those of ``F.cross_entropy(F.linear(x, w).float(), targets)`` (the
-logits in the weight's dtype, then fp32), so loss and gradients equal plain autograd's up to float
-rounding. Chunks hold at most ``chunk_bytes`` of fp32 logits; the whole batch when it fits, as on
+The products (:func:`~mm.text_backbone.linear.linear`'s: oneDNN's for fp32 on the CPU) and the
+softmax are those of ``F.cross_entropy(linear(x, w).float(), targets)`` (the logits in the weight's
+dtype, then fp32), so loss and gradients equal plain autograd's up to float rounding. Chunks hold at most ``chunk_bytes`` of fp32 logits; the whole batch when it fits, as on
 the CPU bench (140 rows), where one large product is faster than several small ones. Without
 gradients (evaluation, ``torch.no_grad``) only the loss is computed, in the same chunks.
 
@@ -72,7 +72,7 @@ def _chunks(x, weight, targets, rows: int, *, grad_x: bool, grad_w: bool):
     gw = torch.zeros_like(weight, dtype=torch.float32) if grad_w else None
     for start in range(0, n, rows):
         xc, tc = x[start : start + rows], targets[start : start + rows]
-        logits = F.linear(xc, weight).float()  # [c, V]
+        logits = linear(xc, weight).float()  # [c, V]
         lse = torch.logsumexp(logits, dim=-1)  # [c]
         total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
         if gx is None and gw is None:
@@ -81,9 +81,9 @@ def _chunks(x, weight, targets, rows: int, *, grad_x: bool, grad_w: bool):
         g[torch.arange(len(tc), device=g.device), tc] -= 1.0
         g = g.div_(n).to(x.dtype)  # d(mean loss)/d(logits), in the dtype the logits were made in
         if gx is not None:
-            gx[start : start + rows] = g @ weight
+            gx[start : start + rows] = linear(g, weight.t())  # g @ W
         if gw is not None:
-            gw += g.t().float() @ xc.float()
+            gw += linear(g.t().float(), xc.float().t())  # g^T @ x
     return total / n, gx, gw
 
 

@@ -1,57 +1,94 @@
-"""The linear layer of the backbone and its adapters, with decoding's few-row case spread over threads.
+"""The linear layer of the backbone, its adapters and the image encoder: fp32 products on the CPU
+through oneDNN, and decoding's few-row case spread over threads.
 
 Shapes: r rows (tokens), k input features, n output features, p parts.
 
-A decoded token multiplies one row (or one per batched request) by every weight matrix, and on
-the CPU that product is bound by the speed at which the matrix is read from memory. PyTorch's fp32
-``F.linear`` of so few rows runs on one thread however many threads torch has, and reads about
-15 GB/s on the 2-core machine of the note below, where a plain read streams at over 40 GB/s.
-:func:`linear` splits the matrix's rows into ``p`` equal parts (twice torch's thread count) and
-multiplies them as one batched product, which PyTorch spreads across its threads: up to
-:data:`AS_COLUMNS` rows as ``W @ x^T`` (the faster form for one to four rows), more as
-``x @ W^T``. Each output is the same dot product over the same ``k`` inputs, summed in another
-order, so it equals ``F.linear``'s up to fp32 rounding (as ``F.linear``'s own results do across
-row counts: MKL picks its kernel by shape).
+**oneDNN.** PyTorch computes an fp32 ``F.linear`` on the CPU with MKL, and the MKL it ships picks
+its AVX2 kernels on AMD processors even where AVX-512 is there: on the 2-core AMD EPYC of the
+note below a square fp32 product runs at about 222 GFLOP/s, where oneDNN (also inside every x86
+PyTorch, as ``torch.ops.mkldnn._linear_pointwise``, the op Inductor's CPU code calls) reaches
+about 490. :func:`linear` therefore computes fp32 CPU products of at least :data:`MIN_WEIGHT`
+weights through oneDNN, in training too (its backward pass is two more oneDNN products: the input's
+gradient ``g @ W`` and the weight's ``g^T @ x``). Each output is the same dot product summed in
+another order, so it equals ``F.linear``'s up to fp32 rounding; one row's result does not depend on
+the other rows of the call. ``MM_ONEDNN_LINEAR=0`` in the environment (or
+:data:`ONEDNN` set to False) keeps ``F.linear``.
 
-Used only where it helps: fp32 on the CPU, at most :data:`FEW_ROWS` rows, a matrix of at least
-:data:`MIN_WEIGHT` elements (smaller ones stay in cache, where the split's few microseconds of
-overhead outweigh it), no bias, no gradient wanted. Everything else (training, prefill, GPUs, bf16,
-the ``tiny`` presets) is ``F.linear``.
+**Few rows.** A decoded token multiplies one row (or one per batched request) by every weight
+matrix, and on the CPU that product is bound by the speed at which the matrix is read from memory.
+PyTorch's fp32 ``F.linear`` of so few rows runs on one thread however many threads torch has, and
+reads about 15 GB/s on the 2-core machine of the note below, where a plain read streams at over
+40 GB/s. Up to :data:`AS_COLUMNS` rows (:data:`FEW_ROWS` without oneDNN), :func:`linear` splits
+the matrix's rows into ``p`` equal parts (twice torch's thread count) and multiplies them as one
+batched product, which PyTorch spreads across its threads: up to :data:`AS_COLUMNS` rows as
+``W @ x^T`` (the faster form for one to four rows), more as ``x @ W^T``. That needs no bias, no
+gradient wanted and a contiguous weight.
 
-Measured (torch 2.14, MKL, 2 threads of an AMD EPYC): one product with each of 70 matrices shaped
-like the ``mm bench --size small`` backbone's (10 layers of q, k, v, o and the MLP's three; 136 MB,
-so every read comes from memory), milliseconds for the 70, ``F.linear`` -> this: 1 row 8.9 -> 3.5,
-2 rows 11.3 -> 4.0, 4 rows 12.0 -> 4.6, 8 rows 9.8 -> 8.2, 16 rows 12.5 -> 10.8.
+Everything else (GPUs, bf16, matrices under :data:`MIN_WEIGHT` elements, which stay in cache and
+include every matrix of the ``tiny`` presets) is ``F.linear``.
+
+Measured (torch 2.14, MKL 2024.2, oneDNN 3.12, 2 threads of an AMD EPYC with AVX-512): one product
+with each of 70 matrices shaped like the ``mm bench --size small`` backbone's (10 layers of q, k,
+v, o and the MLP's three; 136 MB, so every read comes from memory), milliseconds for the 70,
+``F.linear`` / split / oneDNN: 1 row 8.0 / 3.3 / 3.8, 2 rows 11.0 / 3.9 / 4.9, 4 rows 12.7 /
+4.0 / 5.1, 8 rows 9.4 / 7.7 / 5.7, 16 rows 11.6 / 10.1 / 6.6, 64 rows 25.8 / - / 12.7, 288 rows
+88.7 / - / 53.1. A training-shaped product (640 x 512 by 512 x 1792): forward 6.4 -> 2.5 ms,
+input gradient 5.4 -> 2.5 ms, weight gradient 5.4 -> 3.0 ms.
 """
 
 from __future__ import annotations
 
+import os
+import platform
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["AS_COLUMNS", "FEW_ROWS", "MIN_WEIGHT", "Linear", "linear"]
+__all__ = ["AS_COLUMNS", "FEW_ROWS", "MIN_WEIGHT", "ONEDNN", "Linear", "linear"]
 
-FEW_ROWS = 16  # up to this many rows the split product is faster (decoding up to 16 requests)
-AS_COLUMNS = 4  # up to this many rows, W @ x^T
+FEW_ROWS = 16  # without oneDNN, up to this many rows the split product is faster
+AS_COLUMNS = 4  # up to this many rows, W @ x^T (and, with oneDNN, the most rows split)
 MIN_WEIGHT = 1 << 16  # elements (256 KB in fp32)
+
+
+def _onednn_available() -> bool:
+    return (
+        os.environ.get("MM_ONEDNN_LINEAR", "1") != "0"
+        and platform.machine().lower() in ("x86_64", "amd64")
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+ONEDNN = _onednn_available()  # fp32 CPU products through oneDNN (module docstring)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; ``x [..., k]``, ``weight [n, k]`` -> ``[..., n]``."""
-    parts = 2 * torch.get_num_threads()
     n, k = weight.shape
-    if (
-        bias is None
-        and parts > 2
-        and x.device.type == "cpu"
+    cpu_fp32 = (
+        x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
+        and n * k >= MIN_WEIGHT
+        and type(x) in _PLAIN
+        and type(weight) in _PLAIN
+    )
+    if not cpu_fp32:
+        return F.linear(x, weight, bias)
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    parts = 2 * torch.get_num_threads()
+    if (
+        not grad
+        and bias is None
+        and parts > 2
         and weight.is_contiguous()
         and n % parts == 0
-        and n * k >= MIN_WEIGHT
-        and x.numel() <= FEW_ROWS * k
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and x.numel() <= (AS_COLUMNS if ONEDNN else FEW_ROWS) * k
     ):
         split = weight.view(parts, n // parts, k)  # [p, n/p, k]
         rows = x.reshape(-1, k)  # [r, k]
@@ -60,7 +97,46 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return out.view(n, -1).t().reshape(*x.shape[:-1], n)
         out = torch.bmm(rows.expand(parts, -1, k), split.transpose(1, 2))  # [p, r, n/p]
         return out.transpose(0, 1).reshape(*x.shape[:-1], n)
-    return F.linear(x, weight, bias)
+    if not ONEDNN or (bias is not None and (bias.dtype != torch.float32 or type(bias) not in _PLAIN)):
+        return F.linear(x, weight, bias)
+    if grad:
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn(x, weight, bias)
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)  # not DTensors, fake or other tensor subclasses
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T (+ bias)`` by oneDNN; strided operands are read in place."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """:func:`_onednn` with its gradients by oneDNN too (keeps what ``F.linear`` keeps: x and W)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        n, k = weight.shape
+        g = grad_out.reshape(-1, n)
+        if g.stride(-1) != 1:  # e.g. an expanded gradient: oneDNN wants rows it can read
+            g = g.contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _onednn(g, weight.t()).view(*x.shape[:-1], k)  # g @ W
+        if ctx.needs_input_grad[1]:
+            gw = _onednn(g.t(), x.reshape(-1, k).t())  # g^T @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb
 
 
 class Linear(nn.Linear):

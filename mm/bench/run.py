@@ -40,8 +40,10 @@ Figures, for both implementations:
 * **serve** (``--serve``): aggregate tokens/s and time to first token of ``mm serve`` at 1, 4, 8 and
   16 concurrent clients (:mod:`mm.bench.serve`); mm only.
 * **MFU**: model FLOPs per second over the machine's dense matmul rate at the dtype, measured in
-  the same run (best of timed loops of square matmuls, in a process of its own before the figures
-  and again after them: a shared machine reads low at times).
+  the same run (best of timed loops of square matmuls through ``torch.matmul`` and through mm's
+  linear, the faster of the two, so mm's oneDNN products are measured against what the machine
+  can do, not MKL's AVX2 rate; in a process of its own before the figures and again after them: a
+  shared machine reads low at times).
 
 The FLOP model and the sizes are in :mod:`mm.bench.workload`.
 
@@ -443,6 +445,8 @@ def _machine_rate(spec: dict, when: str, timeout: float, root: Path, log) -> dic
         log(f"matmul peak ({when}): error {run['error']}")
         return {"when": when, **run}
     line = f"matmul peak ({when}): {_flops(run['flops_per_s'])}"
+    if len(run.get("by_kernel", {})) > 1:
+        line += " (" + ", ".join(f"{k} {_flops(v)}" for k, v in run["by_kernel"].items()) + ")"
     if "bandwidth" in run:
         line += f"; memory bandwidth {run['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s"
     log(line)

@@ -31,6 +31,7 @@ from mm.model.speech import build_speech_modules, splice_speech
 from mm.model.video import build_video_modules, video_state
 from mm.model.vision import VisionState, image_state, token_mask
 from mm.text_backbone import TextBackbone
+from mm.text_backbone.linear import Linear
 
 __all__ = ["MultimodalModel", "MultimodalOutput", "VisionState"]
 
@@ -111,7 +112,7 @@ class MultimodalModel(nn.Module):
             self.image_encoder = (
                 ImageEncoder(enc) if isinstance(enc, ImageEncoderConfig) else build_image_encoder(enc)
             )
-            self.projector = nn.Linear(self.image_encoder.output_dim, text.embed_dim, bias=True)
+            self.projector = Linear(self.image_encoder.output_dim, text.embed_dim, bias=True)
             self.image_blocks.extend(
                 GatedCrossAttentionBlock(
                     dim=text.embed_dim,
