@@ -80,7 +80,7 @@ def test_few_rows_are_split_over_the_threads_and_give_f_linears_values(
         assert bmm_calls == [] and onednn_calls == [((*lead, k), (n, k))]
     else:  # x @ W^T, part by part
         assert bmm_calls == [((p, r, k), (p, k, n // p))]
-    assert got.shape == (*lead, n)
+    assert got.shape == (*lead, n) and got.is_contiguous()
     # Each output is the same k products summed in another order: fp32 rounding apart.
     torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
     exact = F.linear(x.double(), w.double())
@@ -132,6 +132,29 @@ def test_everything_else_is_f_linear_or_onednn(bmm_calls, onednn_calls, onednn, 
     with torch.no_grad():  # the same call without a gradient is split
         linear(x, wg)
     assert len(bmm_calls) == 1
+
+
+@pytest.mark.parametrize("r", [2, 3, 4])
+def test_a_column_major_input_is_read_row_major(r, monkeypatch, two_threads):
+    """2 to 4 rows stored column-major (as an elementwise product of two split outputs would be):
+    the split still multiplies W by a strided view of row-major rows (MKL's batched product of a
+    column-major x^T is 5x slower) and returns row-major rows, so no layout carries on."""
+    seen = []
+    real = torch.bmm
+
+    def recording(a, b):
+        seen.append(b.stride())
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "bmm", recording)
+    g = torch.Generator().manual_seed(r)
+    w = torch.randn(512, 1792, generator=g) * 0.05
+    x = torch.randn(1792, r, generator=g).t()  # [r, k], column-major
+    with torch.no_grad():
+        got = linear(x, w)
+    assert seen == [(0, 1, 1792)]  # x^T as a view of row-major rows
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn

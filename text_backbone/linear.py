@@ -91,10 +91,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and x.numel() <= (AS_COLUMNS if ONEDNN else FEW_ROWS) * k
     ):
         split = weight.view(parts, n // parts, k)  # [p, n/p, k]
-        rows = x.reshape(-1, k)  # [r, k]
+        # Row-major rows: MKL's batched product of W by a column-major x^T of 2 to 4 columns is
+        # 5x slower (340 against 63 us for 512 x 1792 and 2 rows), and so the output is made
+        # row-major too, or the layout would carry into the next layer's input.
+        rows = x.reshape(-1, k).contiguous()  # [r, k]
         if rows.shape[0] <= AS_COLUMNS:
             out = torch.bmm(split, rows.t().expand(parts, k, -1))  # [p, n/p, r]
-            return out.view(n, -1).t().reshape(*x.shape[:-1], n)
+            return out.view(n, -1).t().contiguous().view(*x.shape[:-1], n)
         out = torch.bmm(rows.expand(parts, -1, k), split.transpose(1, 2))  # [p, r, n/p]
         return out.transpose(0, 1).reshape(*x.shape[:-1], n)
     if not ONEDNN or (bias is not None and (bias.dtype != torch.float32 or type(bias) not in _PLAIN)):
