@@ -108,6 +108,9 @@ def test_everything_else_is_f_linear_or_onednn(bmm_calls, onednn_calls, onednn, 
     assert torch.equal(linear(many, small), F.linear(many, small))
     assert torch.equal(linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
     assert torch.equal(linear(many.double(), w.double()), F.linear(many.double(), w.double()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's bf16: autocast's F.linear
+        auto = linear(many, w)
+        assert auto.dtype == torch.bfloat16 and torch.equal(auto, F.linear(many, w))
     assert onednn_calls == []
     # Not split (rows that do not divide into the parts, a bias, a non-contiguous weight, one
     # thread): oneDNN where the build has it, else F.linear.

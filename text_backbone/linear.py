@@ -24,8 +24,8 @@ batched product, which PyTorch spreads across its threads: up to :data:`AS_COLUM
 ``W @ x^T`` (the faster form for one to four rows), more as ``x @ W^T``. That needs no bias, no
 gradient wanted and a contiguous weight.
 
-Everything else (GPUs, bf16, matrices under :data:`MIN_WEIGHT` elements, which stay in cache and
-include every matrix of the ``tiny`` presets) is ``F.linear``.
+Everything else (GPUs, bf16, CPU autocast, matrices under :data:`MIN_WEIGHT` elements, which stay
+in cache and include every matrix of the ``tiny`` presets) is ``F.linear``.
 
 Measured (torch 2.14, MKL 2024.2, oneDNN 3.12, 2 threads of an AMD EPYC with AVX-512): one product
 with each of 70 matrices shaped like the ``mm bench --size small`` backbone's (10 layers of q, k,
@@ -75,6 +75,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and n * k >= MIN_WEIGHT
         and type(x) in _PLAIN
         and type(weight) in _PLAIN
+        and not torch.is_autocast_enabled("cpu")  # bf16 autocast: F.linear, as asked
     )
     if not cpu_fp32:
         return F.linear(x, weight, bias)
