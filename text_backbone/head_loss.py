@@ -14,9 +14,10 @@ products (``grad_x = g W``, and ``g^T x`` for a learning weight) that plain auto
 
 The products (:func:`~mm.text_backbone.linear.linear`'s: oneDNN's for fp32 on the CPU) and the
 softmax are those of ``F.cross_entropy(linear(x, w).float(), targets)`` (the logits in the weight's
-dtype, then fp32), so loss and gradients equal plain autograd's up to float rounding. Chunks hold at most ``chunk_bytes`` of fp32 logits; the whole batch when it fits, as on
-the CPU bench (140 rows), where one large product is faster than several small ones. Without
-gradients (evaluation, ``torch.no_grad``) only the loss is computed, in the same chunks.
+dtype, then fp32), so loss and gradients equal plain autograd's up to float rounding. Chunks hold
+at most ``chunk_bytes`` of fp32 logits; the whole batch when it fits, as on the CPU bench (140
+rows), where one large product is faster than several small ones. Without gradients (evaluation,
+``torch.no_grad``) only the loss is computed, in the same chunks.
 
 Logits under ``min_bytes`` (:data:`MIN_BYTES`, 32 MB: 65 rows of Llama 3's vocabulary, 2,048 of a
 4,096-token one) cost little to keep, and there plain autograd runs, bit for bit what the model

@@ -53,13 +53,26 @@ AS_COLUMNS = 4  # up to this many rows, W @ x^T (and, with oneDNN, the most rows
 MIN_WEIGHT = 1 << 16  # elements (256 KB in fp32)
 
 
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T (+ bias)`` by oneDNN; strided operands are read in place."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def _onednn_available() -> bool:
-    return (
+    """The op is there (x86 builds with oneDNN), not switched off, and gives F.linear's values."""
+    if not (
         os.environ.get("MM_ONEDNN_LINEAR", "1") != "0"
         and platform.machine().lower() in ("x86_64", "amd64")
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    ):
+        return False
+    try:
+        x = torch.linspace(-1.0, 1.0, 24).view(3, 8)
+        w = torch.linspace(-2.0, 2.0, 40).view(5, 8)
+        return bool(torch.allclose(_onednn(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5))
+    except (RuntimeError, NotImplementedError):  # an op this build cannot run
+        return False
 
 
 ONEDNN = _onednn_available()  # fp32 CPU products through oneDNN (module docstring)
@@ -109,11 +122,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)  # not DTensors, fake or other tensor subclasses
-
-
-def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight^T (+ bias)`` by oneDNN; strided operands are read in place."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
