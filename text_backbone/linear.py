@@ -51,6 +51,7 @@ __all__ = ["AS_COLUMNS", "FEW_ROWS", "MIN_WEIGHT", "ONEDNN", "Linear", "linear"]
 FEW_ROWS = 16  # without oneDNN, up to this many rows the split product is faster
 AS_COLUMNS = 4  # up to this many rows, W @ x^T (and, with oneDNN, the most rows split)
 MIN_WEIGHT = 1 << 16  # elements (256 KB in fp32)
+_PLAIN = (torch.Tensor, nn.Parameter)  # not DTensors, fake or other tensor subclasses
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,6 +89,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and n * k >= MIN_WEIGHT
         and type(x) in _PLAIN
         and type(weight) in _PLAIN
+        and (bias is None or (bias.dtype == torch.float32 and type(bias) in _PLAIN))
         and not torch.is_autocast_enabled("cpu")  # bf16 autocast: F.linear, as asked
     )
     if not cpu_fp32:
@@ -114,14 +116,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return out.view(n, -1).t().contiguous().view(*x.shape[:-1], n)
         out = torch.bmm(rows.expand(parts, -1, k), split.transpose(1, 2))  # [p, r, n/p]
         return out.transpose(0, 1).reshape(*x.shape[:-1], n)
-    if not ONEDNN or (bias is not None and (bias.dtype != torch.float32 or type(bias) not in _PLAIN)):
+    if not ONEDNN:
         return F.linear(x, weight, bias)
     if grad:
         return _OneDNNLinear.apply(x, weight, bias)
     return _onednn(x, weight, bias)
-
-
-_PLAIN = (torch.Tensor, nn.Parameter)  # not DTensors, fake or other tensor subclasses
 
 
 class _OneDNNLinear(torch.autograd.Function):
