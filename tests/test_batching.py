@@ -205,3 +205,104 @@ def test_the_engine_wakes_an_event_loop_once_per_step_and_keeps_each_answer_in_o
     # one wake-up for the prefill (the first tokens) and one per later step: 6, against 24 deltas
     assert wakeups == steps < sum(map(len, got)) == len(samples) * steps
     assert engine.in_flight == 0
+
+
+class _Answers:
+    """Collects an engine job's deltas (emitted on the worker thread); ``done(i)`` once job i finished."""
+
+    def __init__(self, n: int) -> None:
+        import threading
+
+        self.deltas = [[] for _ in range(n)]
+        self.finished = [threading.Event() for _ in range(n)]
+
+    def emit(self, i: int):
+        def emit(item):
+            if isinstance(item, BaseException):
+                raise AssertionError(f"job {i} failed: {item!r}")
+            self.deltas[i].append(item)
+            if item.finish_reason is not None:
+                self.finished[i].set()
+
+        return emit
+
+
+def test_requests_being_prepared_together_are_prefilled_together_and_a_lone_one_is_never_held(model):
+    """mm serve's worker holds a ready request back (at most max_join_wait_s) while another admitted
+    request is still being prepared, so both are prefilled in one pass; with nobody being prepared,
+    or once the other is withdrawn, a request starts at once, however long the allowed wait."""
+    import time
+
+    from mm.model.chat import GenerationOptions, encode_conversation, generate_deltas
+    from mm.serving.engine import Engine, Job
+
+    conversations = _conversations()
+    samples = [encode_conversation(model, conversations[k]) for k in ("image", "text", "two images")]
+    options = GenerationOptions(max_new_tokens=STEPS)
+    alone = [[d for step in generate_deltas(model, [s], [options]) for _, d in step] for s in samples]
+    answers = _Answers(len(samples))
+    engine = Engine(model, max_batch_size=8, max_concurrent_requests=8, max_join_wait_s=60.0)
+    try:
+        # Alone: nobody else is being prepared, so the job starts at once (not after 60 s).
+        assert engine.try_admit()
+        engine.submit(Job(samples[0], options, answers.emit(0)))
+        assert answers.finished[0].wait(30) and engine.batches == 1
+
+        # Two admitted together: the first one submitted waits for the second ...
+        assert engine.try_admit() and engine.try_admit()
+        engine.submit(Job(samples[1], options, answers.emit(1)))
+        time.sleep(0.5)
+        assert engine.batches == 1 and engine.waiting == 1 and answers.deltas[1] == []
+        engine.submit(Job(samples[2], options, answers.emit(2)))  # ... and both join in one prefill
+        assert answers.finished[1].wait(30) and answers.finished[2].wait(30)
+        assert engine.batches == 2 and engine.largest_batch == 2
+
+        # The one being prepared is refused instead (withdrawn): the waiting job starts at once.
+        answers.deltas[0].clear()
+        answers.finished[0].clear()
+        assert engine.try_admit() and engine.try_admit()
+        engine.submit(Job(samples[0], options, answers.emit(0)))
+        time.sleep(0.2)
+        assert answers.deltas[0] == []
+        engine.withdraw()
+        assert answers.finished[0].wait(30) and engine.batches == 3
+    finally:
+        engine.close()
+    assert answers.deltas == alone  # held back or not, each answer is the one it gets alone
+    assert engine.in_flight == 0
+
+
+def test_a_held_request_waits_at_most_max_join_wait_while_the_batch_keeps_decoding(model):
+    """A request held back for one still being prepared starts once it has waited max_join_wait_s,
+    and the rows already decoding keep decoding meanwhile."""
+    import time
+
+    from mm.model.chat import GenerationOptions, encode_conversation
+    from mm.serving.engine import Engine, Job
+
+    conversations = _conversations()
+    long = GenerationOptions(max_new_tokens=400)
+    short = GenerationOptions(max_new_tokens=STEPS)
+    answers = _Answers(2)
+    engine = Engine(model, max_batch_size=8, max_concurrent_requests=8, max_join_wait_s=1.0)
+    try:
+        assert engine.try_admit()
+        engine.submit(Job(encode_conversation(model, conversations["text"]), long, answers.emit(0)))
+        while not answers.deltas[0]:
+            time.sleep(0.01)
+        assert engine.try_admit() and engine.try_admit()  # the second of them is never submitted
+        held = time.monotonic()
+        engine.submit(Job(encode_conversation(model, conversations["image"]), short, answers.emit(1)))
+        time.sleep(0.5)
+        decoded = len(answers.deltas[0])
+        assert answers.deltas[1] == [] and engine.waiting == 1
+        while not answers.deltas[1]:
+            time.sleep(0.005)
+        waited = time.monotonic() - held
+        assert 1.0 <= waited < 20.0  # held for max_join_wait_s, then started without the other
+        assert len(answers.deltas[0]) > decoded  # the running row was decoded while the other waited
+        engine.withdraw()
+        assert answers.finished[0].wait(60) and answers.finished[1].wait(60)
+    finally:
+        engine.close()
+    assert engine.in_flight == 0

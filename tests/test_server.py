@@ -296,6 +296,8 @@ def test_bad_requests_get_their_status_and_the_server_stays_up(server, payload, 
     assert words in err["message"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert server.healthy()
+    # Refused while arriving or being prepared, it is no longer counted: no request is held back for it.
+    assert server.engine.preparing == 0 and server.engine.in_flight == 0
 
 
 def test_openai_client_sees_errors_as_exceptions(server):

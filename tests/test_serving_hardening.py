@@ -229,6 +229,19 @@ def test_slow_headers_and_bodies_time_out_with_408(model_dir):
 def test_mm_serve_publishes_the_request_timeout(server):
     status, health = server.request("GET", "/health")
     assert status == 200 and health["limits"]["request_timeout_s"] == 30.0
+    assert health["limits"]["max_join_wait_s"] == 0.01
+
+
+def test_the_join_wait_is_checked_and_set_by_its_flag():
+    from mm.cli import build_parser
+    from mm.serving.app import limits_from_args
+
+    assert ServerLimits(max_join_wait_s=0).max_join_wait_s == 0  # 0: never hold a request back
+    for bad in (-0.001, 1.5, "0.01", True):
+        with pytest.raises(ValueError, match="max_join_wait_s"):
+            ServerLimits(max_join_wait_s=bad)
+    args = build_parser().parse_args(["serve", "--model", "m", "--max-join-wait", "0.002"])
+    assert limits_from_args(args).max_join_wait_s == 0.002
 
 
 # ---------------------------------------------------------------------------------------- item 12

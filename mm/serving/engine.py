@@ -2,13 +2,23 @@
 
 Requests are admitted up to ``max_concurrent_requests`` (counting those being prepared, waiting and
 decoding; beyond it the server answers 429), prepared (media fetched and decoded, prompt
-tokenised) in a thread pool, and put on a queue. The worker batches continuously
+tokenised; in a thread pool, or for a small request without media on the event loop), and put on a
+queue. The worker batches continuously
 (:class:`mm.model.batching.DecodeBatch`): between two decoding steps, waiting requests are
 prefilled together and join the running rows (up to ``max_batch_size``), and a row leaves the step
 it finishes, or the step after its client went away; its admission slot is free at once. Rows of
 any sampling settings, media or none, share the steps; each streams its text to its own request
 through its own asyncio queue. Greedy answers equal those the request gets alone, and a seeded
 sampled request draws from its own generator, so its answer never depends on its neighbours.
+
+A prefill has a large fixed cost (one pass of every layer and of the image encoder, however few
+rows), so requests that arrive together should join in one. While other requests are still
+arriving (:meth:`Engine.arriving`: being read and checked) or being prepared, and the batch has
+room for them, the worker holds back the waiting ones for at most ``max_join_wait_s`` from the
+first one's submission, decoding the running rows meanwhile (or, with none, waiting for the next
+arrival). A request with nobody arriving or being prepared beside it, as one sent alone or into a
+running batch, is never held back. (Clients that send together, as a batch's clients do when their
+answers end at the same step, then cost one prefill instead of two to four.)
 
 A job whose ``emit`` belongs to an event loop (``Job(..., loop=loop)``) gets its deltas through that
 loop: the worker hands a loop everything of one prefill or one step in a single
@@ -23,6 +33,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -31,6 +42,8 @@ from typing import Any
 __all__ = ["Engine", "Job"]
 
 log = logging.getLogger(__name__)
+
+_WAKE = object()  # put on the queue to have the worker look again at what it holds back
 
 
 class Job:
@@ -51,6 +64,7 @@ class Job:
         self.loop = loop
         self.cancelled = threading.Event()
         self.finished = False
+        self.submitted_at: float | None = None  # time.monotonic() at Engine.submit
 
 
 class Engine:
@@ -60,15 +74,27 @@ class Engine:
         model: a :class:`~mm.MultimodalModel` with a preprocessor; only the worker thread runs it.
         max_batch_size: requests decoded together.
         max_concurrent_requests: requests admitted at once (:meth:`try_admit` refuses beyond).
+        max_join_wait_s: how long waiting requests may be held back for others still arriving or
+            being prepared, so they are prefilled together (module docstring); 0 never holds them.
     """
 
-    def __init__(self, model, *, max_batch_size: int = 8, max_concurrent_requests: int = 16) -> None:
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch_size: int = 8,
+        max_concurrent_requests: int = 16,
+        max_join_wait_s: float = 0.01,
+    ) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_concurrent_requests = max_concurrent_requests
-        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.max_join_wait_s = max_join_wait_s
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # Job, _WAKE, or None: stop
         self._count_lock = threading.Lock()
         self._in_flight = 0
+        self._arriving = 0  # arrived (being read and checked), not admitted or refused yet
+        self._preparing = 0  # admitted, and neither submitted nor withdrawn yet
         self._model_lock = threading.Lock()  # held while a batch decodes, and by pause()
         self._submitted = 0
         self._started = 0
@@ -85,16 +111,46 @@ class Engine:
             if self._in_flight >= self.max_concurrent_requests:
                 return False
             self._in_flight += 1
+            self._preparing += 1
             return True
+
+    @contextmanager
+    def arriving(self):
+        """Count a request from its arrival until it is admitted (or refused): the worker holds back
+        a ready request for the ones still arriving as for those being prepared."""
+        with self._count_lock:
+            self._arriving += 1
+        refused = True
+        try:
+            yield
+            refused = False
+        finally:
+            with self._count_lock:
+                self._arriving -= 1
+            if refused:  # a request held back for this one need not wait any longer
+                self._queue.put(_WAKE)
 
     def release(self) -> None:
         """Give back a slot (the worker does this for every submitted job)."""
         with self._count_lock:
             self._in_flight -= 1
 
+    def withdraw(self) -> None:
+        """Give back the slot of an admitted request that will not be submitted (refused while it was
+        being prepared)."""
+        with self._count_lock:
+            self._in_flight -= 1
+            self._preparing -= 1
+        self._queue.put(_WAKE)  # a request held back for this one need not wait any longer
+
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def preparing(self) -> int:
+        """Requests arriving or admitted and being prepared, not yet submitted."""
+        return self._arriving + self._preparing
 
     @property
     def waiting(self) -> int:
@@ -103,8 +159,10 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         """Queue an admitted job; its slot is released when the worker is done with it."""
+        job.submitted_at = time.monotonic()
         with self._count_lock:
             self._submitted += 1
+            self._preparing -= 1
         self._queue.put(job)
 
     @contextmanager
@@ -130,11 +188,17 @@ class Engine:
                 job = self._queue.get()  # idle: wait for work
                 if job is None:
                     break
-                pending.append(job)
+                if job is not _WAKE:
+                    pending.append(job)
+                continue
+            if not running and self._holding(pending, running):
+                closing = self._await_arrival(pending)  # nothing decodes meanwhile
+                continue
             with self._model_lock:  # (pause() holds it: what arrives meanwhile joins together)
                 closing = self._drain(pending)
-                self._join(batch, running, pending)
-                self._flush()  # first tokens go out before the step
+                if closing or not self._holding(pending, running):
+                    self._join(batch, running, pending)
+                    self._flush()  # first tokens go out before the step
                 if running:
                     self._step(batch, running)
                     self._flush()
@@ -154,7 +218,33 @@ class Engine:
                 return False
             if job is None:
                 return True
+            if job is not _WAKE:
+                pending.append(job)
+
+    def _holding(self, pending: deque[Job], running: dict) -> bool:
+        """Whether the waiting requests' prefill is held back: other requests are still arriving or
+        being prepared, the batch has room beyond the waiting ones, and the first of them has waited
+        less than ``max_join_wait_s``."""
+        return (
+            bool(pending)
+            and self.preparing > 0
+            and len(running) + len(pending) < self.max_batch_size
+            and time.monotonic() - pending[0].submitted_at < self.max_join_wait_s
+        )
+
+    def _await_arrival(self, pending: deque[Job]) -> bool:
+        """Wait for the next job until the first waiting one has waited ``max_join_wait_s``; ``True``
+        when the queue asked the worker to stop."""
+        left = self.max_join_wait_s - (time.monotonic() - pending[0].submitted_at)
+        try:
+            job = self._queue.get(timeout=max(left, 0.0))
+        except queue.Empty:
+            return False
+        if job is None:
+            return True
+        if job is not _WAKE:
             pending.append(job)
+        return False
 
     def _join(self, batch, running: dict, pending: deque[Job]) -> None:
         """Prefill waiting requests (as many as the batch has room for) and add them to it."""

@@ -32,6 +32,11 @@ class ServerLimits:
         request_timeout_s: time a client has to send a request's headers and body, from the
             connection (or the end of its previous request); past it the server answers 408 and
             closes the connection, so slow senders cannot hold connections.
+        max_join_wait_s: how long a request that is ready to decode may be held back while others
+            that arrived beside it are still being read or prepared, so that they are prefilled
+            together (one prefill instead of several, each costing a pass of the whole model); 0
+            never holds one. A request with nobody arriving or being prepared beside it is never
+            held back.
     """
 
     max_image_pixels: int = 16_777_216
@@ -45,8 +50,14 @@ class ServerLimits:
     max_batch_size: int = 8
     media_timeout_s: float = 10.0
     request_timeout_s: float = 30.0
+    max_join_wait_s: float = 0.01
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if name == "max_join_wait_s":
+                if not 0 <= value <= 1:
+                    raise ValueError(f"{name} must be between 0 and 1 second, got {value!r}")
+            elif not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
