@@ -203,8 +203,8 @@ def _serve(sub) -> None:
         "--max-join-wait",
         type=float,
         default=d.max_join_wait_s,
-        help="seconds a ready request may wait for others still being prepared, to be prefilled "
-        "with them; 0: never (%(default)s)",
+        help="seconds a ready request may wait for others still arriving or being prepared, to be "
+        "prefilled with them; 0: never (%(default)s)",
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_command("mm.serving.app", "run_serve"))

@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from mm.serving.limits import ServerLimits
+
 __all__ = ["SERVE_CLIENTS", "SERVE_TARGETS", "serve_bench"]
 
 SERVE_CLIENTS = (1, 4, 8, 16)
@@ -251,6 +253,7 @@ def serve_bench(spec: dict[str, Any]) -> dict[str, Any]:
         "model": "tiny preset (random weights, byte tokenizer)",
         "server": "mm serve in a process of its own",
         "max_batch_size": batch,
+        "max_join_wait_s": ServerLimits().max_join_wait_s,
         "torch_threads": spec.get("threads"),
     }
 
