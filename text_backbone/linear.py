@@ -111,6 +111,8 @@ ONEDNN, SPLIT = policy(cpu_vendor(), ONEDNN_OK)
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; ``x [..., k]``, ``weight [n, k]`` -> ``[..., n]``."""
+    if not (ONEDNN or SPLIT):  # e.g. on an Intel processor: nothing to decide
+        return F.linear(x, weight, bias)
     n, k = weight.shape
     cpu_fp32 = (
         x.device.type == "cpu"

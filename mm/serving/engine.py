@@ -185,14 +185,11 @@ class Engine:
         closing = False
         while not closing:
             if not pending and not running:
-                job = self._queue.get()  # idle: wait for work
-                if job is None:
-                    break
-                if job is not _WAKE:
-                    pending.append(job)
+                closing = self._receive(pending)  # idle: wait for work
                 continue
-            if not running and self._holding(pending, running):
-                closing = self._await_arrival(pending)  # nothing decodes meanwhile
+            if not running and self._holding(pending, running):  # nothing decodes meanwhile
+                left = self.max_join_wait_s - (time.monotonic() - pending[0].submitted_at)
+                closing = self._receive(pending, timeout=max(left, 0.0))
                 continue
             with self._model_lock:  # (pause() holds it: what arrives meanwhile joins together)
                 closing = self._drain(pending)
@@ -208,18 +205,26 @@ class Engine:
                 self.release()
         self._flush()
 
+    def _receive(self, pending: deque[Job], timeout: float | None = None) -> bool:
+        """Wait (at most ``timeout`` seconds, if given) for the next item on the queue: a job goes onto
+        ``pending``, a wake-up is dropped; ``True`` when the queue asked the worker to stop."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if item is None:
+            return True
+        if item is not _WAKE:
+            pending.append(item)
+        return False
+
     def _drain(self, pending: deque[Job]) -> bool:
         """Move everything already waiting onto ``pending``; ``True`` when the queue asked the
-        worker to stop."""
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return False
-            if job is None:
+        worker to stop (only this thread takes from the queue, so a non-empty one never blocks)."""
+        while not self._queue.empty():
+            if self._receive(pending):
                 return True
-            if job is not _WAKE:
-                pending.append(job)
+        return False
 
     def _holding(self, pending: deque[Job], running: dict) -> bool:
         """Whether the waiting requests' prefill is held back: other requests are still arriving or
@@ -231,20 +236,6 @@ class Engine:
             and len(running) + len(pending) < self.max_batch_size
             and time.monotonic() - pending[0].submitted_at < self.max_join_wait_s
         )
-
-    def _await_arrival(self, pending: deque[Job]) -> bool:
-        """Wait for the next job until the first waiting one has waited ``max_join_wait_s``; ``True``
-        when the queue asked the worker to stop."""
-        left = self.max_join_wait_s - (time.monotonic() - pending[0].submitted_at)
-        try:
-            job = self._queue.get(timeout=max(left, 0.0))
-        except queue.Empty:
-            return False
-        if job is None:
-            return True
-        if job is not _WAKE:
-            pending.append(job)
-        return False
 
     def _join(self, batch, running: dict, pending: deque[Job]) -> None:
         """Prefill waiting requests (as many as the batch has room for) and add them to it."""
