@@ -23,6 +23,7 @@ from mm.bench.run import (
     targets_for,
     train_step_flops,
 )
+from mm.text_backbone.greedy_head import ScreenedHead
 
 TINY = SIZES["tiny"]
 
@@ -124,8 +125,12 @@ def test_every_figure_is_a_positive_number_with_raw_timings(bench):
     for impl in ("mm", "hf"):
         tokens_per_s = report["results"]["decode"][impl]["decode_tokens_per_s"]
         assert roof["fraction"][impl] == pytest.approx(tokens_per_s / roof["tokens_per_s"])
-    # mm's own bytes (CPU, fp32): the output head's fp32 matrix (512 x 64) read as its int8 screen.
-    assert roof["mm_bytes_per_token"] == decode_bytes(TINY, "fp32")["total"] - 4 * 512 * 64 + 512 * (64 + 10)
+    # mm's own bytes (CPU, fp32): the output head's fp32 matrix (512 x 64) read as its int8 screen,
+    # whose rows hold a scale and two bound terms beside the 64 int8 values (more with oneDNN's fp32 scales).
+    kernel = report["results"]["decode"]["mm"]["screen_kernel"]
+    assert kernel == ScreenedHead.kernel_for(64)
+    row = {"onednn": 64 + 12, "int8pack": 64 + 10}[kernel]
+    assert roof["mm_bytes_per_token"] == decode_bytes(TINY, "fp32")["total"] - 4 * 512 * 64 + 512 * row
     mm_rate = report["results"]["decode"]["mm"]["decode_tokens_per_s"]
     assert roof["mm_fraction"] == pytest.approx(
         mm_rate * roof["mm_bytes_per_token"] / bandwidth["bytes_per_s"]

@@ -256,6 +256,8 @@ def summarise_decode(runs, size: BenchSize, flops: tuple[float, float], peak: fl
         prefill_mfu=None if not peak else flops[0] / prefill / peak,
         decode_mfu=None if not (peak and decode) else flops[1] / decode / peak,
     )
+    if "screen_kernel" in good[0]:
+        out["screen_kernel"] = good[0]["screen_kernel"]
     if any("same_tokens_as_eager" in r for r in good):  # mm on a GPU: decoded through a CUDA graph
         out["cuda_graph"] = True
         out["same_tokens_as_eager"] = all(r.get("same_tokens_as_eager") for r in good)
@@ -308,7 +310,9 @@ def roofline(
     out: dict[str, Any] = {"bytes_per_token": need, "bandwidth_bytes_per_s": bandwidth}
     screened = device == "cpu" and dtype == "fp32"
     if screened:
-        out["mm_bytes_per_token"] = screened_decode_bytes(size)
+        out["mm_bytes_per_token"] = screened_decode_bytes(
+            size, decode.get("mm", {}).get("screen_kernel", "int8pack")
+        )
     if bandwidth:
         out["tokens_per_s"] = bandwidth / need["total"]
         out["fraction"] = {

@@ -445,6 +445,9 @@ def task_decode(spec: dict[str, Any]) -> dict[str, Any]:
         "tokens": tokens,
         "torch_threads": torch.get_num_threads(),
     }
+    screen = model.backbone.__dict__.get("_greedy_screen") if impl.startswith("mm") else None
+    if screen is not None:  # mm on the CPU in fp32: the product its greedy head screened with
+        out["screen_kernel"] = screen.kernel
     if impl.startswith("mm") and device.type == "cuda":  # the graph's tokens against eager decoding's
         out["cuda_graph"] = True
         out["eager_tokens"] = _generate_once(impl, model, inputs, size.new_tokens, device, graph=False)[2]

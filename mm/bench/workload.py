@@ -32,8 +32,9 @@ values in every cross-attention block (``2 x kvh x hd x T``). Activations, the c
 position and the logits are ignored (kilobytes against megabytes). That is what the fp32 computation
 reads, and the yardstick both implementations are measured against. mm's greedy decoding on the
 CPU in fp32 reads less (:func:`screened_decode_bytes`): its output head reads an int8 copy of the
-``V x d`` matrix, a bf16 scale and two fp32 bound terms per row (``V x (d + 10)`` bytes) and then
-the fp32 rows of a handful of candidates (ignored), in place of the fp32 matrix.
+``V x d`` matrix, a scale and two fp32 bound terms per row (``V x (d + 12)`` bytes with oneDNN's
+product and its fp32 scales, ``V x (d + 10)`` with PyTorch's and its bf16 ones) and then the fp32
+rows of a handful of candidates (ignored), in place of the fp32 matrix.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Any
 __all__ = [
     "DTYPE_BYTES",
     "SIZES",
+    "SCREEN_ROW_BYTES",
     "WRITTEN_MARKER",
     "BenchSize",
     "decode_bytes",
@@ -392,9 +394,17 @@ def decode_bytes(size: BenchSize, dtype: str = "fp32") -> dict[str, float]:
     return out
 
 
-def screened_decode_bytes(size: BenchSize) -> float:
+# Bytes each row of mm's greedy screen holds beside its d int8 values, by product
+# (mm.text_backbone.greedy_head): its scale and two fp32 bound terms.
+SCREEN_ROW_BYTES = {"onednn": 4 + 8, "int8pack": 2 + 8}
+
+
+def screened_decode_bytes(size: BenchSize, kernel: str | None = "int8pack") -> float:
     """Bytes mm's greedy decoding reads per token on the CPU in fp32: :func:`decode_bytes` with the
-    output head's ``4 V d`` replaced by its int8 screen's ``V (d + 10)`` (see the module docstring)."""
+    output head's ``4 V d`` replaced by the screen's ``V (d + SCREEN_ROW_BYTES[kernel])`` (see the
+    module docstring); with no screen (``kernel`` None), the fp32 bytes."""
     x = _shapes(size)
     v, d = x["vocab"], x["d"]
-    return decode_bytes(size, "fp32")["total"] - 4 * v * d + v * (d + 10)
+    if kernel is None:
+        return decode_bytes(size, "fp32")["total"]
+    return decode_bytes(size, "fp32")["total"] - 4 * v * d + v * (d + SCREEN_ROW_BYTES[kernel])
