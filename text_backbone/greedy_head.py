@@ -283,13 +283,15 @@ def _int_product(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def _onednn_sums_exactly(d: int, g: torch.Generator) -> bool:
-    """Whether oneDNN's int8 product of width ``d`` gives every int32 sum rounded once to fp32."""
+    """Whether oneDNN's int8 product of width ``d`` gives every int32 sum rounded once to fp32, for
+    each number of rows it may be given (it may choose its kernel by that number)."""
     signs = torch.tensor([1, -1] * (d // 2) + [1] * (d % 2), dtype=torch.int8)
     full = torch.full((d,), 127, dtype=torch.int8)
     extreme = torch.stack([full, -full, 127 * signs])  # [3, d]
-    x = torch.cat([extreme, torch.randint(-127, 128, (5, d), generator=g, dtype=torch.int8)])  # [8, d]
-    q = torch.cat([extreme, torch.randint(-127, 128, (61, d), generator=g, dtype=torch.int8)])  # [64, d]
-    return bool(torch.equal(_int_product(x, q), (x.long() @ q.long().t()).float()))
+    x = torch.cat([extreme, torch.randint(-127, 128, (30, d), generator=g, dtype=torch.int8)])  # [33, d]
+    q = torch.cat([extreme, torch.randint(-127, 128, (509, d), generator=g, dtype=torch.int8)])  # [512, d]
+    exact = (x.long() @ q.long().t()).float()  # [33, 512]
+    return all(torch.equal(_int_product(x[:n], q), exact[:n]) for n in (1, 2, 4, 8, 16, 33))
 
 
 def _bound(
