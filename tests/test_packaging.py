@@ -54,6 +54,8 @@ def test_wheel_holds_every_subpackage_and_installs(tmp_path):
     for sub in ("text_backbone", "encoders", "adapters", "datasets"):
         assert f"mm/{sub}/__init__.py" in names
     assert not any(n.startswith(("text_backbone/", "datasets/", "tests/")) for n in names)
+    recipes = {f"mm/recipes/{p.name}" for p in (ROOT / "mm" / "recipes").glob("*.yaml")}
+    assert recipes and recipes <= names  # the shipped recipes (package data of mm.recipes)
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
