@@ -156,16 +156,21 @@ class ScreenedHead:
         if kernel is None:
             return
         with torch.no_grad():
-            q, self.scale, r = _quantize(weight)  # [V, d] int8, [V] bf16, [V]
-            g = _ONEDNN_G if kernel == "onednn" else _gamma(d)
-            self.row_l2, self.row_r = _row_terms(weight, r, g)  # [V], [V]
+            self._build(weight)
             # the factors of the widest bound (logits' prefilter)
             self.row_l2_max, self.row_r_max = self.row_l2.max(), self.row_r.max()
-            if kernel == "onednn":
-                self.packed = torch.ops.onednn.qlinear_prepack(q, None)  # oneDNN's layout of q
-                self.scale = self.scale.float()
-            else:
-                self.q = q
+
+    def _build(self, weight: torch.Tensor) -> None:
+        """The int8 copy of ``weight [V, d]`` in :attr:`kernel`'s layout (``q`` or ``packed``), its
+        scales and the bound's row factors ``row_l2``, ``row_r``."""
+        q, scale, r = _quantize(weight)  # [V, d] int8, [V] bf16, [V]
+        g = _ONEDNN_G if self.kernel == "onednn" else _gamma(weight.shape[1])
+        self.row_l2, self.row_r = _row_terms(weight, r, g)  # [V], [V]
+        if self.kernel == "onednn":
+            self.packed = torch.ops.onednn.qlinear_prepack(q, None)  # oneDNN's layout of q
+            self.scale = scale.float()
+        else:
+            self.q, self.scale = q, scale
 
     @staticmethod
     def key_of(weight: torch.Tensor) -> tuple:
@@ -201,10 +206,6 @@ class ScreenedHead:
             if kernel == "onednn":
                 if not _onednn_sums_exactly(d, g):
                     return False
-                screen = ScreenedHead.__new__(ScreenedHead)
-                q, s, r = _quantize(w)
-                screen.kernel, screen.scale = kernel, s.float()
-                screen.packed = torch.ops.onednn.qlinear_prepack(q, None)
             else:
                 x = torch.ones(1, d, dtype=torch.bfloat16)
                 x[0, 0] = 256.0
@@ -212,10 +213,9 @@ class ScreenedHead:
                 got = torch._weight_int8pack_mm(x, ones, torch.ones(64, dtype=torch.bfloat16)).float()
                 if not bool((got == torch.tensor(255.0 + d).bfloat16().float()).all()):
                     return False
-                screen = ScreenedHead.__new__(ScreenedHead)
-                screen.q, screen.scale, r = _quantize(w)
-                screen.kernel = kernel
-            screen.row_l2, screen.row_r = _row_terms(w, r, _ONEDNN_G if kernel == "onednn" else _gamma(d))
+            screen = ScreenedHead.__new__(ScreenedHead)  # the product and bound alone, unchecked
+            screen.kernel = kernel
+            screen._build(w)
             approx, terms = screen.screen(h)
         except (AttributeError, RuntimeError, NotImplementedError):  # no such kernel here
             return False

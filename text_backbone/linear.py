@@ -33,7 +33,8 @@ is as fast as or faster than both paths above, so on an Intel CPU (``vendor_id``
 an Intel Xeon with AVX-512 and AMX (the 70 matrices below, milliseconds, ``F.linear`` / split /
 oneDNN): 1 row 6.2 / 14.6 / 7.9, 4 rows 8.9 / 15.2 / 11.0, 8 rows 10.7 / 10.0 / 11.9, 16 rows
 13.7 / 16.0 / 12.1, 64 rows 25.4 / - / 21.5, 288 rows 71.8 / - / 84.7; a square product of 2048:
-335 GFLOP/s by MKL, 302 by oneDNN.
+335 GFLOP/s by MKL, 302 by oneDNN. oneDNN's lead at 16 and 64 rows did not hold in a later session
+(8 to 288 rows within run-to-run noise of ``F.linear``, e.g. 64 rows 26.4 and 20.8 ms against 25.2).
 
 Measured (torch 2.14, MKL 2024.2, oneDNN 3.12, 2 threads of an AMD EPYC with AVX-512): one product
 with each of 70 matrices shaped like the ``mm bench --size small`` backbone's (10 layers of q, k,

@@ -399,7 +399,7 @@ def decode_bytes(size: BenchSize, dtype: str = "fp32") -> dict[str, float]:
 SCREEN_ROW_BYTES = {"onednn": 4 + 8, "int8pack": 2 + 8}
 
 
-def screened_decode_bytes(size: BenchSize, kernel: str | None = "int8pack") -> float:
+def screened_decode_bytes(size: BenchSize, kernel: str | None) -> float:
     """Bytes mm's greedy decoding reads per token on the CPU in fp32: :func:`decode_bytes` with the
     output head's ``4 V d`` replaced by the screen's ``V (d + SCREEN_ROW_BYTES[kernel])`` (see the
     module docstring); with no screen (``kernel`` None), the fp32 bytes."""
