@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,8 @@ def _matrix(v=5000, d=128, seed=0):
 
 def test_a_screen_is_available_here():
     assert "int8pack" in HERE  # PyTorch's CPU int8 kernel sums in fp32
-    assert ScreenedHead(_matrix()).kernel == HERE[0]  # the first that holds is taken
+    fast = [k for k in HERE if ScreenedHead.kernel_is_fast(k, 128)]
+    assert ScreenedHead(_matrix()).kernel == fast[0]  # the first that holds and is fast is taken
 
 
 @pytest.mark.parametrize("kernel", HERE)
@@ -163,9 +166,9 @@ def test_the_onednn_rows_stand_for_h_exactly():
 
 
 def _saturating(x, q):
-    """oneDNN's s8 x s8 product on a processor without VNNI, were it to take no care: activations
-    shifted to u8, pairs of products summed in 16 bits with saturation (``vpmaddubsw``), the shift
-    taken back in 32 bits."""
+    """oneDNN's u8 x s8 product on a processor without VNNI, were it to take no care: the
+    activations as given (shifted to u8), pairs of products summed in 16 bits with saturation
+    (``vpmaddubsw``), the zero point taken back in 32 bits."""
     u, w = x.long() + 128, q.long()  # [n, d], [m, d]
     pairs = u[:, None, 0::2] * w[None, :, 0::2] + u[:, None, 1::2] * w[None, :, 1::2]  # [n, m, d / 2]
     return (pairs.clamp(-32768, 32767).sum(-1) - 128 * w.sum(-1)).float()
@@ -195,3 +198,31 @@ def test_the_onednn_check_refuses_saturating_or_halved_sums(monkeypatch, wrong):
         monkeypatch.undo()
         ScreenedHead.kernel_is_bounded.cache_clear()
     assert ScreenedHead.kernel_is_bounded("onednn", 128)
+
+
+def test_a_product_at_reference_speed_is_not_chosen(monkeypatch):
+    """A kernel whose arithmetic checks out but that runs far slower than the fp32 product (oneDNN's
+    reference kernel for int8 activations on an AMD EPYC took 180 ms against 0.7 ms) is passed over
+    by default, and still taken when asked for by name."""
+    first = ScreenedHead.kernel_for(128)
+    assert first in HERE and ScreenedHead.kernel_is_fast(first, 128)
+    slow_kernel = HERE[0]
+    real = {"onednn": greedy_head._onednn_product, "int8pack": torch._weight_int8pack_mm}[slow_kernel]
+
+    def slow(*args):
+        time.sleep(0.05)  # about 50 times this width's fp32 product of 32 MB
+        return real(*args)
+
+    try:
+        ScreenedHead.kernel_is_fast.cache_clear()
+        if slow_kernel == "onednn":
+            monkeypatch.setattr(greedy_head, "_onednn_product", slow)
+        else:
+            monkeypatch.setattr(torch, "_weight_int8pack_mm", slow)
+        assert not ScreenedHead.kernel_is_fast(slow_kernel, 128)
+        chosen = ScreenedHead(_matrix()).kernel
+        assert chosen != slow_kernel and (chosen is None or chosen in HERE)
+        assert ScreenedHead(_matrix(), kernel=slow_kernel).kernel == slow_kernel
+    finally:
+        monkeypatch.undo()
+        ScreenedHead.kernel_is_fast.cache_clear()

@@ -13,7 +13,7 @@ any two fp32 kernels have, which decide only exact ties).
 
 Two int8 products can screen; each has its own error bound, and each is checked once per width
 when a screen is built (:meth:`ScreenedHead.kernel_for`), on structured sums and on random data
-against float64. Where neither holds, a screened value is not finite, or too many rows survive the
+against float64, and timed once against the fp32 product (a reference kernel is refused). Where neither holds, a screened value is not finite, or too many rows survive the
 screen, the full fp32 projection is used instead. Both share the weight side: row ``i`` holds ``q_i``
 (integers in [-127, 127]) and a bf16 scale ``s_i``, so it stands for ``w'_i = s_i q_i``, whose
 distance ``r_i = |w_i - w'_i|_2`` is bounded from above when the screen is built (:func:`_quantize`).
@@ -28,10 +28,12 @@ With ``l_i = sum_j h_j w_ij`` the exact logit, ``h'`` the activations the produc
 by Cauchy-Schwarz, with ``A >= |h'|_2`` (:func:`_bound`).
 
 - ``"onednn"``, oneDNN's int8 x int8 product (``torch.ops.onednn.qlinear_pointwise``, AMX or VNNI
-  on recent x86 processors), preferred where both hold. On 2 threads of an Intel Xeon with AMX, a
-  whole :meth:`ScreenedHead.logits` of a 128,256 x 512 matrix took 2.5 ms at batch 1 and 4.2 ms at
-  batch 8, against 5.9 and 18.6 ms through ``"int8pack"`` (it also keeps fewer candidates: 3 and 31
-  rows against 21 and 91, its result being fp32). Each
+  on recent x86 processors), preferred where both hold. A whole :meth:`ScreenedHead.logits` of a
+  128,256 x 512 matrix on 2 threads took 2.5 ms at batch 1 and 4.2 ms at batch 8 against 5.9 and
+  18.6 ms through ``"int8pack"`` on an Intel Xeon with AMX (with its rows given as int8, before
+  :func:`_onednn_product` gave them as uint8), and 4.2-5.0 and 6.5-6.9 ms against 4.0-5.1 and
+  10.3-11.3 ms on an AMD EPYC with AVX-512 VNNI. It also keeps fewer candidates (3 and 31 rows
+  against 21 and 91), its result being fp32. Each
   row of ``h`` is scaled by a power of two ``m`` to at most 127 and written as two int8 rows,
   ``hi = round(h / m)`` and ``lo = round((h / m - hi) 128)``, so ``h' = m (hi + lo / 128)`` exactly
   and ``|h - h'|`` is at most ``m / 256`` per element. The kernel's int32 sums are exact (checked:
@@ -49,6 +51,7 @@ by Cauchy-Schwarz, with ``A >= |h'|_2`` (:func:`_bound`).
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 
@@ -116,10 +119,18 @@ def _split_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def _onednn_product(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``rows [n, d]`` int8 times the prepacked int8 matrix, times each output row's fp32 ``scale``
-    (symmetric: no zero points): ``[n, V]`` fp32."""
+    """``rows [n, d]`` int8 times the prepacked int8 matrix, times each output row's fp32 ``scale``:
+    ``[n, V]`` fp32.
+
+    The rows go in as uint8 ``rows + 128`` with a zero point of 128, which oneDNN takes back in its
+    int32 sums (exactly: ``d 255 127 < 2^31``). Unsigned activations are the form PyTorch's x86
+    quantization gives oneDNN, and the one it runs through its VNNI and AMX kernels: int8 ones took
+    its reference kernel on an AMD EPYC with AVX-512 VNNI, 1.5 s for a 128,256 x 512 matrix instead
+    of 2.5 ms.
+    """
+    shifted = (rows.to(torch.int16) + 128).to(torch.uint8)  # [n, d] in [1, 255]
     return torch.ops.onednn.qlinear_pointwise(
-        rows, 1.0, 0, packed, scale, _NO_ZERO, None, 1.0, 0, torch.float32, "none", [], ""
+        shifted, 1.0, 128, packed, scale, _NO_ZERO, None, 1.0, 0, torch.float32, "none", [], ""
     )
 
 
@@ -132,8 +143,8 @@ class ScreenedHead:
             :meth:`key_of` tells whether it is still the matrix the screen was built from.
         max_candidates: more surviving rows than this and the full fp32 projection is used.
         kernel: the screen's product (the module docstring's ``"onednn"`` or ``"int8pack"``); by
-            default the first of :data:`KERNELS` whose bound holds here (:meth:`kernel_for`). One
-            that does not hold here is refused.
+            default the first of :data:`KERNELS` whose bound holds here and that is not slower than
+            fp32 (:meth:`kernel_for`). One whose bound does not hold here is refused.
     """
 
     def __init__(
@@ -183,8 +194,31 @@ class ScreenedHead:
 
     @staticmethod
     def kernel_for(d: int) -> str | None:
-        """The first of :data:`KERNELS` whose bound holds here at width ``d`` (None: no screen)."""
-        return next((k for k in KERNELS if ScreenedHead.kernel_is_bounded(k, d)), None)
+        """The first of :data:`KERNELS` whose bound holds here at width ``d`` and that is no slower
+        than the fp32 product it screens for (:meth:`kernel_is_fast`); None: no screen."""
+        usable = (k for k in KERNELS if ScreenedHead.kernel_is_bounded(k, d))
+        return next((k for k in usable if ScreenedHead.kernel_is_fast(k, d)), None)
+
+    @staticmethod
+    @functools.cache
+    def kernel_is_fast(kernel: str, d: int) -> bool:
+        """Whether ``kernel``'s screen of one row against a matrix of width ``d`` (32 MB in fp32)
+        takes no longer than the fp32 product of the same matrix, the best of three runs each.
+
+        A library can do a product's arithmetic right and still run it through a slow reference
+        kernel: oneDNN took its reference kernel for int8 activations on an AMD EPYC, 180 ms where
+        its VNNI kernel takes 0.3 ms and the fp32 product 0.7. A usable kernel reads a quarter of
+        the fp32 bytes, so this only refuses one that is far off (measured here: 0.24-0.55 ms for
+        either int8 product against 0.5-1.5 ms in fp32, widths 64 to 4096).
+        """
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(max(1024, 2**23 // d), d, generator=g)
+        h = torch.randn(1, d, generator=g)
+        screen = ScreenedHead.__new__(ScreenedHead)  # the product alone
+        screen.kernel = kernel
+        with torch.no_grad():
+            screen._build(w)
+            return _best_of_three(lambda: screen.screen(h)) <= _best_of_three(lambda: linear(h, w))
 
     @staticmethod
     @functools.cache
@@ -197,7 +231,7 @@ class ScreenedHead:
         stays at 256). Then for both: every screened logit of 256 random rows lies within half its
         bound of the float64 value.
         """
-        if d < 64 or (kernel == "onednn" and d * 127 * 127 >= 2**31):
+        if d < 64 or (kernel == "onednn" and d * 255 * 127 >= 2**31):
             return False
         g = torch.Generator().manual_seed(0)
         w = torch.randn(256, d, generator=g) * torch.logspace(-3, 1, 256)[:, None]
@@ -275,6 +309,17 @@ class ScreenedHead:
         out[:, rows] = linear(h, weight[rows])  # [b, c], fp32
         self.screened += 1
         return out
+
+
+def _best_of_three(run) -> float:
+    """The shortest of three timed calls of ``run`` after one untimed call, in seconds."""
+    run()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def _int_product(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
