@@ -13,7 +13,8 @@ any two fp32 kernels have, which decide only exact ties).
 
 Two int8 products can screen; each has its own error bound, and each is checked once per width
 when a screen is built (:meth:`ScreenedHead.kernel_for`), on structured sums and on random data
-against float64, and timed once against the fp32 product (a reference kernel is refused). Where neither holds, a screened value is not finite, or too many rows survive the
+against float64, and timed once against the fp32 product (a library's slow reference kernel is
+passed over). Where neither holds, a screened value is not finite, or too many rows survive the
 screen, the full fp32 projection is used instead. Both share the weight side: row ``i`` holds ``q_i``
 (integers in [-127, 127]) and a bf16 scale ``s_i``, so it stands for ``w'_i = s_i q_i``, whose
 distance ``r_i = |w_i - w'_i|_2`` is bounded from above when the screen is built (:func:`_quantize`).
