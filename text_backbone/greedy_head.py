@@ -185,6 +185,16 @@ class ScreenedHead:
             self.q, self.scale = q, scale
 
     @staticmethod
+    def _unchecked(kernel: str, weight: torch.Tensor) -> ScreenedHead:
+        """A screen of ``weight`` through ``kernel`` with its product and bound alone: no check that
+        the kernel holds or is fast here (what :meth:`kernel_is_bounded` and :meth:`kernel_is_fast`
+        measure)."""
+        screen = ScreenedHead.__new__(ScreenedHead)
+        screen.kernel = kernel
+        screen._build(weight)
+        return screen
+
+    @staticmethod
     def key_of(weight: torch.Tensor) -> tuple:
         """Identifies the matrix's storage and contents version (a rebuilt screen is needed when it changes)."""
         try:
@@ -215,10 +225,8 @@ class ScreenedHead:
         g = torch.Generator().manual_seed(0)
         w = torch.randn(max(1024, 2**23 // d), d, generator=g)
         h = torch.randn(1, d, generator=g)
-        screen = ScreenedHead.__new__(ScreenedHead)  # the product alone
-        screen.kernel = kernel
         with torch.no_grad():
-            screen._build(w)
+            screen = ScreenedHead._unchecked(kernel, w)
             return _best_of_three(lambda: screen.screen(h)) <= _best_of_three(lambda: linear(h, w))
 
     @staticmethod
@@ -248,9 +256,7 @@ class ScreenedHead:
                 got = torch._weight_int8pack_mm(x, ones, torch.ones(64, dtype=torch.bfloat16)).float()
                 if not bool((got == torch.tensor(255.0 + d).bfloat16().float()).all()):
                     return False
-            screen = ScreenedHead.__new__(ScreenedHead)  # the product and bound alone, unchecked
-            screen.kernel = kernel
-            screen._build(w)
+            screen = ScreenedHead._unchecked(kernel, w)
             approx, terms = screen.screen(h)
         except (AttributeError, RuntimeError, NotImplementedError):  # no such kernel here
             return False
