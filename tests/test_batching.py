@@ -293,14 +293,16 @@ def test_a_held_request_waits_at_most_max_join_wait_while_the_batch_keeps_decodi
         assert engine.try_admit() and engine.try_admit()  # the second of them is never submitted
         held = time.monotonic()
         engine.submit(Job(encode_conversation(model, conversations["image"]), short, answers.emit(1)))
-        time.sleep(0.5)
+        # Counted as the wait begins: the running row stops by itself after 260 tokens, which a fast
+        # machine decodes within the wait (the worker takes the job within one step of this).
         decoded = len(answers.deltas[0])
+        time.sleep(0.5)
         assert answers.deltas[1] == [] and engine.waiting == 1
         while not answers.deltas[1]:
             time.sleep(0.005)
         waited = time.monotonic() - held
         assert 1.0 <= waited < 20.0  # held for max_join_wait_s, then started without the other
-        assert len(answers.deltas[0]) > decoded  # the running row was decoded while the other waited
+        assert len(answers.deltas[0]) >= decoded + 10  # the running row was decoded while the other waited
         engine.withdraw()
         assert answers.finished[0].wait(60) and answers.finished[1].wait(60)
     finally:
