@@ -58,15 +58,31 @@ class CrossAttention(nn.Module):
         )  # [b, kvh, m, hd]
         return self.k_norm(k), v
 
-    def forward(self, x: torch.Tensor, kv: VisionKV, mask: torch.Tensor) -> torch.Tensor:
-        """Attend from ``x [b, s, d]`` to ``kv``; ``mask [b, 1, s, m]`` is boolean (True = may attend)."""
+    def forward(
+        self, x: torch.Tensor, kv: VisionKV, mask: torch.Tensor, spans: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """Attend from ``x [b, s, d]`` to ``kv``; ``mask [b, 1, s, m]`` is boolean (True = may attend).
+
+        With ``spans``, ``x`` is one packed row ``[1, s, d]`` of consecutive spans of those lengths,
+        and span ``i`` attends to row ``i`` of ``kv``.
+        """
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [b, h, s, hd]
         q = self.q_norm(q)
         k, v = kv
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # [b, h, s, hd]
+        gqa = self.num_kv_heads != self.num_heads
+        if spans is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # [b, h, s, hd]
+        else:
+            # split (not slicing): the backward of each piece is then one cat, not a full-size zero.
+            parts = zip(q.split(spans, dim=2), k.split(1), v.split(1), mask.split(spans, dim=2), strict=True)
+            out = torch.cat(
+                [
+                    F.scaled_dot_product_attention(qs, ks, vs, attn_mask=ms, enable_gqa=gqa)
+                    for qs, ks, vs, ms in parts
+                ],
+                dim=2,
+            )  # [1, h, s, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -101,16 +117,20 @@ class GatedCrossAttentionBlock(nn.Module):
     def project_kv(self, vision: torch.Tensor) -> VisionKV:
         return self.cross_attn.project_kv(vision)
 
-    def forward(self, h: torch.Tensor, kv: VisionKV, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, kv: VisionKV, mask: torch.Tensor, spans: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
         """Update ``h [b, s, d]`` from vision ``kv`` under boolean ``mask [b, s, m]``.
 
-        Text tokens whose mask row is all False get ``h`` back unchanged, bit for bit.
+        Text tokens whose mask row is all False get ``h`` back unchanged, bit for bit. With
+        ``spans`` (a packed row, :meth:`CrossAttention.forward`) ``h`` is ``[1, s, d]`` and ``mask``
+        ``[1, s, m]``.
         """
         visible = mask.any(dim=-1, keepdim=True)  # [b, s, 1]
         # A row that sees nothing attends everywhere (no empty softmax, no NaN) and is zeroed below.
         sdpa_mask = (mask | ~visible)[:, None]  # [b, 1, s, m]
         zero = torch.zeros((), dtype=h.dtype, device=h.device)
-        attn = self.cross_attn(self.input_layernorm(h), kv, sdpa_mask)
+        attn = self.cross_attn(self.input_layernorm(h), kv, sdpa_mask, spans)
         h = h + self.attn_gate.tanh() * torch.where(visible, attn, zero)
         mlp = self.mlp(self.post_attention_layernorm(h))
         return h + self.mlp_gate.tanh() * torch.where(visible, mlp, zero)

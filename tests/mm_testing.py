@@ -127,6 +127,25 @@ def random_images(sizes, seed=0):
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
 
 
+def byte_samples_with_images(specs, seed=0):
+    """Encoded samples of byte tokens: each spec is ``(length, placeholder positions, image sizes)``;
+    about 70% of the tokens (never a placeholder) are labelled."""
+    from mm.datasets.preprocessing import EncodedSample
+    from mm.text_backbone import ByteTokenizer
+
+    tok = ByteTokenizer()
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k, (n, where, sizes) in enumerate(specs):
+        ids = [tok.bos_id] + torch.randint(0, 256, (n - 1,), generator=g).tolist()
+        for p in where:
+            ids[p] = tok.image_id
+        learn = torch.rand(n, generator=g) < 0.7
+        labels = [t if bool(m) and t != tok.image_id else -100 for t, m in zip(ids, learn)]
+        out.append(EncodedSample(ids=ids, labels=labels, images=random_images(sizes, seed=seed + k)))
+    return out
+
+
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 230), "yellow": (240, 220, 20)}
 
 

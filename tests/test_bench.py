@@ -162,6 +162,13 @@ def test_packing_figure_is_packed_over_padded_tokens_per_s(bench):
     assert report["comparison"]["packing_speedup"] == pytest.approx(tps["packed"] / tps["padded"])
     row = next(r for r in report["table"] if r["figure"].startswith("train tokens/s packed"))
     assert (row["mm"], row["ratio"], row["target"]) == (tps["packed"], packing["speedup"], 1.8)
+    # The same padded batches as mm runs them by default (unpadded), against the padding computed.
+    assert tps["unpadded"] == pytest.approx(packing["real_tokens"] / packing["seconds"]["unpadded"])
+    assert packing["unpadded_speedup"] == pytest.approx(tps["unpadded"] / tps["padded"])
+    row = next(
+        r for r in report["table"] if r["figure"].startswith("train tokens/s padded batches, unpadded")
+    )
+    assert (row["mm"], row["ratio"], row["target"]) == (tps["unpadded"], packing["unpadded_speedup"], None)
 
 
 def test_serve_batches_concurrent_clients_and_answers_as_alone(bench):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mm_testing import random_images
+from mm_testing import byte_samples_with_images
 
 from mm import ModelConfig, MultimodalModel
 from mm.datasets import ImageProcessor
 from mm.datasets.cross_attention_mask import cross_attention_mask
-from mm.datasets.preprocessing import EncodedSample, Preprocessor
+from mm.datasets.preprocessing import Preprocessor
 from mm.model.components import component_of
 from mm.text_backbone import ByteTokenizer
 from mm.text_backbone.model import packed_positions
@@ -31,16 +31,7 @@ ROWS = [[0, 1], [2, 3, 4]]
 
 
 def make_samples(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for k, (n, where, sizes) in enumerate(SPECS):
-        ids = [TOK.bos_id] + torch.randint(0, 256, (n - 1,), generator=g).tolist()
-        for p in where:
-            ids[p] = IMAGE
-        learn = torch.rand(n, generator=g) < 0.7
-        labels = [t if bool(m) and t != IMAGE else -100 for t, m in zip(ids, learn)]
-        out.append(EncodedSample(ids=ids, labels=labels, images=random_images(sizes, seed=seed + k)))
-    return out
+    return byte_samples_with_images(SPECS, seed)
 
 
 @pytest.fixture(scope="module")

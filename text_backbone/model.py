@@ -30,6 +30,7 @@ from mm.text_backbone.kv_cache import KVCache
 from mm.text_backbone.layers import AttentionContext, DecoderLayer, RMSNorm
 from mm.text_backbone.linear import linear
 from mm.text_backbone.rope import rope_cos_sin, rope_frequencies
+from mm.text_backbone.unpad import Unpadding
 
 __all__ = ["TextBackbone", "packed_positions"]
 
@@ -59,7 +60,15 @@ class TextBackbone(nn.Module):
 
     With ``config.tie_embeddings`` there is no ``lm_head`` module: the output projection reuses
     ``embed_tokens.weight``, and the state dict holds that tensor once (as Hugging Face saves it).
+
+    Attributes:
+        unpad_padding: run a right-padded batch without a cache as one packed row of its real tokens
+            (:mod:`~mm.text_backbone.unpad`): the same values at the real positions, zeros at the
+            padding, and no work spent on it. ``False`` computes the padding too (a multimodal
+            model follows its backbone's setting).
     """
+
+    unpad_padding: bool = True
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
@@ -238,6 +247,20 @@ class TextBackbone(nn.Module):
         ctx = AttentionContext(cos=cos, sin=sin, mask=None, is_causal=False, segments=tuple(segments))
         return h, ctx
 
+    def unpadding(
+        self,
+        attention_mask: torch.Tensor | None,
+        *,
+        cache: KVCache | None = None,
+        sequence_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> Unpadding | None:
+        """How a forward pass without a cache runs a right-padded batch as one packed row
+        (:class:`~mm.text_backbone.unpad.Unpadding`), or ``None`` when it runs as given."""
+        if not self.unpad_padding or cache is not None or sequence_ids is not None:
+            return None
+        return Unpadding.of(attention_mask, labels)
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection: ``[..., d]`` hidden states to ``[..., V]`` logits."""
         return linear(self.norm(h), self.output_weight)
@@ -273,7 +296,10 @@ class TextBackbone(nn.Module):
         last_only: bool = False,
         sequence_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[b, s, V]`` (``[b, 1, V]`` with ``last_only``) for ``input_ids [b, s]`` or ``inputs_embeds``."""
+        """Logits ``[b, s, V]`` (``[b, 1, V]`` with ``last_only``) for ``input_ids [b, s]`` or ``inputs_embeds``.
+
+        Arguments as :meth:`prepare`. Without a cache, a right-padded batch runs as one packed row of
+        its real tokens (``unpad_padding``); its padded positions' logits are then zero."""
         h = self.hidden_states(
             input_ids,
             inputs_embeds=inputs_embeds,
@@ -295,6 +321,15 @@ class TextBackbone(nn.Module):
         sequence_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The last layer's output ``[b, s, d]`` before the final norm (arguments as :meth:`forward`)."""
+        unpadding = self.unpadding(attention_mask, cache=cache, sequence_ids=sequence_ids)
+        if unpadding is not None:
+            h = self.hidden_states(
+                unpadding.pack_optional(input_ids),
+                inputs_embeds=unpadding.pack_optional(inputs_embeds),
+                position_ids=unpadding.pack_optional(position_ids),
+                sequence_ids=unpadding.sequence_ids,
+            )
+            return unpadding.unpack(h)
         h, ctx = self.prepare(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,

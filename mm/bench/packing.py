@@ -5,7 +5,10 @@ Lengths: a log-normal with median 150 tokens and sigma 0.9 (fixed seed), rounded
 on the same samples in the same order, with the same model and optimiser:
 
 * padded: consecutive groups of ``batch_size`` samples, right-padded to the longest of the group
-  (:meth:`~mm.datasets.preprocessing.Preprocessor.collate`, the trainer's collator today);
+  (:meth:`~mm.datasets.preprocessing.Preprocessor.collate`, the trainer's collator), every
+  position computed, padding included (``backbone.unpad_padding = False``);
+* unpadded: the same padded batches as mm runs them by default, each one as a packed row of its
+  real tokens (:mod:`mm.text_backbone.unpad`);
 * packed: all samples packed first-fit decreasing into rows of ``max_len`` tokens
   (:func:`mm.training.packing.pack_samples`), rows grouped into as many steps as the padded mode
   takes, so a step holds the same number of real tokens on average.
@@ -63,8 +66,9 @@ def _collate_step(
     return collate_packed(preprocessor, [samples[i] for i in chosen], renumbered)
 
 
-def _train(model, batches: list[dict[str, Any]], optimizer) -> float:
-    """Seconds to run one optimiser step per batch."""
+def _train(model, batches: list[dict[str, Any]], optimizer, *, unpad: bool = True) -> float:
+    """Seconds to run one optimiser step per batch (``unpad``: the backbone's ``unpad_padding``)."""
+    model.backbone.unpad_padding = unpad
     start = time.perf_counter()
     for batch in batches:
         out = model(**batch, return_logits=False)
@@ -99,8 +103,9 @@ def packing_throughput(
             machine's load spikes hit both modes alike).
 
     Returns:
-        ``tokens_per_s`` per mode, ``speedup`` (packed over padded), ``real_tokens``, ``steps``,
-        ``padded_tokens`` (tokens each mode computes, padding included), and the settings.
+        ``tokens_per_s`` per mode (``padded``, ``unpadded``, ``packed``), ``speedup`` (packed over
+        padded), ``unpadded_speedup`` (unpadded over padded), ``real_tokens``, ``steps``,
+        ``padded_tokens`` (tokens each layout holds, padding included), and the settings.
     """
     from mm import ModelConfig, MultimodalModel
 
@@ -154,18 +159,22 @@ def packing_throughput(
         "rows": {"padded": sum(b["input_ids"].shape[0] for b in padded), "packed": len(rows)},
         "padded_tokens": {
             "padded": sum(b["input_ids"].numel() for b in padded),
+            "unpadded": sum(b["input_ids"].numel() for b in padded),
             "packed": sum(b["input_ids"].numel() for b in packed),
         },
     }
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     # Warm up each mode on its first step (allocator, kernels), then time a full pass.
-    _train(model, padded[:1], optimizer)
-    _train(model, packed[:1], optimizer)
-    seconds = {"padded": math.inf, "packed": math.inf}
+    modes = {"padded": (padded, False), "unpadded": (padded, True), "packed": (packed, True)}
+    for batches, unpad in modes.values():
+        _train(model, batches[:1], optimizer, unpad=unpad)
+    seconds = dict.fromkeys(modes, math.inf)
     for _ in range(repeats):
-        seconds["padded"] = min(seconds["padded"], _train(model, padded, optimizer))
-        seconds["packed"] = min(seconds["packed"], _train(model, packed, optimizer))
+        for mode, (batches, unpad) in modes.items():
+            seconds[mode] = min(seconds[mode], _train(model, batches, optimizer, unpad=unpad))
+    model.backbone.unpad_padding = True
     result["seconds"] = seconds
-    result["tokens_per_s"] = {k: result["real_tokens"] / v for k, v in seconds.items()}
-    result["speedup"] = result["tokens_per_s"]["packed"] / result["tokens_per_s"]["padded"]
+    tps = result["tokens_per_s"] = {k: result["real_tokens"] / v for k, v in seconds.items()}
+    result["speedup"] = tps["packed"] / tps["padded"]
+    result["unpadded_speedup"] = tps["unpadded"] / tps["padded"]
     return result

@@ -35,8 +35,9 @@ Figures, for both implementations:
   the CPU in fp32 mm's greedy decoding reads less (its output head reads an int8 screen:
   :func:`~mm.bench.workload.screened_decode_bytes`), so mm's bytes and the fraction of the roofline
   they allow are printed too.
-* **packing** (with ``train``): training tokens/s with packed rows against padded batches
-  (:mod:`mm.bench.packing`, another engineer's; mm only).
+* **packing** (with ``train``): training tokens/s with packed rows against padded batches whose
+  padding is computed, and of the same padded batches as mm runs them by default (unpadded:
+  :mod:`mm.text_backbone.unpad`) (:mod:`mm.bench.packing`, another engineer's; mm only).
 * **serve** (``--serve``): aggregate tokens/s and time to first token of ``mm serve`` at 1, 4, 8 and
   16 concurrent clients (:mod:`mm.bench.serve`); mm only.
 * **MFU**: model FLOPs per second over the machine's dense matmul rate at the dtype, measured in
@@ -548,7 +549,10 @@ def _progress(figure: str, result: dict[str, Any]) -> str:
         )
     if figure == "packing":
         tps = result["tokens_per_s"]
-        return f"tokens/s packed {tps['packed']:.0f}, padded {tps['padded']:.0f}: {result['speedup']:.2f}x"
+        return (
+            f"tokens/s packed {tps['packed']:.0f}, unpadded {tps['unpadded']:.0f}, padded {tps['padded']:.0f}: "
+            f"{result['speedup']:.2f}x, {result['unpadded_speedup']:.2f}x"
+        )
     if figure == "serve":
         levels = ", ".join(
             f"{lv['clients']}: {lv.get('tokens_per_s', 0):.0f} tok/s" for lv in result.get("levels", [])
@@ -735,8 +739,8 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             tps = packing["tokens_per_s"]
             note = (
-                f"padded {tps['padded']:.0f} tokens/s; ratio: packed vs padded; {packing['num_samples']} "
-                f"samples, {packing['lengths']}; mm.bench.packing"
+                f"padded {tps['padded']:.0f} tokens/s (padding computed); ratio: packed vs padded; "
+                f"{packing['num_samples']} samples, {packing['lengths']}; mm.bench.packing"
             )
             rows.append(
                 _row(
@@ -749,6 +753,18 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                     note,
                 )  # fmt: skip
             )
+        if "error" not in packing and "unpadded" in packing["tokens_per_s"]:  # reports since unpadding
+            tps = packing["tokens_per_s"]
+            row = _row(
+                "train tokens/s padded batches, unpadded (mm's default)",
+                tps["unpadded"],
+                None,
+                ".0f",
+                cmp,
+                note=f"ratio: vs padded; packed vs unpadded {tps['packed'] / tps['unpadded']:.2f}x",
+            )
+            row["ratio"] = packing["unpadded_speedup"]
+            rows.append(row)
     source = train or decode
     if source:
         side_by_side(source, "load checkpoint, s", "load_s", ".2f")

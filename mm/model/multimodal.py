@@ -32,6 +32,7 @@ from mm.model.video import build_video_modules, video_state
 from mm.model.vision import VisionState, image_state, token_mask
 from mm.text_backbone import TextBackbone
 from mm.text_backbone.linear import Linear
+from mm.text_backbone.unpad import Unpadding
 
 __all__ = ["MultimodalModel", "MultimodalOutput", "VisionState"]
 
@@ -330,10 +331,24 @@ class MultimodalModel(nn.Module):
         return video_state(self, video)
 
     @staticmethod
-    def _cross(block: GatedCrossAttentionBlock, h: torch.Tensor, kv: VisionKV, rows, all_rows, mask):
-        if all_rows:
+    def _cross(
+        block: GatedCrossAttentionBlock,
+        h: torch.Tensor,
+        state: VisionState,
+        kv: VisionKV,
+        mask: torch.Tensor,
+        unpadding: Unpadding | None,
+    ) -> torch.Tensor:
+        """One block on ``h``: the rows in ``state``, or with ``unpadding`` the packed ``[1, N, d]``
+        (each row's span against its own keys/values under the packed ``mask [1, N, m]`` when every
+        row has them, else through the padded rows)."""
+        if unpadding is not None:
+            if state.all_rows:
+                return block(h, kv, mask, spans=unpadding.lengths)
+            return unpadding.pack(MultimodalModel._cross(block, unpadding.unpack(h), state, kv, mask, None))
+        if state.all_rows:
             return block(h, kv, mask)
-        return h.index_copy(0, rows, block(h[rows], kv, mask))
+        return h.index_copy(0, state.rows, block(h[state.rows], kv, mask))
 
     def run_layers(
         self,
@@ -346,12 +361,14 @@ class MultimodalModel(nn.Module):
         video_cross_attention_mask: torch.Tensor | None = None,
         vision_mask: torch.Tensor | None = None,
         video_mask: torch.Tensor | None = None,
+        unpadding: Unpadding | None = None,
     ) -> torch.Tensor:
         """The backbone's layers with the adapters in front of theirs; ``h [b, s, d]`` in and out.
 
         In front of a layer that has both, the video block runs before the image block. The blocks'
         masks come from the ``[b, s, n, t]`` / ``[b, s, v]`` cross-attention masks, or ready-made as
         boolean ``[r, s, m]`` masks of the rows in ``vision`` / ``video`` (continuous batching).
+        With ``unpadding``, ``h`` is the packed ``[1, N, d]`` of a right-padded batch.
         """
         xmask = (
             vision_mask
@@ -363,14 +380,17 @@ class MultimodalModel(nn.Module):
             if video is None or video_mask is not None
             else token_mask(video_cross_attention_mask, video)
         )
+        if unpadding is not None:  # the blocks that run packed take their masks packed
+            xmask = unpadding.pack(xmask) if vision is not None and vision.all_rows else xmask
+            vmask = unpadding.pack(vmask) if video is not None and video.all_rows else vmask
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(self.backbone.layers):
             k = self._video_block_at.get(i)
             if k is not None and video is not None:
-                h = self._cross(self.video_blocks[k], h, video.kv[k], video.rows, video.all_rows, vmask)
+                h = self._cross(self.video_blocks[k], h, video, video.kv[k], vmask, unpadding)
             j = self._image_block_at.get(i)
             if j is not None and vision is not None:
-                h = self._cross(self.image_blocks[j], h, vision.kv[j], vision.rows, vision.all_rows, xmask)
+                h = self._cross(self.image_blocks[j], h, vision, vision.kv[j], xmask, unpadding)
             if recompute and h.requires_grad:
                 h = checkpoint(layer, h, ctx, use_reentrant=False)
             else:
@@ -402,7 +422,9 @@ class MultimodalModel(nn.Module):
             input_ids: ``[b, s]``; ids ``>= V`` are placeholders (``<|image|>`` = ``V``).
             pixel_values: ``[b, n, t, 3, H, W]``; aspect_ratio_ids ``[b, n]``; aspect_ratio_mask ``[b, n, t]``.
             cross_attention_mask: ``[b, s, n, t]``, 1 where a text token may attend to a tile.
-            attention_mask: ``[b, s]``, 0 on left padding.
+            attention_mask: ``[b, s]``, 0 on padding. A right-padded batch (the collator's) runs as
+                one packed row of its real tokens, as the backbone runs it
+                (:mod:`~mm.text_backbone.unpad`): no work on the padding, whose logits are zero.
             labels: ``[b, s]`` next-token targets in Hugging Face's convention (shifted inside,
                 -100 ignored); the loss is the mean over labelled tokens, and only those positions
                 are projected to the vocabulary for it.
@@ -427,6 +449,12 @@ class MultimodalModel(nn.Module):
             pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask, force=run_media_path
         )
         videos = self.video_state(video)
+        unpadding = self.backbone.unpadding(attention_mask, sequence_ids=sequence_ids, labels=labels)
+        if unpadding is not None:  # the backbone's own route for a right-padded batch
+            input_ids, inputs_embeds, position_ids, labels = map(
+                unpadding.pack_optional, (input_ids, inputs_embeds, position_ids, labels)
+            )
+            attention_mask, sequence_ids = None, unpadding.sequence_ids
         h, ctx = self.backbone.prepare(
             input_ids=input_ids if inputs_embeds is None else None,
             inputs_embeds=inputs_embeds,
@@ -441,10 +469,13 @@ class MultimodalModel(nn.Module):
             cross_attention_mask=cross_attention_mask,
             video=videos,
             video_cross_attention_mask=None if video is None else video.cross_attention_mask,
+            unpadding=unpadding,
         )
         loss, count = None, 0
         if labels is not None:
             loss, count = self.label_loss(h, labels, sequence_ids)
+        if unpadding is not None:
+            h = unpadding.unpack(h)
         if not return_logits:
             return MultimodalOutput(loss=loss, num_label_tokens=count)
         return MultimodalOutput(loss=loss, num_label_tokens=count, hidden=h, head=self.backbone.head)
