@@ -74,13 +74,18 @@ def _chunks(x, weight, targets, rows: int, *, grad_x: bool, grad_w: bool):
     for start in range(0, n, rows):
         xc, tc = x[start : start + rows], targets[start : start + rows]
         logits = linear(xc, weight).float()  # [c, V]
-        lse = torch.logsumexp(logits, dim=-1)  # [c]
-        total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+        # log-sum-exp as torch.logsumexp computes it, but in the logits' own memory: a new [c, V]
+        # tensor (logsumexp's shifted copy) costs more than the passes over it (its pages are
+        # touched for the first time), and the softmax below reuses the exponentials.
+        top = logits.amax(dim=-1, keepdim=True)  # [c, 1]
+        picked = logits.gather(1, tc[:, None])  # [c, 1]
+        sums = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)  # [c, 1]
+        total += (top + sums.log() - picked).sum()
         if gx is None and gw is None:
             continue
-        g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
-        g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-        g = g.div_(n).to(x.dtype)  # d(mean loss)/d(logits), in the dtype the logits were made in
+        g = logits.div_(sums * n)  # softmax / n, in the logits' memory
+        g[torch.arange(len(tc), device=g.device), tc] -= 1.0 / n
+        g = g.to(x.dtype)  # d(mean loss)/d(logits), in the dtype the logits were made in
         if gx is not None:
             gx[start : start + rows] = linear(g, weight.t())  # g @ W
         if gw is not None:
