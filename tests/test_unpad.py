@@ -217,3 +217,11 @@ def test_video_and_audio_rows_unpad_too():
     )
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_a_mask_of_the_wrong_shape_is_still_named():
+    bb = random_backbone()
+    ids = torch.randint(0, 2000, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])  # one column too many
+    with pytest.raises(ValueError, match="attention_mask must cover past and new tokens"):
+        bb(ids, attention_mask=mask)

@@ -249,15 +249,19 @@ class TextBackbone(nn.Module):
 
     def unpadding(
         self,
+        tokens: torch.Tensor,
         attention_mask: torch.Tensor | None,
         *,
         cache: KVCache | None = None,
         sequence_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> Unpadding | None:
-        """How a forward pass without a cache runs a right-padded batch as one packed row
-        (:class:`~mm.text_backbone.unpad.Unpadding`), or ``None`` when it runs as given."""
+        """How a forward pass without a cache runs a right-padded batch of ``tokens`` (``[b, s]`` ids
+        or ``[b, s, d]`` embeddings) as one packed row (:class:`~mm.text_backbone.unpad.Unpadding`),
+        or ``None`` when it runs as given (:meth:`prepare` then checks the mask's shape)."""
         if not self.unpad_padding or cache is not None or sequence_ids is not None:
+            return None
+        if attention_mask is None or attention_mask.shape != tokens.shape[:2]:
             return None
         return Unpadding.of(attention_mask, labels)
 
@@ -321,7 +325,12 @@ class TextBackbone(nn.Module):
         sequence_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The last layer's output ``[b, s, d]`` before the final norm (arguments as :meth:`forward`)."""
-        unpadding = self.unpadding(attention_mask, cache=cache, sequence_ids=sequence_ids)
+        tokens = input_ids if inputs_embeds is None else inputs_embeds
+        unpadding = (
+            None
+            if tokens is None
+            else self.unpadding(tokens, attention_mask, cache=cache, sequence_ids=sequence_ids)
+        )
         if unpadding is not None:
             h = self.hidden_states(
                 unpadding.pack_optional(input_ids),

@@ -449,7 +449,12 @@ class MultimodalModel(nn.Module):
             pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask, force=run_media_path
         )
         videos = self.video_state(video)
-        unpadding = self.backbone.unpadding(attention_mask, sequence_ids=sequence_ids, labels=labels)
+        unpadding = self.backbone.unpadding(
+            input_ids if inputs_embeds is None else inputs_embeds,
+            attention_mask,
+            sequence_ids=sequence_ids,
+            labels=labels,
+        )
         if unpadding is not None:  # the backbone's own route for a right-padded batch
             input_ids, inputs_embeds, position_ids, labels = map(
                 unpadding.pack_optional, (input_ids, inputs_embeds, position_ids, labels)
