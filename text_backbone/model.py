@@ -241,8 +241,8 @@ class TextBackbone(nn.Module):
         # Spans of equal ids along each row; attention runs span by span (cost: the sum of each
         # sample's length squared, not the row's), which also keeps samples apart.
         segments = []
-        for row in _sample_starts(sequence_ids).tolist():
-            cuts = [i for i, new in enumerate(row) if new] + [s]
+        for row in _sample_starts(sequence_ids):
+            cuts = row.nonzero().squeeze(1).tolist() + [s]
             segments.append(tuple(zip(cuts[:-1], cuts[1:])))
         ctx = AttentionContext(cos=cos, sin=sin, mask=None, is_causal=False, segments=tuple(segments))
         return h, ctx
