@@ -159,7 +159,6 @@ def packing_throughput(
         "rows": {"padded": sum(b["input_ids"].shape[0] for b in padded), "packed": len(rows)},
         "padded_tokens": {
             "padded": sum(b["input_ids"].numel() for b in padded),
-            "unpadded": sum(b["input_ids"].numel() for b in padded),
             "packed": sum(b["input_ids"].numel() for b in packed),
         },
     }

@@ -753,18 +753,17 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                     note,
                 )  # fmt: skip
             )
-        if "error" not in packing and "unpadded" in packing["tokens_per_s"]:  # reports since unpadding
-            tps = packing["tokens_per_s"]
-            row = _row(
-                "train tokens/s padded batches, unpadded (mm's default)",
-                tps["unpadded"],
-                None,
-                ".0f",
-                cmp,
-                note=f"ratio: vs padded; packed vs unpadded {tps['packed'] / tps['unpadded']:.2f}x",
-            )
-            row["ratio"] = packing["unpadded_speedup"]
-            rows.append(row)
+            if "unpadded" in tps:  # reports written since padded batches skip their padding
+                row = _row(
+                    "train tokens/s padded batches, unpadded (mm's default)",
+                    tps["unpadded"],
+                    None,
+                    ".0f",
+                    cmp,
+                    note=f"ratio: vs padded; packed vs unpadded {tps['packed'] / tps['unpadded']:.2f}x",
+                )
+                row["ratio"] = packing["unpadded_speedup"]
+                rows.append(row)
     source = train or decode
     if source:
         side_by_side(source, "load checkpoint, s", "load_s", ".2f")
