@@ -305,3 +305,107 @@ def test_a_training_step_through_onednn_gives_f_linears_loss_and_gradients(
     torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+needs_packing = pytest.mark.skipif(linear_module.PACK_BYTES == 0, reason="no packed weight copies here")
+
+
+@pytest.mark.parametrize("rows", [AS_COLUMNS + 1, 8, 64, 300])
+@pytest.mark.parametrize("bias", [False, True])
+@needs_packing
+def test_inference_mode_multiplies_by_a_kept_copy_with_the_plain_weights_values(rows, bias, two_threads):
+    """In inference mode each weight is copied once into oneDNN's layout, and the product by the
+    copy is the plain weight's product bit for bit, for every shape of the bench's layers."""
+    g = torch.Generator().manual_seed(rows)
+    for n, k in SHAPES:
+        w = torch.nn.Parameter(torch.randn(n, k, generator=g) / k**0.5)
+        b = torch.randn(n, generator=g) if bias else None
+        x = torch.randn(1, rows, k, generator=g)
+        with torch.inference_mode():
+            first = linear(x, w, b)
+            assert id(w) in linear_module._PACKED, (n, k)
+            copy = linear_module._PACKED[id(w)][3]
+            again = linear(x, w, b)
+            assert linear_module._PACKED[id(w)][3] is copy  # kept, not made again
+        plain = linear_module._onednn(x, w.detach(), b)
+        assert torch.equal(first, plain) and torch.equal(again, plain), (n, k)
+        torch.testing.assert_close(first, F.linear(x, w.detach(), b), rtol=1e-5, atol=1e-5)
+
+
+@needs_packing
+def test_a_changed_weight_gets_a_new_copy(two_threads):
+    """An in-place update, load_state_dict and a swapped .data each make the next product read the
+    new values, never the kept copy of the old ones."""
+    layer = Linear(512, 1792, bias=False)
+    x = torch.randn(16, 512)
+
+    def product():
+        with torch.inference_mode():
+            return layer(x)
+
+    def check():
+        got = product()
+        assert torch.equal(got, linear_module._onednn(x, layer.weight.detach()))
+        return got
+
+    before = check()
+    with torch.no_grad():
+        layer.weight.mul_(-1.0)  # an optimiser's step: same tensor, same storage, new version
+    assert torch.equal(check(), -before)
+    layer.load_state_dict({"weight": torch.randn(1792, 512)})
+    after_load = check()
+    layer.weight.data = torch.randn(1792, 512)  # new storage, the version may stay
+    assert not torch.equal(check(), after_load)
+
+
+@needs_packing
+def test_copies_stay_within_the_budget_and_go_with_their_weight(monkeypatch, two_threads):
+    size = 1792 * 512 * 4
+    monkeypatch.setattr(linear_module, "PACK_BYTES", linear_module._packed_bytes + size)
+    first, second = torch.randn(1792, 512), torch.randn(1792, 512)
+    x = torch.randn(8, 512)
+    with torch.inference_mode():
+        linear(x, first)
+        out = linear(x, second)  # over the budget: multiplied plain, still right
+    assert id(first) in linear_module._PACKED and id(second) not in linear_module._PACKED
+    assert torch.equal(out, linear_module._onednn(x, second))
+    spent = linear_module._packed_bytes
+    del first
+    assert linear_module._packed_bytes == spent - size
+    with torch.inference_mode():
+        linear(x, second)  # the freed bytes now take the second weight's copy
+    assert id(second) in linear_module._PACKED
+
+
+@needs_packing
+def test_no_copy_outside_inference_mode_or_for_few_rows_or_a_view(two_threads):
+    w = torch.nn.Parameter(torch.randn(1792, 512))
+    with torch.no_grad():
+        linear(torch.randn(8, 512), w)
+    linear(torch.randn(8, 512), w).sum().backward()
+    with torch.inference_mode():
+        linear(torch.randn(AS_COLUMNS, 512), w)  # few rows: the split, from the plain weight
+        linear(torch.randn(8, 512), w.detach()[:896])  # a view
+    assert id(w) not in linear_module._PACKED
+
+
+@needs_packing
+def test_generation_through_kept_copies_gives_the_plain_weights_logits_bit_for_bit(two_threads, monkeypatch):
+    """A backbone wide enough for oneDNN (256): prefill and cached decode steps of a batch of 6
+    give the same logits bit for bit with and without the copies, and the same greedy tokens."""
+    bb = random_backbone(vocab_size=1000, embed_dim=256, intermediate_dim=512, max_seq_len=64)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 1000, (6, 12), generator=g)
+    new = torch.randint(3, 1000, (6, 3), generator=g)
+
+    def run():
+        cache = bb.new_cache(6, 15)
+        with torch.inference_mode():
+            steps = [bb(ids, cache=cache)] + [bb(new[:, i : i + 1], cache=cache) for i in range(3)]
+        return torch.cat(steps, dim=1), bb.generate(ids, max_new_tokens=6, stop_token_ids=())
+
+    copied, copied_tokens = run()
+    assert any(id(p) in linear_module._PACKED for p in bb.parameters())
+    monkeypatch.setattr(linear_module, "packed", lambda weight: None)
+    plain, plain_tokens = run()
+    assert torch.equal(copied, plain) and torch.equal(copied_tokens, plain_tokens)
