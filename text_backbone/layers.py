@@ -93,27 +93,36 @@ class SelfAttention(nn.Module):
         self.v_proj = Linear(dim, num_kv_heads * head_dim, bias=False)
         self.o_proj = Linear(num_heads * head_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, last_only: bool = False) -> torch.Tensor:
+        """``x [b, s, d]`` -> ``[b, s, d]``; with ``last_only`` the keys and values of every position
+        (all of them go to the cache) but the query and output of the last one only: ``[b, 1, d]``."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [b, h, s, hd]
+        if last_only and ctx.segments is not None:
+            raise ValueError("last_only needs one sequence per row, not packed rows")
+        xq, cos, sin = (x[:, -1:], ctx.cos[:, -1:], ctx.sin[:, -1:]) if last_only else (x, ctx.cos, ctx.sin)
+        sq = xq.shape[1]
+        q = self.q_proj(xq).view(b, sq, self.num_heads, self.head_dim).transpose(1, 2)  # [b, h, sq, hd]
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kvh, s, hd]
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kvh, s, hd]
-        q = apply_rope(q, ctx.cos, ctx.sin)
+        q = apply_rope(q, cos, sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.write(self.layer_idx, ctx.start, k, v)  # [b, kvh, k, hd]
         if ctx.segments is not None:
             out = _segmented_attention(q, k, v, ctx.segments, self.num_kv_heads != self.num_heads)
         else:
+            mask, causal = ctx.mask, ctx.is_causal
+            if last_only:  # the last query's row of the mask; causally it sees every key
+                mask, causal = None if mask is None else mask[:, :, -1:], False
             out = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
-                attn_mask=ctx.mask,
-                is_causal=ctx.is_causal,
+                attn_mask=mask,
+                is_causal=causal,
                 enable_gqa=self.num_kv_heads != self.num_heads,
-            )  # [b, h, s, hd]
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+            )  # [b, h, sq, hd]
+        return self.o_proj(out.transpose(1, 2).reshape(b, sq, self.num_heads * self.head_dim))
 
 
 def _segmented_attention(
@@ -157,6 +166,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(dim, norm_eps)
         self.post_attention_layernorm = RMSNorm(dim, norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, last_only: bool = False) -> torch.Tensor:
+        """``x [b, s, d]`` -> ``[b, s, d]``, or with ``last_only`` the last position's ``[b, 1, d]``
+        (every position's keys and values still reach the cache): a prefill's last layer, whose
+        other positions' outputs nothing reads."""
+        if last_only:
+            x = x[:, -1:] + self.self_attn(self.input_layernorm(x), ctx, last_only=True)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))

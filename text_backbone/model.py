@@ -303,7 +303,9 @@ class TextBackbone(nn.Module):
         """Logits ``[b, s, V]`` (``[b, 1, V]`` with ``last_only``) for ``input_ids [b, s]`` or ``inputs_embeds``.
 
         Arguments as :meth:`prepare`. Without a cache, a right-padded batch runs as one packed row of
-        its real tokens (``unpad_padding``); its padded positions' logits are then zero."""
+        its real tokens (``unpad_padding``); its padded positions' logits are then zero. With
+        ``last_only`` the last layer computes its queries, output and MLP at the last position only
+        (``hidden_states``), so its logits equal the full pass's up to fp32 rounding."""
         h = self.hidden_states(
             input_ids,
             inputs_embeds=inputs_embeds,
@@ -311,6 +313,7 @@ class TextBackbone(nn.Module):
             attention_mask=attention_mask,
             cache=cache,
             sequence_ids=sequence_ids,
+            last_only=last_only,
         )
         return self.head(h[:, -1:] if last_only else h)
 
@@ -323,8 +326,13 @@ class TextBackbone(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         sequence_ids: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """The last layer's output ``[b, s, d]`` before the final norm (arguments as :meth:`forward`)."""
+        """The last layer's output ``[b, s, d]`` before the final norm (arguments as :meth:`forward`).
+
+        ``last_only``: the last position's ``[b, 1, d]`` alone is wanted (a prefill), so the last
+        layer computes every position's keys and values (for the cache) but its queries, attention
+        output and MLP only there; rows packed from padding or ``sequence_ids`` run in full."""
         tokens = input_ids if inputs_embeds is None else inputs_embeds
         unpadding = (
             None
@@ -347,8 +355,10 @@ class TextBackbone(nn.Module):
             cache=cache,
             sequence_ids=sequence_ids,
         )
-        for layer in self.layers:
-            h = layer(h, ctx)
+        prune = last_only and ctx.segments is None
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h = layer(h, ctx, last_only=prune and i == last)
         return h
 
     # ------------------------------------------------------------------ generation
@@ -371,7 +381,7 @@ class TextBackbone(nn.Module):
         head = self.greedy_head if temperature == 0 else self.head
 
         def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return head(self.hidden_states(ids, attention_mask=mask, cache=cache)[:, -1])
+            return head(self.hidden_states(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1])
 
         with torch.inference_mode():
             yield from stream_tokens(

@@ -175,6 +175,7 @@ class DecodeBatch:
             cross_attention_mask=cross_mask,
             video=videos,
             video_cross_attention_mask=None if video is None else video.cross_attention_mask,
+            last_only=True,
         )
         generators = [
             None

@@ -190,6 +190,7 @@ def stream(
                 video_cross_attention_mask=(
                     None if video is None else video.cross_attention_mask if first else state.last_video_row
                 ),
+                last_only=True,
             )
             return head(h[:, -1])
 

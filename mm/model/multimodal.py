@@ -362,8 +362,11 @@ class MultimodalModel(nn.Module):
         vision_mask: torch.Tensor | None = None,
         video_mask: torch.Tensor | None = None,
         unpadding: Unpadding | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """The backbone's layers with the adapters in front of theirs; ``h [b, s, d]`` in and out.
+        """The backbone's layers with the adapters in front of theirs; ``h [b, s, d]`` in and out
+        (with ``last_only``, a prefill's: the last position's ``[b, 1, d]`` out, the last layer's
+        queries, output and MLP computed there only; see :meth:`TextBackbone.hidden_states`).
 
         In front of a layer that has both, the video block runs before the image block. The blocks'
         masks come from the ``[b, s, n, t]`` / ``[b, s, v]`` cross-attention masks, or ready-made as
@@ -384,6 +387,7 @@ class MultimodalModel(nn.Module):
             xmask = unpadding.pack(xmask) if vision is not None and vision.all_rows else xmask
             vmask = unpadding.pack(vmask) if video is not None and video.all_rows else vmask
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        prune = len(self.backbone.layers) - 1 if last_only and ctx.segments is None else None
         for i, layer in enumerate(self.backbone.layers):
             k = self._video_block_at.get(i)
             if k is not None and video is not None:
@@ -394,7 +398,7 @@ class MultimodalModel(nn.Module):
             if recompute and h.requires_grad:
                 h = checkpoint(layer, h, ctx, use_reentrant=False)
             else:
-                h = layer(h, ctx)
+                h = layer(h, ctx, last_only=i == prune)
         return h
 
     # ------------------------------------------------------------------ forward
