@@ -215,6 +215,30 @@ def random_backbone(**overrides):
     return bb
 
 
+def randomised(m):
+    """``m`` with every weight moved off its initial value and every gate open (a zero gate hides a
+    wrong path); trainable everywhere but the backbone, as the trainer leaves it."""
+    from mm.model.components import component_of
+
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+            if name.endswith("_gate"):
+                p.copy_(torch.empty_like(p).uniform_(0.4, 1.0) * (1 if torch.rand(()) < 0.5 else -1))
+    for name, p in m.named_parameters():
+        p.requires_grad_(component_of(name) != "backbone")
+    return m
+
+
+def tiny_image_preprocessor(**options):
+    """The preprocessor of a ``tiny`` model: byte tokens, 28 px tiles, up to 4 of them."""
+    from mm.datasets import ImageProcessor
+    from mm.datasets.preprocessing import Preprocessor
+    from mm.text_backbone import ByteTokenizer
+
+    return Preprocessor(ByteTokenizer(), ImageProcessor(tile_size=28, max_tiles=4), **options)
+
+
 def tiny_av_preprocessor(num_frames=8):
     """The preprocessor of a ``tiny-av`` model: byte tokens, 28 px tiles, ``num_frames`` video
     frames, 16 kHz audio stacked 4 to a token through a stride-2 convolution."""

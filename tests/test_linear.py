@@ -324,9 +324,9 @@ def test_inference_mode_multiplies_by_a_kept_copy_with_the_plain_weights_values(
         with torch.inference_mode():
             first = linear(x, w, b)
             assert id(w) in linear_module._PACKED, (n, k)
-            copy = linear_module._PACKED[id(w)][3]
+            copy = linear_module._PACKED[id(w)].copy
             again = linear(x, w, b)
-            assert linear_module._PACKED[id(w)][3] is copy  # kept, not made again
+            assert linear_module._PACKED[id(w)].copy is copy  # kept, not made again
         plain = linear_module._onednn(x, w.detach(), b)
         assert torch.equal(first, plain) and torch.equal(again, plain), (n, k)
         torch.testing.assert_close(first, F.linear(x, w.detach(), b), rtol=1e-5, atol=1e-5)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mm_testing import byte_samples_with_images
+from mm_testing import byte_samples_with_images, randomised, tiny_image_preprocessor
 
 from mm import ModelConfig, MultimodalModel
 from mm.datasets import ImageProcessor
 from mm.datasets.cross_attention_mask import cross_attention_mask
 from mm.datasets.preprocessing import Preprocessor
-from mm.model.components import component_of
 from mm.text_backbone import ByteTokenizer
 from mm.text_backbone.model import packed_positions
 from mm.training.packing import collate_packed, pack_samples, per_sample_losses
@@ -37,20 +36,13 @@ def make_samples(seed=0):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = MultimodalModel(ModelConfig.preset("tiny")).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # every weight moved off its initial value
-            if name.endswith("_gate"):
-                p.copy_(torch.empty_like(p).uniform_(0.4, 1.0) * (1 if torch.rand(()) < 0.5 else -1))
-        assert all(bool(b.attn_gate != 0) and bool(b.mlp_gate != 0) for b in m.image_blocks)
-    for name, p in m.named_parameters():
-        p.requires_grad_(component_of(name) != "backbone")
+    m = randomised(MultimodalModel(ModelConfig.preset("tiny")).eval())
+    assert all(bool(b.attn_gate != 0) and bool(b.mlp_gate != 0) for b in m.image_blocks)
     return m
 
 
 def preprocessor(mode):
-    return Preprocessor(TOK, ImageProcessor(tile_size=28, max_tiles=4), mask_mode=mode)
+    return tiny_image_preprocessor(mask_mode=mode)
 
 
 def test_pack_samples_first_fit_decreasing():

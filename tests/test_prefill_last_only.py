@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mm_testing import byte_samples_with_images, random_backbone
-from test_unpad import preprocessor, randomise
+from mm_testing import byte_samples_with_images, random_backbone, randomised, tiny_image_preprocessor
 
 from mm import ModelConfig, MultimodalModel
 
@@ -65,8 +64,8 @@ def test_an_image_prompts_prefill_through_the_blocks():
     """The multimodal layers (image blocks in front of backbone layers, gates open): the pruned
     prefill's last hidden state equals the full one's, and the cache is the same bit for bit."""
     torch.manual_seed(0)
-    model = randomise(MultimodalModel(ModelConfig.preset("tiny")).eval())
-    batch = preprocessor().collate(byte_samples_with_images([(21, [1, 9], [(40, 30), (28, 56)])]))
+    model = randomised(MultimodalModel(ModelConfig.preset("tiny")).eval())
+    batch = tiny_image_preprocessor().collate(byte_samples_with_images([(21, [1, 9], [(40, 30), (28, 56)])]))
     ids, cam = batch["input_ids"], batch["cross_attention_mask"]
     out = {}
     with torch.inference_mode():

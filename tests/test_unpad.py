@@ -11,12 +11,15 @@ import math
 
 import pytest
 import torch
-from mm_testing import byte_samples_with_images, random_backbone, tiny_av_preprocessor
+from mm_testing import (
+    byte_samples_with_images,
+    random_backbone,
+    randomised,
+    tiny_av_preprocessor,
+    tiny_image_preprocessor,
+)
 
 from mm import ModelConfig, MultimodalModel
-from mm.datasets import ImageProcessor
-from mm.datasets.preprocessing import Preprocessor
-from mm.model.components import component_of
 from mm.text_backbone import ByteTokenizer
 from mm.text_backbone.unpad import Unpadding
 
@@ -26,26 +29,10 @@ WITH_IMAGES = [(19, [1], [(40, 30)]), (33, [2, 20], [(28, 60), (50, 50)]), (12, 
 ONE_WITHOUT = [(19, [1], [(40, 30)]), (26, [], []), (33, [2, 20], [(28, 60), (50, 50)])]
 
 
-def randomise(m):
-    """Every weight moved off its initial value, every gate open (a zero gate hides a wrong path)."""
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-            if name.endswith("_gate"):
-                p.copy_(torch.empty_like(p).uniform_(0.4, 1.0) * (1 if torch.rand(()) < 0.5 else -1))
-    for name, p in m.named_parameters():
-        p.requires_grad_(component_of(name) != "backbone")
-    return m
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return randomise(MultimodalModel(ModelConfig.preset("tiny")).eval())
-
-
-def preprocessor():
-    return Preprocessor(TOK, ImageProcessor(tile_size=28, max_tiles=4))
+    return randomised(MultimodalModel(ModelConfig.preset("tiny")).eval())
 
 
 def run(model, batch, unpad):
@@ -115,7 +102,7 @@ def test_backbone_unpads_right_padding_and_equals_each_row_alone():
 
 @pytest.mark.parametrize("specs", [WITH_IMAGES, ONE_WITHOUT], ids=["every-row-sees-images", "a-row-without"])
 def test_a_right_padded_batch_gets_the_padded_loss_gradients_and_logits(model, specs):
-    batch = preprocessor().collate(byte_samples_with_images(specs))
+    batch = tiny_image_preprocessor().collate(byte_samples_with_images(specs))
     real = batch["attention_mask"].bool()
     assert not bool(real.all())  # the batch is padded
     loss, logits, grads = run(model, batch, unpad=True)
@@ -132,7 +119,7 @@ def test_a_right_padded_batch_gets_the_padded_loss_gradients_and_logits(model, s
 
 
 def test_each_row_of_an_unpadded_batch_gets_what_it_gets_alone(model):
-    pre, samples = preprocessor(), byte_samples_with_images(ONE_WITHOUT)
+    pre, samples = tiny_image_preprocessor(), byte_samples_with_images(ONE_WITHOUT)
     with torch.no_grad():
         both = model(**pre.collate(samples)).logits
         for i, s in enumerate(samples):
@@ -149,7 +136,7 @@ def test_a_text_only_right_padded_batch_is_the_backbone_bit_for_bit(model):
 
 
 def test_padding_that_must_be_computed_runs_padded(model):
-    pre, samples = preprocessor(), byte_samples_with_images(WITH_IMAGES)
+    pre, samples = tiny_image_preprocessor(), byte_samples_with_images(WITH_IMAGES)
     # A label on the padding (Hugging Face counts it): the loss is the padded one, bit for bit.
     batch = pre.collate(samples)
     labels = batch["labels"].clone()
@@ -178,7 +165,7 @@ def _frames(seed, n=8, size=(40, 30)):
 
 def test_video_and_audio_rows_unpad_too():
     torch.manual_seed(0)
-    m = randomise(MultimodalModel(ModelConfig.preset("tiny-av")).eval())
+    m = randomised(MultimodalModel(ModelConfig.preset("tiny-av")).eval())
     m.preprocessor = pre = tiny_av_preprocessor(8)
     tone = 0.3 * torch.sin(2 * math.pi * 440.0 * torch.arange(12000) / 16000)
     convs = [

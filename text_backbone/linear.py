@@ -66,6 +66,7 @@ import os
 import platform
 import threading
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -216,9 +217,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _onednn(x, weight, bias)
 
 
-# id(weight) -> (weakref to it, its storage, its version, its blocked copy, the copy's bytes)
-_PACKED: dict[int, tuple[weakref.ref, int, int, torch.Tensor, int]] = {}
-_PACKED_LOCK = threading.Lock()
+class _Kept(NamedTuple):
+    """A weight's blocked copy and what the weight was when it was made."""
+
+    ref: weakref.ref
+    storage: int
+    version: int
+    copy: torch.Tensor
+    size: int
+
+
+_PACKED: dict[int, _Kept] = {}  # id(weight) -> its copy
+# Re-entrant: a weakref callback (_forget) may run inside a locked section, e.g. when making a copy
+# lets the garbage collector free another weight.
+_PACKED_LOCK = threading.RLock()
 _packed_bytes = 0
 
 
@@ -239,26 +251,34 @@ def packed(weight: torch.Tensor) -> torch.Tensor | None:
     ):
         return None
     key, storage, version = id(weight), weight.data_ptr(), weight._version
-    entry = _PACKED.get(key)
-    if entry is not None and entry[0]() is weight and entry[1] == storage and entry[2] == version:
-        return entry[3]
+
+    def kept() -> _Kept | None:
+        entry = _PACKED.get(key)
+        ok = (
+            entry is not None
+            and entry.ref() is weight
+            and (entry.storage, entry.version) == (storage, version)
+        )
+        return entry if ok else None
+
+    entry = kept()
+    if entry is not None:  # the common case, without the lock
+        return entry.copy
     size = weight.numel() * weight.element_size()
-    with _PACKED_LOCK:
-        if entry is not None and _PACKED.pop(key, None) is entry:  # a stale copy: give its bytes back
-            _packed_bytes -= entry[4]
+    with _PACKED_LOCK:  # copies are made rarely: one at a time
+        entry = kept()  # another thread may have made it meanwhile
+        if entry is not None:
+            return entry.copy
+        stale = _PACKED.pop(key, None)
+        if stale is not None:
+            _packed_bytes -= stale.size
         if _packed_bytes + size > PACK_BYTES:
             return None
+        copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)  # the row hint changes no value
+        _PACKED[key] = _Kept(
+            weakref.ref(weight, lambda _, key=key: _forget(key)), storage, version, copy, size
+        )
         _packed_bytes += size
-    copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)  # the row hint changes no value
-    ref = weakref.ref(weight, lambda _, key=key: _forget(key))
-    with _PACKED_LOCK:
-        other = _PACKED.get(key)
-        if other is not None and other[0]() is weight and other[1:3] == (storage, version):
-            _packed_bytes -= size  # another thread copied it meanwhile: keep theirs
-            return other[3]
-        if other is not None:
-            _packed_bytes -= other[4]
-        _PACKED[key] = (ref, storage, version, copy, size)
     return copy
 
 
@@ -267,9 +287,9 @@ def _forget(key: int) -> None:
     global _packed_bytes
     with _PACKED_LOCK:
         entry = _PACKED.get(key)
-        if entry is not None and entry[0]() is None:
+        if entry is not None and entry.ref() is None:
             del _PACKED[key]
-            _packed_bytes -= entry[4]
+            _packed_bytes -= entry.size
 
 
 class _OneDNNLinear(torch.autograd.Function):
