@@ -10,6 +10,7 @@ was read from (``model.`` prefix aside).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -93,13 +94,28 @@ class SelfAttention(nn.Module):
         self.v_proj = Linear(dim, num_kv_heads * head_dim, bias=False)
         self.o_proj = Linear(num_heads * head_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: AttentionContext,
+        last_only: bool = False,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``x [b, s, d]`` -> ``[b, s, d]``; with ``last_only`` the keys and values of every position
-        (all of them go to the cache) but the query and output of the last one only: ``[b, 1, d]``."""
+        (all of them go to the cache) but the query and output of the last one only: ``[b, 1, d]``.
+        With ``rows`` (ascending positions of a single row, ``b = 1``), likewise the queries and
+        outputs of those positions only: ``[1, len(rows), d]``."""
         b, s, _ = x.shape
         if last_only and ctx.segments is not None:
             raise ValueError("last_only needs one sequence per row, not packed rows")
-        xq, cos, sin = (x[:, -1:], ctx.cos[:, -1:], ctx.sin[:, -1:]) if last_only else (x, ctx.cos, ctx.sin)
+        if rows is not None and b != 1:
+            raise ValueError(f"rows needs a single row, got a batch of {b}")
+        if last_only:
+            xq, cos, sin = x[:, -1:], ctx.cos[:, -1:], ctx.sin[:, -1:]
+        elif rows is not None:
+            xq, cos, sin = x[:, rows], ctx.cos[:, rows], ctx.sin[:, rows]
+        else:
+            xq, cos, sin = x, ctx.cos, ctx.sin
         sq = xq.shape[1]
         q = self.q_proj(xq).view(b, sq, self.num_heads, self.head_dim).transpose(1, 2)  # [b, h, sq, hd]
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kvh, s, hd]
@@ -108,21 +124,33 @@ class SelfAttention(nn.Module):
         k = apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.write(self.layer_idx, ctx.start, k, v)  # [b, kvh, k, hd]
+        gqa = self.num_kv_heads != self.num_heads
         if ctx.segments is not None:
-            out = _segmented_attention(q, k, v, ctx.segments, self.num_kv_heads != self.num_heads)
+            out = _segmented_attention(q, k, v, ctx.segments, gqa, rows)
         else:
             mask, causal = ctx.mask, ctx.is_causal
             if last_only:  # the last query's row of the mask; causally it sees every key
                 mask, causal = None if mask is None else mask[:, :, -1:], False
+            elif rows is not None:  # the kept queries' rows of the mask
+                mask = (
+                    mask[:, :, rows]
+                    if mask is not None
+                    else _causal_rows(rows, 0, k.shape[2])
+                    if causal
+                    else None
+                )
+                causal = False
             out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=causal,
-                enable_gqa=self.num_kv_heads != self.num_heads,
+                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa
             )  # [b, h, sq, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, sq, self.num_heads * self.head_dim))
+
+
+def _causal_rows(rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Boolean ``[1, 1, len(rows), end - start]``: the query at position ``rows[i]`` may attend to
+    key positions ``start .. rows[i]``."""
+    keys = torch.arange(start, end, device=rows.device)
+    return (keys[None, :] <= rows[:, None])[None, None]
 
 
 def _segmented_attention(
@@ -131,19 +159,45 @@ def _segmented_attention(
     v: torch.Tensor,
     segments: tuple[tuple[tuple[int, int], ...], ...],
     gqa: bool,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention within each ``(start, end)`` span of each row: ``[b, h, s, hd]`` out."""
+    """Causal attention within each ``(start, end)`` span of each row: ``[b, h, s, hd]`` out, or
+    with ``rows`` (one row) the queries of those positions only, ``[1, h, len(rows), hd]``."""
+    if rows is not None:
+        return _segmented_rows(q, k, v, segments[0], gqa, rows)
     # split (not slicing): its backward is one cat, where each slice's would fill a full-size zero
     # gradient.
-    rows = []
+    out = []
     for spans, qr, kr, vr in zip(segments, q.split(1), k.split(1), v.split(1)):
         sizes = [b - a for a, b in spans]
         parts = [
             F.scaled_dot_product_attention(qs, ks, vs, is_causal=qs.shape[2] > 1, enable_gqa=gqa)
             for qs, ks, vs in zip(qr.split(sizes, dim=2), kr.split(sizes, dim=2), vr.split(sizes, dim=2))
         ]  # [1, h, span, hd] each
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0)
+        out.append(torch.cat(parts, dim=2))
+    return torch.cat(out, dim=0)
+
+
+def _segmented_rows(
+    q, k, v, spans: tuple[tuple[int, int], ...], gqa: bool, rows: torch.Tensor
+) -> torch.Tensor:
+    """The kept queries ``q [1, h, len(rows), hd]`` of one packed row, each attending causally
+    within its own span of ``k``/``v [1, kvh, s, hd]``."""
+    positions = rows.tolist()
+    counts = [bisect.bisect_left(positions, b) - bisect.bisect_left(positions, a) for a, b in spans]
+    keys = [b - a for a, b in spans]
+    parts = []
+    for (a, b), qs, ks, vs, rs in zip(
+        spans, q.split(counts, dim=2), k.split(keys, dim=2), v.split(keys, dim=2), rows.split(counts)
+    ):
+        if qs.shape[2] == 0:
+            continue
+        if qs.shape[2] == b - a:  # every position of the span: the plain causal pass
+            parts.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=b - a > 1, enable_gqa=gqa))
+        else:
+            mask = _causal_rows(rs, a, b)
+            parts.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa))
+    return torch.cat(parts, dim=2)
 
 
 class DecoderLayer(nn.Module):
@@ -166,12 +220,22 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(dim, norm_eps)
         self.post_attention_layernorm = RMSNorm(dim, norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: AttentionContext,
+        last_only: bool = False,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``x [b, s, d]`` -> ``[b, s, d]``, or with ``last_only`` the last position's ``[b, 1, d]``
         (every position's keys and values still reach the cache): a prefill's last layer, whose
-        other positions' outputs nothing reads."""
+        other positions' outputs nothing reads. With ``rows`` (ascending positions of a single row),
+        those positions' ``[1, len(rows), d]``: a training step's last layer, whose outputs the loss
+        reads at the labelled positions only."""
         if last_only:
             x = x[:, -1:] + self.self_attn(self.input_layernorm(x), ctx, last_only=True)
+        elif rows is not None:
+            x = x[:, rows] + self.self_attn(self.input_layernorm(x), ctx, rows=rows)
         else:
             x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))

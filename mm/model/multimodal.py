@@ -53,15 +53,18 @@ class MultimodalOutput:
     Attributes:
         loss: mean next-token cross-entropy over the labelled tokens (``None`` without labels).
         num_label_tokens: labelled tokens the loss averages over.
-        hidden: the final hidden states ``[b, s, d]`` the logits are computed from (``None`` once
-            they are, or when no logits were asked for).
-        head: the output projection applied to ``hidden``.
+        states: what :attr:`hidden` comes from: the final hidden states, or the last layer's input
+            while ``finish`` is set.
+        head: the output projection applied to :attr:`hidden`.
+        finish: the last layer run over every position (then unpadded), where the forward pass ran
+            it at the labelled positions only; applied to ``states`` when :attr:`hidden` is first read.
     """
 
     loss: torch.Tensor | None = None
     num_label_tokens: int = 0
-    hidden: torch.Tensor | None = None
+    states: torch.Tensor | None = None
     head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    finish: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         self._logits: torch.Tensor | None = None
@@ -69,19 +72,29 @@ class MultimodalOutput:
         self._inference = torch.is_inference_mode_enabled()
 
     @property
+    def hidden(self) -> torch.Tensor | None:
+        """The final hidden states ``[b, s, d]`` the logits are computed from (``None`` once they
+        are, or when no logits were asked for)."""
+        if self.finish is not None and self.states is not None:
+            with torch.inference_mode(self._inference), torch.set_grad_enabled(self._grad):
+                self.states = self.finish(self.states)
+            self.finish = None
+        return self.states
+
+    @property
     def logits(self) -> torch.Tensor | None:
-        if self._logits is None and self.hidden is not None:
+        if self._logits is None and self.states is not None:
             with torch.inference_mode(self._inference), torch.set_grad_enabled(self._grad):
                 self._logits = self.head(self.hidden)
-            self.hidden = self.head = None
+            self.states = self.head = self.finish = None
         return self._logits
 
     @logits.setter
     def logits(self, value: torch.Tensor | None) -> None:
-        self._logits, self.hidden, self.head = value, None, None
+        self._logits, self.states, self.head, self.finish = value, None, None, None
 
     def __repr__(self) -> str:
-        shown = "(not computed yet)" if self._logits is None and self.hidden is not None else self._logits
+        shown = "(not computed yet)" if self._logits is None and self.states is not None else self._logits
         return f"MultimodalOutput(logits={shown!r}, loss={self.loss!r}, num_label_tokens={self.num_label_tokens})"
 
 
@@ -363,6 +376,8 @@ class MultimodalModel(nn.Module):
         video_mask: torch.Tensor | None = None,
         unpadding: Unpadding | None = None,
         last_only: bool = False,
+        rows: torch.Tensor | None = None,
+        last_input: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The backbone's layers with the adapters in front of theirs; ``h [b, s, d]`` in and out
         (with ``last_only``, a prefill's: the last position's ``[b, 1, d]`` out, the last layer's
@@ -371,7 +386,10 @@ class MultimodalModel(nn.Module):
         In front of a layer that has both, the video block runs before the image block. The blocks'
         masks come from the ``[b, s, n, t]`` / ``[b, s, v]`` cross-attention masks, or ready-made as
         boolean ``[r, s, m]`` masks of the rows in ``vision`` / ``video`` (continuous batching).
-        With ``unpadding``, ``h`` is the packed ``[1, N, d]`` of a right-padded batch.
+        With ``unpadding``, ``h`` is the packed ``[1, N, d]`` of a right-padded batch. With ``rows``
+        (ascending positions of a single row), the last layer computes its queries, output and MLP at
+        those positions only and ``[1, len(rows), d]`` comes out: a training step whose loss reads
+        nothing else. ``last_input``, a list, receives the last layer's input.
         """
         xmask = (
             vision_mask
@@ -387,7 +405,8 @@ class MultimodalModel(nn.Module):
             xmask = unpadding.pack(xmask) if vision is not None and vision.all_rows else xmask
             vmask = unpadding.pack(vmask) if video is not None and video.all_rows else vmask
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
-        prune = len(self.backbone.layers) - 1 if last_only and ctx.segments is None else None
+        last = len(self.backbone.layers) - 1
+        prune = last if last_only and ctx.segments is None else None
         for i, layer in enumerate(self.backbone.layers):
             k = self._video_block_at.get(i)
             if k is not None and video is not None:
@@ -395,10 +414,13 @@ class MultimodalModel(nn.Module):
             j = self._image_block_at.get(i)
             if j is not None and vision is not None:
                 h = self._cross(self.image_blocks[j], h, vision, vision.kv[j], xmask, unpadding)
+            kept = rows if i == last else None
+            if i == last and last_input is not None:
+                last_input.append(h)
             if recompute and h.requires_grad:
-                h = checkpoint(layer, h, ctx, use_reentrant=False)
+                h = checkpoint(layer, h, ctx, rows=kept, use_reentrant=False)
             else:
-                h = layer(h, ctx, last_only=i == prune)
+                h = layer(h, ctx, last_only=i == prune, rows=kept)
         return h
 
     # ------------------------------------------------------------------ forward
@@ -471,6 +493,14 @@ class MultimodalModel(nn.Module):
             attention_mask=attention_mask,
             sequence_ids=sequence_ids,
         )
+        targets = keep = rows = last_input = None
+        if labels is not None:
+            targets, keep = label_targets(labels, sequence_ids)
+            # The loss reads the last layer at the labelled positions only; the logits, if read,
+            # run it over every position then, from its input.
+            if h.shape[0] == 1 and bool(keep.any()):
+                rows = keep[0].nonzero().squeeze(1)
+                last_input = [] if return_logits else None
         h = self.run_layers(
             h,
             ctx,
@@ -479,15 +509,27 @@ class MultimodalModel(nn.Module):
             video=videos,
             video_cross_attention_mask=None if video is None else video.cross_attention_mask,
             unpadding=unpadding,
+            rows=rows,
+            last_input=last_input,
         )
         loss, count = None, 0
-        if labels is not None:
+        if rows is not None:
+            loss, count = self.backbone.head_loss(h[0], targets[keep]), len(rows)
+        elif labels is not None:
             loss, count = self.label_loss(h, labels, sequence_ids)
-        if unpadding is not None:
-            h = unpadding.unpack(h)
         if not return_logits:
             return MultimodalOutput(loss=loss, num_label_tokens=count)
-        return MultimodalOutput(loss=loss, num_label_tokens=count, hidden=h, head=self.backbone.head)
+        unpack = (lambda x: x) if unpadding is None else unpadding.unpack
+        if last_input:
+            layer = self.backbone.layers[-1]
+            return MultimodalOutput(
+                loss=loss,
+                num_label_tokens=count,
+                states=last_input[0],
+                head=self.backbone.head,
+                finish=lambda x: unpack(layer(x, ctx)),
+            )
+        return MultimodalOutput(loss=loss, num_label_tokens=count, states=unpack(h), head=self.backbone.head)
 
     def input_embeddings(
         self, input_ids: torch.Tensor, audio: AudioInputs | None, *, force: bool = False
@@ -507,10 +549,7 @@ class MultimodalModel(nn.Module):
 
         With packed rows (``sequence_ids``) a sample's first token is never a target of the previous
         sample's last one."""
-        targets = labels[:, 1:]  # [b, s-1]
-        keep = targets != -100
-        if sequence_ids is not None:
-            keep = keep & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
+        targets, keep = label_targets(labels, sequence_ids)
         count = int(keep.sum())
         if count == 0:
             return h.sum() * 0.0, 0
@@ -594,3 +633,16 @@ class MultimodalModel(nn.Module):
         """
         tokens = list(self.stream(input_ids, **kwargs))
         return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)
+
+
+def label_targets(
+    labels: torch.Tensor, sequence_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(targets [b, s-1], keep [b, s-1])``: the next-token targets of ``labels`` (Hugging Face's
+    convention, -100 ignored) and where the loss reads one; with packed rows (``sequence_ids``) a
+    sample's first token is never a target of the previous sample's last one."""
+    targets = labels[:, 1:]
+    keep = targets != -100
+    if sequence_ids is not None:
+        keep = keep & (sequence_ids[:, 1:] == sequence_ids[:, :-1])
+    return targets, keep
