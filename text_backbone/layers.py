@@ -110,12 +110,10 @@ class SelfAttention(nn.Module):
             raise ValueError("last_only needs one sequence per row, not packed rows")
         if rows is not None and b != 1:
             raise ValueError(f"rows needs a single row, got a batch of {b}")
-        if last_only:
-            xq, cos, sin = x[:, -1:], ctx.cos[:, -1:], ctx.sin[:, -1:]
-        elif rows is not None:
-            xq, cos, sin = x[:, rows], ctx.cos[:, rows], ctx.sin[:, rows]
-        else:
-            xq, cos, sin = x, ctx.cos, ctx.sin
+        kept = _kept(last_only, rows)
+        xq, cos, sin = (
+            (x, ctx.cos, ctx.sin) if kept is None else (x[:, kept], ctx.cos[:, kept], ctx.sin[:, kept])
+        )
         sq = xq.shape[1]
         q = self.q_proj(xq).view(b, sq, self.num_heads, self.head_dim).transpose(1, 2)  # [b, h, sq, hd]
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kvh, s, hd]
@@ -129,21 +127,21 @@ class SelfAttention(nn.Module):
             out = _segmented_attention(q, k, v, ctx.segments, gqa, rows)
         else:
             mask, causal = ctx.mask, ctx.is_causal
-            if last_only:  # the last query's row of the mask; causally it sees every key
-                mask, causal = None if mask is None else mask[:, :, -1:], False
-            elif rows is not None:  # the kept queries' rows of the mask
-                mask = (
-                    mask[:, :, rows]
-                    if mask is not None
-                    else _causal_rows(rows, 0, k.shape[2])
-                    if causal
-                    else None
-                )
+            if kept is not None:  # the kept queries' rows of the mask; the last one sees every key
+                if mask is not None:
+                    mask = mask[:, :, kept]
+                elif causal and rows is not None:
+                    mask = _causal_rows(rows, 0, k.shape[2])
                 causal = False
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa
             )  # [b, h, sq, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, sq, self.num_heads * self.head_dim))
+
+
+def _kept(last_only: bool, rows: torch.Tensor | None) -> slice | torch.Tensor | None:
+    """The positions whose queries and outputs a layer computes (``None``: all of them)."""
+    return slice(-1, None) if last_only else rows
 
 
 def _causal_rows(rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -232,10 +230,8 @@ class DecoderLayer(nn.Module):
         other positions' outputs nothing reads. With ``rows`` (ascending positions of a single row),
         those positions' ``[1, len(rows), d]``: a training step's last layer, whose outputs the loss
         reads at the labelled positions only."""
-        if last_only:
-            x = x[:, -1:] + self.self_attn(self.input_layernorm(x), ctx, last_only=True)
-        elif rows is not None:
-            x = x[:, rows] + self.self_attn(self.input_layernorm(x), ctx, rows=rows)
-        else:
-            x = x + self.self_attn(self.input_layernorm(x), ctx)
+        kept = _kept(last_only, rows)
+        x = (x if kept is None else x[:, kept]) + self.self_attn(
+            self.input_layernorm(x), ctx, last_only, rows
+        )
         return x + self.mlp(self.post_attention_layernorm(x))

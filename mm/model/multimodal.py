@@ -498,9 +498,9 @@ class MultimodalModel(nn.Module):
             targets, keep = label_targets(labels, sequence_ids)
             # The loss reads the last layer at the labelled positions only; the logits, if read,
             # run it over every position then, from its input.
-            if h.shape[0] == 1 and bool(keep.any()):
-                rows = keep[0].nonzero().squeeze(1)
-                last_input = [] if return_logits else None
+            found = keep[0].nonzero().squeeze(1) if h.shape[0] == 1 else None
+            if found is not None and len(found):
+                rows, last_input = found, [] if return_logits else None
         h = self.run_layers(
             h,
             ctx,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from mm.datasets.cross_attention_mask import cross_attention_mask
 from mm.datasets.preprocessing import EncodedSample, Preprocessor
+from mm.model.multimodal import label_targets
 from mm.text_backbone.chat_format import IGNORE_INDEX
 
 __all__ = ["collate_packed", "pack_samples", "per_sample_losses"]
@@ -190,8 +191,7 @@ def per_sample_losses(model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch
     num = int(owner.max()) + 1
     out = model(**{k: v for k, v in batch.items() if k != "labels"})
     hidden = out.hidden  # [b, s, d]
-    targets = labels[:, 1:]  # [b, s-1]
-    keep = (targets != IGNORE_INDEX) & (owner[:, 1:] == owner[:, :-1])
+    targets, keep = label_targets(labels, owner)  # [b, s-1]
     logits = out.head(hidden[:, :-1][keep]).float()  # [count, V]
     losses = F.cross_entropy(logits, targets[keep], reduction="none")
     who = owner[:, 1:][keep]
