@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.text_backbone.layers import RMSNorm, SwiGLU
-from mm.text_backbone.linear import Linear
+from mm.text_backbone.linear import Linear, project
 
 __all__ = ["CrossAttention", "GatedCrossAttentionBlock", "VisionKV"]
 
@@ -50,12 +50,10 @@ class CrossAttention(nn.Module):
     def project_kv(self, vision: torch.Tensor) -> VisionKV:
         """Keys and values ``[b, kvh, m, hd]`` of vision tokens ``[b, m, d]``."""
         b, m, _ = vision.shape
-        k = (
-            self.k_proj(vision).view(b, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        )  # [b, kvh, m, hd]
-        v = (
-            self.v_proj(vision).view(b, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        )  # [b, kvh, m, hd]
+        k, v = (
+            t.view(b, m, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kvh, m, hd]
+            for t in project(vision, self.k_proj, self.v_proj)
+        )
         return self.k_norm(k), v
 
     def forward(

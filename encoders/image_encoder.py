@@ -50,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mm._strict import check_fields
 from mm._values import ConfigValueError, as_float, as_int, as_int_tuple, check_values, nested
-from mm.text_backbone.linear import Linear
+from mm.text_backbone.linear import Linear, project
 
 __all__ = ["ImageEncoder", "ImageEncoderConfig", "resize_image_encoder", "resize_patch_grid"]
 
@@ -323,9 +323,10 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``x [b, s, d]``, ``mask [b, 1, s, s]`` (additive, or boolean with True = may attend) -> ``[b, s, d]``."""
-        q = rearrange(self.q_proj(x), "b s (h hd) -> b h s hd", h=self.num_heads)  # [b, h, s, hd]
-        k = rearrange(self.k_proj(x), "b s (h hd) -> b h s hd", h=self.num_heads)  # [b, h, s, hd]
-        v = rearrange(self.v_proj(x), "b s (h hd) -> b h s hd", h=self.num_heads)  # [b, h, s, hd]
+        q, k, v = (
+            rearrange(t, "b s (h hd) -> b h s hd", h=self.num_heads)  # [b, h, s, hd]
+            for t in project(x, self.q_proj, self.k_proj, self.v_proj)
+        )
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [b, h, s, hd]
         return self.o_proj(rearrange(out, "b h s hd -> b s (h hd)"))
 

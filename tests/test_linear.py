@@ -9,7 +9,17 @@ import torch.nn.functional as F
 from mm_testing import random_backbone
 
 from mm.text_backbone import linear as linear_module
-from mm.text_backbone.linear import AS_COLUMNS, FEW_ROWS, MIN_WEIGHT, ONEDNN_OK, Linear, linear, policy
+from mm.text_backbone.linear import (
+    AS_COLUMNS,
+    FEW_ROWS,
+    MIN_WEIGHT,
+    ONEDNN_OK,
+    Linear,
+    linear,
+    linear_parts,
+    policy,
+    project,
+)
 
 needs_onednn = pytest.mark.skipif(not ONEDNN_OK, reason="oneDNN's linear op is not in this PyTorch build")
 
@@ -406,6 +416,89 @@ def test_generation_through_kept_copies_gives_the_plain_weights_logits_bit_for_b
 
     copied, copied_tokens = run()
     assert any(id(p) in linear_module._PACKED for p in bb.parameters())
-    monkeypatch.setattr(linear_module, "packed", lambda weight: None)
+    monkeypatch.setattr(linear_module, "packed", lambda *weights: None)
     plain, plain_tokens = run()
     assert torch.equal(copied, plain) and torch.equal(copied_tokens, plain_tokens)
+
+
+# Weights multiplied side by side: q/k/v of the bench's text layers, its MLP's gate and up, the
+# image encoder's q/k/v, a cross-attention block's k/v.
+GROUPS = [
+    [(512, 512), (128, 512), (128, 512)],
+    [(1792, 512), (1792, 512)],
+    [(256, 256), (256, 256), (256, 256)],
+    [(128, 512), (128, 512)],
+]
+
+
+@pytest.mark.parametrize("rows", [AS_COLUMNS + 1, 8, 64, 288])
+@pytest.mark.parametrize("group", GROUPS, ids=["qkv", "gate-up", "vision-qkv", "kv"])
+@needs_packing
+def test_weights_side_by_side_give_each_ones_own_product_bit_for_bit(rows, group, two_threads):
+    """In inference mode linear_parts makes one product by a kept copy of the weights stacked, and
+    each part equals the weight's own product (by its own kept copy, or plain) bit for bit."""
+    g = torch.Generator().manual_seed(rows + len(group))
+    ws = [torch.nn.Parameter(torch.randn(n, k, generator=g) / k**0.5) for n, k in group]
+    x = torch.randn(1, rows, group[0][1], generator=g)
+    key = tuple(id(w) for w in ws)
+    with torch.inference_mode():
+        parts = linear_parts(x, *ws)
+        assert key in linear_module._PACKED
+        copy = linear_module._PACKED[key].copy
+        alone = [linear(x, w) for w in ws]
+        again = linear_parts(x, *ws)
+        assert linear_module._PACKED[key].copy is copy  # kept, not made again
+    for w, part, one, second in zip(ws, parts, alone, again, strict=True):
+        assert part.shape == (1, rows, w.shape[0])
+        assert torch.equal(part, one) and torch.equal(second, one)
+        assert torch.equal(part, linear_module._onednn(x, w.detach()))
+
+
+@needs_packing
+def test_weights_side_by_side_follow_a_change_and_go_with_a_weight(two_threads):
+    """An in-place change of any one weight makes a new stacked copy; a weight that is freed takes
+    the copy (and its bytes) with it; outside inference mode, or with few rows, nothing is stacked."""
+    q, k = torch.nn.Parameter(torch.randn(512, 512)), torch.nn.Parameter(torch.randn(128, 512))
+    x = torch.randn(1, 16, 512)
+    with torch.inference_mode():
+        linear_parts(x, q, k)
+    with torch.no_grad():
+        k.mul_(-1.0)
+    with torch.inference_mode():
+        _, neg = linear_parts(x, q, k)
+    assert torch.equal(neg, linear_module._onednn(x, k.detach()))
+    key, size = (id(q), id(k)), (512 + 128) * 512 * 4
+    spent = linear_module._packed_bytes
+    assert key in linear_module._PACKED and linear_module._PACKED[key].size == size
+    del k, neg
+    assert key not in linear_module._PACKED and linear_module._packed_bytes == spent - size
+
+    a, b = torch.nn.Parameter(torch.randn(256, 256)), torch.nn.Parameter(torch.randn(256, 256))
+    with torch.no_grad():
+        outs = linear_parts(torch.randn(1, 16, 256), a, b)
+    with torch.inference_mode():
+        few = linear_parts(torch.randn(1, AS_COLUMNS, 256), a, b)
+    assert (id(a), id(b)) not in linear_module._PACKED
+    assert [o.shape[-1] for o in (*outs, *few)] == [256] * 4
+
+
+@needs_packing
+def test_project_runs_a_layer_that_is_not_plain_through_its_own_forward(two_threads):
+    """project takes the stacked product only for plain bias-free Linear layers without hooks."""
+    plain = [Linear(256, 256, bias=False) for _ in range(2)]
+    x = torch.randn(1, 16, 256)
+    with torch.inference_mode():
+        outs = project(x, *plain)
+    assert tuple(id(layer.weight) for layer in plain) in linear_module._PACKED
+    assert all(torch.equal(o, layer(x)) for o, layer in zip(outs, plain, strict=True))
+
+    seen = []
+    hooked = Linear(256, 256, bias=False)
+    hooked.register_forward_hook(lambda module, args, out: seen.append(out.shape) or out * 2)
+    biased = Linear(256, 256)
+    with torch.inference_mode():
+        doubled, with_bias = project(x, hooked, biased)
+    assert seen == [(1, 16, 256)]
+    assert torch.equal(doubled, 2 * linear(x, hooked.weight))
+    assert torch.equal(with_bias, linear(x, biased.weight, biased.bias))
+    assert (id(hooked.weight), id(biased.weight)) not in linear_module._PACKED

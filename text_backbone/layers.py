@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.text_backbone.kv_cache import KVCache
-from mm.text_backbone.linear import Linear
+from mm.text_backbone.linear import Linear, project
 from mm.text_backbone.rope import apply_rope
 
 __all__ = ["AttentionContext", "DecoderLayer", "RMSNorm", "SelfAttention", "SwiGLU"]
@@ -52,7 +52,8 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 @dataclass
@@ -115,9 +116,13 @@ class SelfAttention(nn.Module):
             (x, ctx.cos, ctx.sin) if kept is None else (x[:, kept], ctx.cos[:, kept], ctx.sin[:, kept])
         )
         sq = xq.shape[1]
-        q = self.q_proj(xq).view(b, sq, self.num_heads, self.head_dim).transpose(1, 2)  # [b, h, sq, hd]
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kvh, s, hd]
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kvh, s, hd]
+        if kept is None:
+            q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        else:
+            q, (k, v) = self.q_proj(xq), project(x, self.k_proj, self.v_proj)
+        q = q.view(b, sq, self.num_heads, self.head_dim).transpose(1, 2)  # [b, h, sq, hd]
+        k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kvh, s, hd]
+        v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kvh, s, hd]
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
