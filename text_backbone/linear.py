@@ -343,7 +343,7 @@ def linear_parts(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor,
 def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     """``tuple(layer(x) for layer in layers)``, through :func:`linear_parts` where every layer is a
     plain :class:`Linear` without a bias or hooks (a wrapped or hooked layer runs its own forward)."""
-    if all(
+    if x.numel() > AS_COLUMNS * x.shape[-1] and all(  # a decoded token's few rows: nothing to stack
         type(layer) is Linear
         and layer.bias is None
         and not layer._forward_hooks
