@@ -354,7 +354,7 @@ def run_bench(
         device, dtype: ``cpu``/``cuda`` and ``fp32``/``bf16``.
         repeats: rounds; each round runs one process per implementation and figure.
         steps: timed train steps per process (after one warm-up step).
-        runs: timed generations per decode process (after one short warm-up).
+        runs: timed generations per decode process (after one warm-up generation of the same length).
         figures: a subset of ``("train", "decode", "serve")``.
         threads: ``torch.set_num_threads`` in every worker (default: torch's choice).
         timeout: seconds allowed to each worker process.

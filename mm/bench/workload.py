@@ -86,7 +86,7 @@ class BenchSize:
         prompt_tokens, new_tokens: the decode workload.
         repeats: default rounds (processes per implementation and figure).
         train_steps: timed train steps per process, after one warm-up step.
-        decode_runs: timed generations per process, after one short warm-up.
+        decode_runs: timed generations per process, after one warm-up generation of the same length.
         matmul_n: side of the square matmuls that measure the machine's peak (CPU; CUDA uses 8192).
         matmul_trial_s: about how long each of the timed matmul loops runs.
         stream_elements: elements of each array of the memory-bandwidth copy and triad (CPU).
