@@ -168,6 +168,12 @@ def _serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
+        "--no-warm-up",
+        action="store_true",
+        help="take requests at once, without first answering a short one of each input the model reads "
+        "(then the first request pays for what a process builds once)",
+    )
+    p.add_argument(
         "--allow-media-domain",
         action="append",
         default=[],

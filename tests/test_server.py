@@ -14,6 +14,7 @@ import http.server
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -646,6 +647,8 @@ def test_mm_serve_command(model_dir, ref):
         ["serve", "--model", str(model_dir), "--max-images", "3", "--allow-media-domain", "a.test"]
     )
     assert (args.max_images, args.allow_media_domain, args.port) == (3, ["a.test"], 8000)
+    assert not args.no_warm_up
+    assert build_parser().parse_args(["serve", "--model", "m", "--no-warm-up"]).no_warm_up
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -685,3 +688,6 @@ def test_mm_serve_command(model_dir, ref):
     finally:
         proc.terminate()
         proc.wait(20)
+    # before taking requests it answered a short one of each input the model reads (mm.serving.warmup)
+    log = proc.stdout.read().decode()
+    assert re.search(r"mm serve: warmed up in text \d+\.\d\d s, image \d+\.\d\d s\n", log), log

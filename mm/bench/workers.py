@@ -434,6 +434,9 @@ def task_decode(spec: dict[str, Any]) -> dict[str, Any]:
         model.generation_config.top_p = None
     # A warm-up as long as the timed runs: after a 4-token one, mm's first 32-token run here decoded
     # in 0.47-0.52 s against 0.34-0.38 s for the next ones, and after a 32-token one in 0.34-0.37 s.
+    # The difference is the process's first full garbage collection, which fell inside that run: one
+    # decoded step of 153-168 ms where the others took 11-12 ms, and a collection of 141 ms over the
+    # 343,000 objects this process tracks (gc.callbacks).
     _generate_once(impl, model, inputs, size.new_tokens, device)
     prefill, decode, tokens = [], [], None
     for _ in range(int(spec["runs"])):

@@ -437,11 +437,18 @@ def serve(
     limits: ServerLimits | None = None,
     allowed_media_domains: tuple[str, ...] = (),
     log_level: str = "info",
+    warm: bool = True,
 ) -> None:
-    """Load the model saved in ``model_dir`` and serve it until interrupted."""
+    """Load the model saved in ``model_dir`` and serve it until interrupted. Before the first
+    request, unless ``warm`` is False, it answers a short request of each input the model reads
+    (:func:`mm.serving.warmup.warm_up`), so the first client does not pay for what a process
+    builds once."""
+    import sys
+
     import uvicorn
 
     from mm.model.multimodal import MultimodalModel
+    from mm.serving.warmup import warm_up
 
     model = MultimodalModel.from_pretrained(model_dir).eval()
     limits = limits or ServerLimits()
@@ -451,6 +458,12 @@ def serve(
         limits=limits,
         allowed_media_domains=tuple(allowed_media_domains),
     )
+    if warm:  # after create_app, which refuses a model it cannot serve
+        took = warm_up(model)
+        print(
+            "mm serve: warmed up in " + ", ".join(f"{kind} {s:.2f} s" for kind, s in took.items()),
+            file=sys.stderr,
+        )
     uvicorn.Server(server_config(app, limits, host=host, port=port, log_level=log_level)).run()
 
 
@@ -496,6 +509,7 @@ def run_serve(args: argparse.Namespace) -> int:
             limits=limits,
             allowed_media_domains=tuple(args.allow_media_domain),
             log_level=args.log_level,
+            warm=not args.no_warm_up,
         )
     except (ValueError, OSError) as e:
         print(f"mm serve: {e}", file=sys.stderr)
