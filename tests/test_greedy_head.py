@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from mm_testing import random_backbone
 
 from mm.text_backbone import greedy_head
-from mm.text_backbone.greedy_head import _SAFETY, KERNELS, ScreenedHead, _bound, _quantize, _split_rows
+from mm.text_backbone.greedy_head import (
+    _CHUNK_BYTES,
+    _SAFETY,
+    KERNELS,
+    ScreenedHead,
+    _bound,
+    _quantize,
+    _split_rows,
+)
 from mm.text_backbone.linear import linear
 
 # The products whose bound holds on this machine (both on x86 builds of PyTorch with oneDNN).
@@ -85,6 +93,18 @@ def test_every_screened_logit_lies_within_its_bound(kernel):
         error = (h.double() @ w.double().t() - approx.double()).abs()
         assert (error <= bound).all()
         assert error.max() >= bound.max() / 20  # the bound is within a factor 20 of the worst error
+
+
+@pytest.mark.parametrize("d", [512, 4096])
+def test_the_quantisation_does_not_depend_on_its_chunks(d):
+    """Rows at a time is a matter of speed: any chunk gives the same bits (the default takes 2 MiB)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3000, d, generator=g) * torch.logspace(-3, 1, 3000)[:, None]
+    w[7] = 0.0
+    whole = _quantize(w, chunk=w.shape[0])
+    assert max(1, _CHUNK_BYTES // (4 * d)) < w.shape[0]  # the default splits this matrix
+    for chunk in (None, 1, 37, 1024):
+        assert all(torch.equal(a, b) for a, b in zip(_quantize(w, chunk), whole, strict=True)), chunk
 
 
 def test_where_the_bound_does_not_hold_it_is_the_full_projection(monkeypatch):
