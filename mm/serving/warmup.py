@@ -13,10 +13,12 @@ A process builds some things on its first answer and keeps them (CPU, fp32):
 Measured with the ``mm bench --size small`` model (Llama 3 vocabulary) and Llama 3's tokenizer on 2
 threads of an AMD EPYC, a request being ``complete`` with a 200 x 180 image and 32 new tokens:
 
-* without a warm-up, a process's first request took 1.03-1.13 s and the next ones 0.37-0.47 s
-  (six processes);
-* after :func:`warm_up` (0.61-0.73 s, once: 0.51-0.64 s of it the text request, which builds the
-  head's screen), the first took 0.39-0.43 s (three processes).
+* without a warm-up, a process's first request took 0.85-0.91 s and the next ones 0.41-0.44 s;
+* after :func:`warm_up` (0.52-0.62 s, once: 0.42-0.52 s of it the text request, which builds the
+  head's screen), the first took 0.43-0.48 s and the next ones 0.42-0.48 s
+
+(the bench's folder loaded with ``from_pretrained``, given a ``Preprocessor`` of that tokenizer and
+an ``ImageProcessor`` of 112-pixel tiles, at most 4; three processes each, alternated).
 """
 
 from __future__ import annotations
