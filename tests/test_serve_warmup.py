@@ -1,6 +1,7 @@
 """mm serve's warm-up: after it, a first request of each input builds nothing, and answers are unchanged."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -145,3 +146,29 @@ def test_a_failing_warm_up_request_names_its_input(monkeypatch):
     monkeypatch.setattr(model.speech_encoder, "forward", broken)
     with pytest.raises(ValueError, match="the warm-up request with audio failed: out of memory"):
         warm_up(model)
+    failures = []
+    took = warm_up(model, on_error=lambda kind, error: failures.append((kind, str(error))))
+    assert list(took) == ["text", "image", "video"] and failures == [("audio", "out of memory")]
+
+
+def test_mm_serve_warns_of_a_failing_warm_up_request_and_serves(monkeypatch, capsys):
+    import uvicorn
+
+    from mm.serving import app as app_module
+
+    model = av_model()
+
+    def refuse(*args, **kwargs):
+        raise OSError("no")
+
+    monkeypatch.setattr(model.speech_encoder, "forward", refuse)
+    monkeypatch.setattr(MultimodalModel, "from_pretrained", classmethod(lambda cls, path: model))
+    served = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: served.append(self.config.app))
+    app_module.serve("folder", port=0)
+    err = capsys.readouterr().err
+    assert "mm serve: warning: the warm-up request with audio failed (no); requests with audio" in err
+    assert re.search(r"mm serve: warmed up in text [\d.]+ s, image [\d.]+ s, video [\d.]+ s\n", err), err
+    assert len(served) == 1  # and then it serves
+    app_module.serve("folder", port=0, warm=False)
+    assert "warm" not in capsys.readouterr().err and len(served) == 2

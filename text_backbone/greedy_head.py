@@ -49,10 +49,10 @@ by Cauchy-Schwarz, with ``A >= |h'|_2`` (:func:`_bound`).
   which is checked (PyTorch's CPU kernel does).
 
 A screen is built once per process and weight, by the first greedy answer (``mm serve`` builds it
-before its first request, :mod:`mm.serving.warmup`). On 2 threads of an AMD EPYC that took 0.23-0.26
-s for a 128,256 x 512 matrix and 2.0 s for 128,256 x 4,096 (Llama 3.2 11B's), most of it oneDNN's
-prepacking and :func:`_quantize`; before :func:`_quantize` took its rows 2 MiB at a time, 0.39-0.47
-and 5.5 s.
+before its first request, :mod:`mm.serving.warmup`). On 2 threads of an AMD EPYC a build took
+0.23-0.26 s for a 128,256 x 512 matrix and 2.0 s for 128,256 x 4,096 (Llama 3.2 11B's), most of it
+oneDNN's prepacking and :func:`_quantize`; before :func:`_quantize` took its rows 2 MiB at a time,
+0.39-0.47 s and 5.5 s.
 """
 
 from __future__ import annotations

@@ -459,11 +459,20 @@ def serve(
         allowed_media_domains=tuple(allowed_media_domains),
     )
     if warm:  # after create_app, which refuses a model it cannot serve
-        took = warm_up(model)
-        print(
-            "mm serve: warmed up in " + ", ".join(f"{kind} {s:.2f} s" for kind, s in took.items()),
-            file=sys.stderr,
-        )
+
+        def failed(kind: str, error: Exception) -> None:
+            print(
+                f"mm serve: warning: the warm-up request with {kind} failed ({error}); requests with "
+                f"{kind} will fail the same way",
+                file=sys.stderr,
+            )
+
+        took = warm_up(model, on_error=failed)
+        if took:
+            print(
+                "mm serve: warmed up in " + ", ".join(f"{kind} {s:.2f} s" for kind, s in took.items()),
+                file=sys.stderr,
+            )
     uvicorn.Server(server_config(app, limits, host=host, port=port, log_level=log_level)).run()
 
 

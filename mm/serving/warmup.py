@@ -24,6 +24,7 @@ an ``ImageProcessor`` of 112-pixel tiles, at most 4; three processes each, alter
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -62,9 +63,17 @@ def warm_up_conversations(model: MultimodalModel) -> dict[str, list[dict[str, An
     return out
 
 
-def warm_up(model: MultimodalModel, max_new_tokens: int = 2) -> dict[str, float]:
+def warm_up(
+    model: MultimodalModel,
+    max_new_tokens: int = 2,
+    on_error: Callable[[str, Exception], None] | None = None,
+) -> dict[str, float]:
     """Answer each of :func:`warm_up_conversations` greedily (``max_new_tokens`` each), the way a
-    request is answered; returns the seconds each took, by input."""
+    request is answered; returns the seconds each took, by input.
+
+    A request that fails raises a ``ValueError`` naming its input, or with ``on_error`` is passed to
+    it (``on_error(input, error)``) and the others still run (``mm serve`` warns and serves: a
+    client's request with that input then gets the error as it did without a warm-up)."""
     from mm.model.chat import complete
 
     seconds = {}
@@ -72,7 +81,10 @@ def warm_up(model: MultimodalModel, max_new_tokens: int = 2) -> dict[str, float]
         start = time.perf_counter()
         try:
             complete(model, messages, max_new_tokens=max_new_tokens, temperature=0.0)
-        except Exception as e:  # a model that cannot answer this cannot answer a client either
-            raise ValueError(f"the warm-up request with {kind} failed: {e}") from e
+        except Exception as e:
+            if on_error is None:
+                raise ValueError(f"the warm-up request with {kind} failed: {e}") from e
+            on_error(kind, e)
+            continue
         seconds[kind] = time.perf_counter() - start
     return seconds
