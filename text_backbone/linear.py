@@ -177,22 +177,37 @@ PACK_BYTES = _pack_budget() if _packing_available() else 0  # kept weight copies
 ONEDNN, SPLIT = policy(cpu_vendor(), ONEDNN_OK)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; ``x [..., k]``, ``weight [n, k]`` -> ``[..., n]``."""
-    if not (ONEDNN or SPLIT):  # e.g. on an Intel processor: nothing to decide
-        return F.linear(x, weight, bias)
-    n, k = weight.shape
-    cpu_fp32 = (
+def _cpu_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Plain fp32 CPU operands, a weight of at least :data:`MIN_WEIGHT` elements, no CPU autocast:
+    the products :func:`linear` and :func:`linear_parts` take past ``F.linear``."""
+    return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and n * k >= MIN_WEIGHT
+        and weight.numel() >= MIN_WEIGHT
         and type(x) in _PLAIN
         and type(weight) in _PLAIN
         and (bias is None or (bias.dtype == torch.float32 and type(bias) in _PLAIN))
         and not torch.is_autocast_enabled("cpu")  # bf16 autocast: F.linear, as asked
     )
-    if not cpu_fp32:
+
+
+def _keeps_copies(x: torch.Tensor) -> bool:
+    """Whether a product of ``x`` goes by kept weight copies (:func:`packed`): more than
+    :data:`AS_COLUMNS` rows in inference mode, outside ``torch.compile``."""
+    return (
+        x.numel() > AS_COLUMNS * x.shape[-1]
+        and torch.is_inference_mode_enabled()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; ``x [..., k]``, ``weight [n, k]`` -> ``[..., n]``."""
+    if not (ONEDNN or SPLIT):  # e.g. on an Intel processor: nothing to decide
+        return F.linear(x, weight, bias)
+    n, k = weight.shape
+    if not _cpu_fp32(x, weight, bias):
         return F.linear(x, weight, bias)
     grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
@@ -221,7 +236,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if grad:
         return _OneDNNLinear.apply(x, weight, bias)
-    if x.numel() > AS_COLUMNS * k and torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
+    if _keeps_copies(x):
         copy = packed(weight)
         if copy is not None:
             return _onednn(x, copy, bias)
@@ -321,18 +336,11 @@ def linear_parts(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor,
     projections, or an MLP's gate and up): one call where there were several, each part's columns a
     view of the one output, equal to its own product bit for bit (the same kernel sums each output
     over the same ``k`` in the same order; tested). Elsewhere the products are made one by one."""
-    k = x.shape[-1]
     if (
         ONEDNN
         and len(weights) > 1
-        and x.numel() > AS_COLUMNS * k
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and type(x) in _PLAIN
-        and torch.is_inference_mode_enabled()
-        and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled("cpu")
-        and all(w.dim() == 2 and w.shape[1] == k and w.numel() >= MIN_WEIGHT for w in weights)
+        and _keeps_copies(x)
+        and all(w.dim() == 2 and w.shape[1] == x.shape[-1] and _cpu_fp32(x, w) for w in weights)
     ):
         copy = packed(*weights)
         if copy is not None:
